@@ -1,0 +1,90 @@
+"""FFT helpers: real FFTs in float32/complex64 on all cores, k-space grids and padding.
+
+All k-space operators in :mod:`qsmprep.qsm` use the half-spectrum layout of :func:`numpy.fft.rfftn`
+(last axis of length ``n // 2 + 1``); kernels that are real and even (dipole, SMV, Laplacian) fit it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import scipy.fft as sfft
+
+#: Number of FFT worker threads (-1: all cores).
+FFT_WORKERS = -1
+
+
+def rfftn(x: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Real 3D FFT of ``x`` (zero-padded at the end to ``shape`` when given); complex64 out."""
+    x = np.asarray(x, dtype=np.float32)
+    return sfft.rfftn(x, s=shape, axes=(0, 1, 2), workers=FFT_WORKERS)
+
+
+def irfftn(x_k: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Inverse of :func:`rfftn` for a real array of ``shape``; float32 out."""
+    out = sfft.irfftn(x_k, s=tuple(shape), axes=(0, 1, 2), workers=FFT_WORKERS)
+    return out.astype(np.float32, copy=False)
+
+
+def fftn(x: np.ndarray) -> np.ndarray:
+    """Complex 3D FFT on all cores (complex64 for complex64/float32 input)."""
+    return sfft.fftn(x, axes=(0, 1, 2), workers=FFT_WORKERS)
+
+
+def ifftn(x_k: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`fftn`."""
+    return sfft.ifftn(x_k, axes=(0, 1, 2), workers=FFT_WORKERS)
+
+
+def fast_shape(shape: Sequence[int], pad: Sequence[int] | int = 0) -> tuple[int, ...]:
+    """Smallest FFT-friendly shape >= ``shape + 2*pad`` (5-smooth lengths, even on the last axis)."""
+    pad = np.broadcast_to(np.asarray(pad, dtype=int), (len(shape),))
+    out = []
+    for i, (n, p) in enumerate(zip(shape, pad)):
+        m = sfft.next_fast_len(int(n + 2 * p), real=True)
+        if i == len(shape) - 1 and m % 2:
+            m = sfft.next_fast_len(m + 1, real=True)
+        out.append(int(m))
+    return tuple(out)
+
+
+def pad_volume(x: np.ndarray, shape: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Zero-pad ``x`` (3D or more) centred into ``shape`` (first 3 axes); return it and the crop slices."""
+    x = np.asarray(x)
+    if tuple(shape) == tuple(x.shape[:3]):
+        return x, tuple(slice(0, n) for n in x.shape[:3])
+    before = [(s - n) // 2 for s, n in zip(shape, x.shape[:3])]
+    if any(b < 0 for b in before):
+        raise ValueError(f"cannot pad shape {x.shape[:3]} into smaller shape {tuple(shape)}")
+    out = np.zeros(tuple(shape) + x.shape[3:], dtype=x.dtype)
+    crop = tuple(slice(b, b + n) for b, n in zip(before, x.shape[:3]))
+    out[crop] = x
+    return out, crop
+
+
+def kspace_coordinates(
+    shape: Sequence[int], voxel_size_mm: Sequence[float], real: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Broadcastable k-space coordinates (cycles/mm) for a grid of ``shape`` and voxel size (mm).
+
+    ``real=True`` gives the half-spectrum layout of :func:`rfftn` (last axis ``n//2 + 1``).
+    """
+    nx, ny, nz = (int(n) for n in shape)
+    vx, vy, vz = (float(v) for v in voxel_size_mm)
+    kx = np.fft.fftfreq(nx, d=vx).astype(np.float32)[:, None, None]
+    ky = np.fft.fftfreq(ny, d=vy).astype(np.float32)[None, :, None]
+    kz_fn = np.fft.rfftfreq if real else np.fft.fftfreq
+    kz = kz_fn(nz, d=vz).astype(np.float32)[None, None, :]
+    return kx, ky, kz
+
+
+def image_coordinates_mm(shape: Sequence[int], voxel_size_mm: Sequence[float]) -> tuple[np.ndarray, ...]:
+    """Broadcastable signed distances (mm) from the origin voxel with periodic wrap (FFT kernel layout)."""
+    coords = []
+    for axis, (n, v) in enumerate(zip(shape, voxel_size_mm)):
+        idx = np.fft.fftfreq(int(n), d=1.0 / int(n)).astype(np.float32) * np.float32(v)
+        view = [1, 1, 1]
+        view[axis] = int(n)
+        coords.append(idx.reshape(view))
+    return tuple(coords)
