@@ -69,11 +69,20 @@ def dipole_kernel(
     """
     vs = as_voxel_size(voxel_size_mm)
     b = as_b0_dir(b0_dir).astype(np.float32)
-    kx, ky, kz = _fft.kspace_coordinates(shape, vs, real=real)
-    k2 = kx * kx + ky * ky + kz * kz
-    kb = kx * b[0] + ky * b[1] + kz * b[2]
+    k = _fft.kspace_coordinates(shape, vs, real=real)
+    k2 = k[0] * k[0] + k[1] * k[1] + k[2] * k[2]
+    # (k.b)^2 with the cross terms averaged over +-k on the Nyquist planes of even axes, where -N/2
+    # has no +N/2 partner: keeps D Hermitian-symmetric (real fields) for oblique B0.
+    kc = [ki.copy() for ki in k]
+    for axis, n in enumerate(shape):
+        if int(n) % 2 == 0 and kc[axis].shape[axis] > int(n) // 2:
+            idx = [slice(None)] * 3
+            idx[axis] = int(n) // 2
+            kc[axis][tuple(idx)] = 0.0
+    kb2 = (k[0] * b[0]) ** 2 + (k[1] * b[1]) ** 2 + (k[2] * b[2]) ** 2
+    kb2 = kb2 + 2 * (kc[0] * kc[1] * (b[0] * b[1]) + kc[0] * kc[2] * (b[0] * b[2]) + kc[1] * kc[2] * (b[1] * b[2]))
     with np.errstate(divide="ignore", invalid="ignore"):
-        d = np.float32(1.0 / 3.0) - (kb * kb) / k2
+        d = np.float32(1.0 / 3.0) - kb2 / k2
     d[0, 0, 0] = 0.0
     return d.astype(np.float32, copy=False)
 

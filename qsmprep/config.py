@@ -1,0 +1,53 @@
+"""Settings of one qsmprep run, shared by the CLI, the workflow builders and the reports.
+
+One dataclass holds every user-facing choice; the CLI fills it from the command line and an optional
+TOML config file (command line wins), and the workflow builders read it. Defaults are the methods that
+measured most accurate on the simulated head phantom (see benchmarks/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class QsmprepConfig:
+    """All options of a qsmprep run (paths are absolute :class:`~pathlib.Path`)."""
+
+    bids_dir: Path | None = None
+    output_dir: Path | None = None
+    work_dir: Path | None = None
+    analysis_level: str = "participant"
+    participant_label: list[str] = field(default_factory=list)
+    session_label: list[str] = field(default_factory=list)
+    bids_filters: dict = field(default_factory=dict)
+    # execution
+    nprocs: int | None = None
+    omp_nthreads: int | None = None
+    mem_gb: float | None = None
+    plugin: str | None = None
+    plugin_args: dict = field(default_factory=dict)
+    stop_on_first_crash: bool = False
+    boilerplate_only: bool = False
+    write_graph: bool = False
+    resource_monitor: bool = False
+    skip_bids_validation: bool = False
+    device: str = "auto"
+    verbose: int = 0
+    # methods (names are registry keys in qsmprep.qsm.registry)
+    masking: str = "phase-quality"
+    unwrapping: str = "romeo"
+    bgremove: str = "vsharp"
+    inversion: str = "rts"
+    reference: str = "mean"
+    r2star: bool = False
+    t2star: bool = False
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict (paths as strings) for provenance sidecars."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Path):
+                out[key] = str(value)
+        return out

@@ -1,0 +1,91 @@
+"""NIfTI and provenance helpers shared by the qsmprep Nipype interfaces (I/O only, no physics).
+
+Intermediate images are written uncompressed (``.nii``) into the node's working directory: gzip of a
+head-sized 4D volume costs seconds and the work directory is scratch space. Every output keeps the
+affine, qform/sform codes and spatial header fields of its reference image (the echo-1 magnitude),
+with float32 data (masks uint8) and no scaling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from qsmprep.utils.derivatives import jsonable, resolve_params  # noqa: F401  (re-exported)
+
+__all__ = [
+    "load_float",
+    "load_mask",
+    "save_like",
+    "set_threads",
+    "jsonable",
+    "resolve_params",
+]
+
+
+def load_float(path: str | os.PathLike) -> tuple[np.ndarray, nib.Nifti1Image]:
+    """Data of a NIfTI file as float32 (header scaling applied) and the image (for its header)."""
+    img = nib.load(str(path))
+    return np.asarray(img.get_fdata(dtype=np.float32)), img
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask image as a boolean array (non-zero = inside)."""
+    img = nib.load(str(path))
+    return np.asanyarray(img.dataobj) != 0
+
+
+def save_like(
+    data: np.ndarray,
+    ref: nib.Nifti1Image,
+    path: str | os.PathLike,
+    dtype: str | np.dtype = "float32",
+) -> str:
+    """Save ``data`` with the affine, qform/sform (and codes) and units of ``ref``; returns the path.
+
+    The data are cast to ``dtype`` (float32 by default; ``uint8`` for masks) without scaling
+    (``scl_slope``/``scl_inter`` unset), calibration range and intent reset.
+    """
+    dtype = np.dtype(dtype)
+    arr = np.asarray(data)
+    if dtype == np.uint8 and arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    hdr = ref.header.copy()
+    img = nib.Nifti1Image(arr, ref.affine, hdr)
+    img.set_data_dtype(dtype)
+    rh = ref.header
+    sform_code = int(rh["sform_code"])
+    qform_code = int(rh["qform_code"])
+    if sform_code > 0:
+        img.set_sform(ref.get_sform(), code=sform_code)
+    else:
+        img.set_sform(ref.affine, code=0)
+    if qform_code > 0:
+        img.set_qform(ref.get_qform(), code=qform_code)
+    elif sform_code == 0:  # no orientation in the reference: store the affine as a scanner qform
+        img.set_qform(ref.affine, code=1)
+    h = img.header
+    h.set_slope_inter(None, None)
+    h["cal_min"] = 0
+    h["cal_max"] = 0
+    h.set_intent("none")
+    h["descrip"] = b"qsmprep"
+    nib.save(img, str(path))
+    return str(Path(path).resolve())
+
+
+def set_threads(n: int | None) -> int:
+    """Limit numba's and :mod:`qsmprep.qsm.fft`'s worker threads to ``n`` (all cores when None/<1)."""
+    import numba
+
+    from qsmprep.qsm import fft as _fft
+
+    n_max = int(numba.config.NUMBA_NUM_THREADS)
+    n = n_max if n is None or int(n) < 1 else min(int(n), n_max)
+    numba.set_num_threads(n)
+    _fft.FFT_WORKERS = n
+    return n

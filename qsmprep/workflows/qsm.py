@@ -1,0 +1,351 @@
+"""The QSM workflow of one gradient-echo series (``init_qsm_wf``) and its outputs (``init_ds_qsm_wf``).
+
+Graph (node names are stable: they are the keys of Nipype's cache in the work directory)::
+
+    load_echoes -> phase_offset (MCPC-3D-S) -> brain_mask -> unwrap -> fit_b0 -> bgremove -> inversion
+                                                                 [r2star] ------------------> reference
+    every step's ``params`` -> sidecars -> ds_* (DerivativesDataSink)
+
+All physics lives in :mod:`qsmprep.qsm`; nodes are the thin interfaces of
+:mod:`qsmprep.interfaces.qsm`. Methods come from the config (``masking``, ``unwrapping``,
+``bgremove``, ``inversion``, ``reference``, ``r2star``, ``t2star``), their parameters from
+``config.method_params[<stage>]`` (or ``config.<stage>_params``) when the config has them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from qsmprep.interfaces.bids import DerivativesDataSink, QsmSidecars
+from qsmprep.interfaces.qsm import (
+    BackgroundRemoval,
+    DipoleInversion,
+    FitB0,
+    LoadEchoes,
+    Mask,
+    PhaseOffsetCorrection,
+    R2Star,
+    Reference,
+    Unwrap,
+)
+from qsmprep.utils.boilerplate import canonical_method, method_params
+from qsmprep.utils.derivatives import derivative_path, run_sources
+
+__all__ = ["init_qsm_wf", "init_ds_qsm_wf", "run_workflow_name", "omp_nthreads", "estimate_memory_gb"]
+
+LOGGER = logging.getLogger("qsmprep")
+
+#: outputnode fields of :func:`init_qsm_wf`
+QSM_OUTPUTS = [
+    "chi",
+    "mask",
+    "fieldmap_hz",
+    "total_field_ppm",
+    "local_field_ppm",
+    "r2star",
+    "t2star",
+    "reference_mask",
+    "sidecars",
+]
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_")
+
+
+def run_workflow_name(run: Any) -> str:
+    """``qsm_<entities without sub>_wf`` (e.g. ``qsm_ses_1_acq_qsm_run_1_wf``; ``qsm_wf`` when none)."""
+    parts = []
+    for key, pre in (("session", "ses"), ("acquisition", "acq"), ("run", "run")):
+        value = getattr(run, key, None)
+        if value is not None:
+            parts.append(f"{pre}_{_clean(value)}")
+    return "qsm_" + "_".join(parts) + "_wf" if parts else "qsm_wf"
+
+
+def omp_nthreads(config: Any) -> int:
+    """Threads per node: ``config.omp_nthreads``, else ``config.nprocs``, else all cores."""
+    for value in (getattr(config, "omp_nthreads", None), getattr(config, "nprocs", None)):
+        if value:
+            return max(1, int(value))
+    return max(1, os.cpu_count() or 1)
+
+
+def _reference_image(run: Any) -> Path:
+    """The image that defines the output grid: echo-1 magnitude (else phase, else real)."""
+    for attr in ("magnitude_files", "phase_files", "real_files"):
+        files = getattr(run, attr, ())
+        if files:
+            return Path(files[0])
+    raise ValueError(f"run {getattr(run, 'subject', '?')} has no image files")
+
+
+def estimate_memory_gb(run: Any) -> tuple[float, float]:
+    """(one 3D float32 volume, one 4D float32 series) in GB, from the echo-1 header (0.01 GB if unreadable)."""
+    try:
+        import nibabel as nib
+
+        shape = nib.load(str(_reference_image(run))).shape
+        n_vox = int(shape[0]) * int(shape[1]) * int(shape[2])
+    except Exception:  # pragma: no cover - unreadable header: the node will report the problem
+        return 0.01, 0.01 * max(1, len(run.echo_times_s))
+    vol = n_vox * 4 / 1e9
+    return vol, vol * max(1, len(run.echo_times_s))
+
+
+def _check_run(run: Any, config: Any) -> None:
+    n_e = len(run.echo_times_s)
+    if n_e < 1:
+        raise ValueError(f"{run.prefix()}: no echo times")
+    has_phase = bool(getattr(run, "phase_files", ()))
+    has_complex = bool(getattr(run, "real_files", ())) and bool(getattr(run, "imag_files", ()))
+    if not (has_phase or has_complex):
+        raise ValueError(f"{run.prefix()}: neither phase nor real/imaginary images")
+    reference = canonical_method("reference", getattr(config, "reference", "mean"))
+    if reference == "csf" and n_e < 2:
+        raise ValueError(
+            f"{run.prefix()}: CSF referencing needs an R2* map, which needs at least 2 echoes "
+            f"(this series has {n_e}); use --reference mean"
+        )
+
+
+def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
+    """QSM of one :class:`~qsmprep.utils.bids.QsmRun`: load -> offset -> mask -> unwrap -> B0 ->
+    background removal -> inversion -> referencing, plus output sinks when ``config.output_dir`` is set.
+
+    Outputs (``outputnode``): ``chi`` (referenced, ppm), ``mask`` (final, eroded), ``fieldmap_hz``,
+    ``total_field_ppm``, ``local_field_ppm``, ``r2star``/``t2star`` (when computed),
+    ``reference_mask`` (CSF referencing) and ``sidecars`` (dict of the outputs' metadata).
+    Single-echo series skip MCPC-3D-S (the node passes the phase through) and cannot give R2*.
+    """
+    _check_run(run, config)
+    nthreads = omp_nthreads(config)
+    vol_gb, vol4_gb = estimate_memory_gb(run)
+    n_e = len(run.echo_times_s)
+    reference = canonical_method("reference", getattr(config, "reference", "mean"))
+    want_r2 = bool(getattr(config, "r2star", False) or getattr(config, "t2star", False))
+    has_mag = bool(getattr(run, "magnitude_files", ())) or bool(getattr(run, "real_files", ()))
+    if want_r2 and (n_e < 2 or not has_mag):
+        LOGGER.warning("%s: R2*/T2* maps need >= 2 echoes with magnitude; not computed", run.prefix())
+        want_r2 = False
+    do_r2 = want_r2 or reference == "csf"
+
+    wf = pe.Workflow(name=name or run_workflow_name(run))
+    outputnode = pe.Node(niu.IdentityInterface(fields=QSM_OUTPUTS), name="outputnode")
+
+    load = pe.Node(
+        LoadEchoes(
+            echo_times=[float(t) for t in run.echo_times_s],
+            field_strength=float(run.field_strength_t),
+            phase_units=run.phase_units,
+            b0_dir=None if run.b0_dir is None else [float(v) for v in run.b0_dir],
+        ),
+        name="load_echoes",
+        mem_gb=0.2 + 4 * vol4_gb,
+    )
+    if getattr(run, "phase_files", ()):
+        load.inputs.phase_files = [str(p) for p in run.phase_files]
+        if run.magnitude_files:
+            load.inputs.magnitude_files = [str(p) for p in run.magnitude_files]
+    else:
+        load.inputs.real_files = [str(p) for p in run.real_files]
+        load.inputs.imag_files = [str(p) for p in run.imag_files]
+        if getattr(run, "magnitude_files", ()):
+            load.inputs.magnitude_files = [str(p) for p in run.magnitude_files]
+
+    offset = pe.Node(
+        PhaseOffsetCorrection(
+            method="mcpc3ds" if n_e >= 2 else "none",
+            method_params=method_params(config, "offset"),
+            num_threads=nthreads,
+        ),
+        name="phase_offset",
+        n_procs=nthreads,
+        mem_gb=0.2 + 3 * vol4_gb + 12 * vol_gb,
+    )
+    mask = pe.Node(
+        Mask(method=canonical_method("masking", config.masking), method_params=method_params(config, "masking"),
+             num_threads=nthreads),
+        name="brain_mask",
+        n_procs=nthreads,
+        mem_gb=0.2 + 2 * vol4_gb + 12 * vol_gb,
+    )
+    unwrap = pe.Node(
+        Unwrap(method=canonical_method("unwrapping", config.unwrapping),
+               method_params=method_params(config, "unwrapping"), num_threads=nthreads),
+        name="unwrap",
+        n_procs=nthreads,
+        mem_gb=0.2 + 3 * vol4_gb + 12 * vol_gb,
+    )
+    b0_params = method_params(config, "b0")
+    fit_b0 = pe.Node(
+        FitB0(weighting=str(b0_params.get("weighting", "phase_snr")), num_threads=nthreads),
+        name="fit_b0",
+        mem_gb=0.2 + 2 * vol4_gb + 6 * vol_gb,
+    )
+    bgremove = pe.Node(
+        BackgroundRemoval(method=canonical_method("bgremove", config.bgremove),
+                          method_params=method_params(config, "bgremove"), num_threads=nthreads),
+        name="bgremove",
+        n_procs=nthreads,
+        mem_gb=0.3 + 30 * vol_gb,
+    )
+    inversion = pe.Node(
+        DipoleInversion(method=canonical_method("inversion", config.inversion),
+                        method_params=method_params(config, "inversion"), num_threads=nthreads),
+        name="inversion",
+        n_procs=nthreads,
+        mem_gb=0.3 + 40 * vol_gb,
+    )
+    ref = pe.Node(
+        Reference(method=reference, method_params=method_params(config, "reference"), num_threads=nthreads),
+        name="reference",
+        mem_gb=0.2 + 8 * vol_gb,
+    )
+    sidecars = pe.Node(QsmSidecars(sources=run_sources(run, getattr(config, "bids_dir", None))), name="sidecars")
+
+    # fmt: off
+    wf.connect([
+        (load, offset, [("phase", "phase"), ("magnitude", "magnitude"), ("echo_times", "echo_times"),
+                        ("voxel_size", "voxel_size")]),
+        (offset, mask, [("phase_corrected", "phase")]),
+        (load, mask, [("magnitude", "magnitude"), ("echo_times", "echo_times"), ("voxel_size", "voxel_size")]),
+        (offset, unwrap, [("phase_corrected", "phase")]),
+        (load, unwrap, [("magnitude", "magnitude"), ("echo_times", "echo_times"), ("voxel_size", "voxel_size")]),
+        (mask, unwrap, [("mask_file", "mask")]),
+        (unwrap, fit_b0, [("unwrapped", "unwrapped")]),
+        (load, fit_b0, [("magnitude", "magnitude"), ("echo_times", "echo_times"),
+                        ("field_strength", "field_strength")]),
+        (mask, fit_b0, [("mask_file", "mask")]),
+        (fit_b0, bgremove, [("total_field_ppm", "total_field")]),
+        (mask, bgremove, [("mask_file", "mask")]),
+        (load, bgremove, [("voxel_size", "voxel_size"), ("b0_dir", "b0_dir")]),
+        (bgremove, inversion, [("local_field", "local_field"), ("mask_out", "mask")]),
+        (load, inversion, [("voxel_size", "voxel_size"), ("b0_dir", "b0_dir")]),
+        (inversion, ref, [("chi", "chi")]),
+        (bgremove, ref, [("mask_out", "mask")]),
+        (load, ref, [("voxel_size", "voxel_size")]),
+        (load, sidecars, [("params", "load")]),
+        (offset, sidecars, [("params", "offset")]),
+        (mask, sidecars, [("params", "mask")]),
+        (unwrap, sidecars, [("params", "unwrap")]),
+        (fit_b0, sidecars, [("params", "b0")]),
+        (bgremove, sidecars, [("params", "bgremove")]),
+        (inversion, sidecars, [("params", "inversion")]),
+        (ref, sidecars, [("params", "reference")]),
+        (ref, outputnode, [("chi_referenced", "chi"), ("reference_mask", "reference_mask")]),
+        (bgremove, outputnode, [("mask_out", "mask"), ("local_field", "local_field_ppm")]),
+        (fit_b0, outputnode, [("fieldmap_hz", "fieldmap_hz"), ("total_field_ppm", "total_field_ppm")]),
+    ])
+    # fmt: on
+    if do_r2:
+        r2_params = method_params(config, "r2star")
+        r2_method = str(r2_params.pop("method", "loglinear"))
+        r2star = pe.Node(
+            R2Star(method=r2_method, method_params=r2_params, num_threads=nthreads),
+            name="r2star",
+            mem_gb=0.2 + 2 * vol4_gb + 10 * vol_gb,
+        )
+        # fmt: off
+        wf.connect([
+            (load, r2star, [("magnitude", "magnitude"), ("echo_times", "echo_times")]),
+            (mask, r2star, [("mask_file", "mask")]),
+            (r2star, sidecars, [("params", "r2star")]),
+            (r2star, outputnode, [("r2star", "r2star"), ("t2star", "t2star")]),
+        ])
+        # fmt: on
+        if reference == "csf":
+            wf.connect(r2star, "r2star", ref, "r2star")
+
+    output_dir = getattr(config, "output_dir", None)
+    if output_dir is not None:
+        ds_wf = init_ds_qsm_wf(
+            run,
+            output_dir,
+            r2star=want_r2 and bool(getattr(config, "r2star", False)),
+            t2star=want_r2 and bool(getattr(config, "t2star", False)),
+            reference_mask=reference == "csf",
+        )
+        # fmt: off
+        wf.connect([
+            (ref, ds_wf, [("chi_referenced", "inputnode.chi")]),
+            (bgremove, ds_wf, [("mask_out", "inputnode.mask"), ("local_field", "inputnode.local_field_ppm")]),
+            (fit_b0, ds_wf, [("fieldmap_hz", "inputnode.fieldmap_hz")]),
+            (sidecars, ds_wf, [("chimap", "inputnode.chimap_meta"), ("brain_mask", "inputnode.mask_meta"),
+                               ("total_fieldmap", "inputnode.total_fieldmap_meta"),
+                               ("local_fieldmap", "inputnode.local_fieldmap_meta"),
+                               ("r2starmap", "inputnode.r2starmap_meta"), ("t2starmap", "inputnode.t2starmap_meta"),
+                               ("reference_mask", "inputnode.reference_mask_meta")]),
+        ])
+        # fmt: on
+        if reference == "csf":
+            wf.connect(ref, "reference_mask", ds_wf, "inputnode.reference_mask")
+        if want_r2:
+            wf.connect([(r2star, ds_wf, [("r2star", "inputnode.r2star"), ("t2star", "inputnode.t2star")])])
+    return wf
+
+
+_DS_FIELDS = [
+    "chi",
+    "mask",
+    "fieldmap_hz",
+    "local_field_ppm",
+    "r2star",
+    "t2star",
+    "reference_mask",
+    "chimap_meta",
+    "mask_meta",
+    "total_fieldmap_meta",
+    "local_fieldmap_meta",
+    "r2starmap_meta",
+    "t2starmap_meta",
+    "reference_mask_meta",
+]
+
+
+def init_ds_qsm_wf(
+    run: Any,
+    output_dir: str | os.PathLike,
+    r2star: bool = False,
+    t2star: bool = False,
+    reference_mask: bool = False,
+    name: str = "ds_qsm_wf",
+) -> pe.Workflow:
+    """Sinks of one run's derivatives (see :mod:`qsmprep.utils.derivatives` for names and units).
+
+    Every sink checks that its image has the shape and affine of the echo-1 magnitude.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=_DS_FIELDS), name="inputnode")
+    reference = str(_reference_image(run))
+    out = Path(output_dir)
+    specs = [
+        ("ds_chimap", "chi", "chimap_meta", derivative_path(out, run, "Chimap"), "float32"),
+        ("ds_mask", "mask", "mask_meta", derivative_path(out, run, "mask", desc="brain"), "uint8"),
+        ("ds_total_fieldmap", "fieldmap_hz", "total_fieldmap_meta",
+         derivative_path(out, run, "fieldmap", desc="total"), "float32"),
+        ("ds_local_fieldmap", "local_field_ppm", "local_fieldmap_meta",
+         derivative_path(out, run, "fieldmap", desc="local"), "float32"),
+    ]
+    if r2star:
+        specs.append(("ds_r2starmap", "r2star", "r2starmap_meta", derivative_path(out, run, "R2starmap"), "float32"))
+    if t2star:
+        specs.append(("ds_t2starmap", "t2star", "t2starmap_meta", derivative_path(out, run, "T2starmap"), "float32"))
+    if reference_mask:
+        specs.append(("ds_reference_mask", "reference_mask", "reference_mask_meta",
+                      derivative_path(out, run, "mask", label="CSF"), "uint8"))
+    for node_name, field, meta, path, dtype in specs:
+        node = pe.Node(
+            DerivativesDataSink(out_file=str(path.absolute()), data_dtype=dtype, reference=reference),
+            name=node_name,
+            run_without_submitting=True,
+        )
+        wf.connect([(inputnode, node, [(field, "in_file"), (meta, "metadata")])])
+    return wf

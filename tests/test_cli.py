@@ -1,0 +1,274 @@
+"""Command line of the qsmprep BIDS App: parser, config-file precedence, exit statuses, --help/--version."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from qsmprep import __version__
+from qsmprep.cli.parser import method_choices, parse_mem_gb
+from qsmprep.cli.run import main, parse_config
+from qsmprep.config import QsmprepConfig
+from qsmprep.qsm import registry
+from qsmprep.utils.validation import InputError
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    assert lines[0].startswith("qsmprep: error: "), lines[0]
+    return lines[0]
+
+
+def test_help_lists_options_and_registered_methods(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: qsmprep")
+    for opt in (
+        "--participant-label",
+        "--session-label",
+        "--bids-filter-file",
+        "--work-dir",
+        "--nprocs",
+        "--omp-nthreads",
+        "--mem",
+        "--use-plugin",
+        "--stop-on-first-crash",
+        "--config-file",
+        "--boilerplate-only",
+        "--write-graph",
+        "--resource-monitor",
+        "--skip-bids-validation",
+        "--device",
+        "--masking",
+        "--unwrapping",
+        "--bgremove",
+        "--inversion",
+        "--reference",
+        "--r2star",
+        "--t2star",
+        "--verbose",
+        "--version",
+    ):
+        assert opt in out, opt
+    # choices come from the registries (modules imported by build_parser)
+    assert registry.UNWRAP.names(), "unwrapping registry is empty after build_parser()"
+    for name in registry.UNWRAP.names() + registry.INVERSION.names() + registry.BGREMOVE.names():
+        assert name in out
+    assert {"romeo", "laplacian"} <= set(method_choices("unwrapping"))
+    assert "none" in method_choices("reference")
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"qsmprep {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        ([], "the following arguments are required"),
+        (["bids"], "the following arguments are required: output_dir, analysis_level"),
+        (["bids", "out", "sideways"], "invalid choice: 'sideways'"),
+        (["bids", "out", "participant", "--bogus"], "unrecognized arguments: --bogus"),
+        (["bids", "out", "participant", "--unwrapping", "nope"], "argument --unwrapping: invalid choice: 'nope'"),
+        (["bids", "out", "participant", "--inversion", "nope"], "argument --inversion: invalid choice"),
+        (["bids", "out", "participant", "--device", "tpu"], "argument --device: invalid choice"),
+        (["bids", "out", "participant", "--nprocs", "0"], "argument --nprocs/--nthreads/--n-cpus/--n_cpus: must be at least 1"),
+        (["bids", "out", "participant", "--nprocs", "two"], "--nprocs/--nthreads/--n-cpus/--n_cpus: 'two' is not an integer"),
+        (["bids", "out", "participant", "--mem", "lots"], "argument --mem/--mem-gb/--mem_gb: 'lots' is not a memory size"),
+        (["bids", "out", "participant", "--participant-label", "a_b"], "is not a BIDS label"),
+        (["bids", "out", "participant", "--participant-label"], "expected at least one argument"),
+        (["bids", "out", "participant", "--nproc", "2"], "unrecognized arguments"),  # no abbreviations
+    ],
+)
+def test_usage_errors_exit_64_with_one_line(tmp_path, capsys, argv, needle):
+    argv = [str(tmp_path / a) if a in ("bids", "out") else a for a in argv]
+    assert main(argv) == 64
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err)
+    assert needle in line
+    assert line.endswith("See 'qsmprep --help'.")
+    assert not (tmp_path / "out").exists()
+
+
+def test_console_script_exit_status(tmp_path):
+    """`qsmprep` (console script, sys.exit(main())) exits 64 on usage errors and 0 for --version."""
+    exe = shutil.which("qsmprep")
+    cmd = [exe] if exe else [sys.executable, "-m", "qsmprep.cli.run"]
+    env = dict(os.environ, NIPYPE_NO_ET="1")
+    proc = subprocess.run(cmd + [str(tmp_path), str(tmp_path / "o"), "participant", "--bogus"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 64, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "unrecognized arguments: --bogus" in proc.stderr
+    proc = subprocess.run(cmd + ["--version"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"qsmprep {__version__}"
+
+
+def test_defaults_and_label_stripping(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_config(["bids", "out", "participant", "--participant-label", "sub-01", "02", "sub-01", "--session_label", "ses-a"])
+    d = QsmprepConfig()
+    assert cfg.bids_dir == tmp_path / "bids" and cfg.output_dir == tmp_path / "out"
+    assert cfg.work_dir == tmp_path / "work"
+    assert cfg.participant_label == ["01", "02"] and cfg.session_label == ["a"]
+    assert cfg.analysis_level == "participant"
+    for key in ("masking", "unwrapping", "bgremove", "inversion", "reference", "device", "r2star", "t2star",
+                "skip_bids_validation", "stop_on_first_crash", "boilerplate_only", "write_graph", "resource_monitor"):
+        assert getattr(cfg, key) == getattr(d, key), key
+    assert cfg.nprocs >= 1 and cfg.omp_nthreads == min(cfg.nprocs, 8)
+    assert cfg.plugin == ("Linear" if cfg.nprocs == 1 else "MultiProc")
+    assert cfg.mem_gb is None and cfg.bids_filters == {} and cfg.verbose == 0
+    json.dumps(cfg.to_dict())  # provenance-serialisable
+
+
+def test_options_and_aliases(tmp_path):
+    cfg = parse_config(
+        [
+            str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
+            "--participant_label", "7",
+            "-w", str(tmp_path / "w"),
+            "--nthreads", "3", "--omp_nthreads", "2", "--mem", "16000M",
+            "--skip_bids_validator", "--stop-on-first-crash", "--write_graph", "--resource-monitor",
+            "--boilerplate-only", "--r2star", "--t2star", "--device", "cpu", "-vv",
+            "--unwrapping", "laplacian",
+        ]
+    )
+    assert cfg.participant_label == ["7"] and cfg.work_dir == tmp_path / "w"
+    assert cfg.nprocs == 3 and cfg.omp_nthreads == 2 and cfg.mem_gb == pytest.approx(16.0)
+    assert cfg.skip_bids_validation and cfg.stop_on_first_crash and cfg.write_graph and cfg.resource_monitor
+    assert cfg.boilerplate_only and cfg.r2star and cfg.t2star and cfg.device == "cpu" and cfg.verbose == 2
+    assert cfg.unwrapping == "laplacian"
+    assert cfg.plugin == "MultiProc"
+    assert cfg.plugin_args == {"n_procs": 3, "memory_gb": pytest.approx(16.0), "raise_insufficient": False}
+
+
+@pytest.mark.parametrize("text,gb", [("16", 16.0), ("16G", 16.0), ("16GB", 16.0), ("16000M", 16.0), ("0.5T", 500.0), ("2e6K", 2.0)])
+def test_parse_mem_gb(text, gb):
+    assert parse_mem_gb(text) == pytest.approx(gb)
+
+
+def test_config_file_precedence(tmp_path):
+    toml = tmp_path / "conf" / "qsmprep.toml"
+    toml.parent.mkdir()
+    toml.write_text(
+        "\n".join(
+            [
+                'nprocs = 3',
+                'omp-nthreads = 2',
+                'unwrapping = "laplacian"',
+                'inversion = "tkd"',
+                'participant_label = ["sub-01", "02"]',
+                'r2star = true',
+                'work_dir = "scratch"',  # relative to the config file
+                'mem = "8G"',
+                'skip_bids_validation = true',
+                'verbose = 1',
+                '[bids_filters.megre]',
+                'acquisition = "qsm"',
+            ]
+        )
+    )
+    base = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--config-file", str(toml)]
+    cfg = parse_config(base)
+    assert cfg.nprocs == 3 and cfg.omp_nthreads == 2 and cfg.mem_gb == 8.0
+    assert cfg.unwrapping == "laplacian" and cfg.inversion == "tkd"
+    assert cfg.participant_label == ["01", "02"] and cfg.r2star is True and cfg.skip_bids_validation
+    assert cfg.work_dir == toml.parent / "scratch" and cfg.verbose == 1
+    assert cfg.bids_filters == {"megre": {"acquisition": "qsm"}}
+    # the command line wins over the file, option by option
+    flt = tmp_path / "f.json"
+    flt.write_text('{"t2starw": {"run": 1}}')
+    cfg = parse_config(
+        base
+        + ["--nprocs", "1", "--unwrapping", "romeo", "--no-r2star", "--participant-label", "9", "-w", str(tmp_path / "w"),
+           "--no-skip-bids-validation", "--bids-filter-file", str(flt)]
+    )
+    assert cfg.nprocs == 1 and cfg.plugin == "Linear" and cfg.omp_nthreads == 2
+    assert cfg.unwrapping == "romeo" and cfg.inversion == "tkd" and cfg.r2star is False
+    assert cfg.participant_label == ["9"] and cfg.work_dir == tmp_path / "w" and not cfg.skip_bids_validation
+    assert cfg.bids_filters == {"t2starw": {"run": 1}}
+    # a [qsmprep] table is accepted too
+    toml2 = tmp_path / "table.toml"
+    toml2.write_text('[qsmprep]\nbgremove = "pdf"\n')
+    assert parse_config(base[:3] + ["--config-file", str(toml2)]).bgremove == "pdf"
+
+
+@pytest.mark.parametrize(
+    "text,code,needle",
+    [
+        (None, 66, "config file not found"),
+        ("nprocs = ", 65, "is not valid TOML"),
+        ('colour = "red"', 65, "unknown option 'colour'"),
+        ('unwrapping = "nope"', 65, "unwrapping = 'nope': choose one of"),
+        ("nprocs = 0", 65, "nprocs = 0: must be at least 1"),
+        ('r2star = "yes"', 65, "r2star = 'yes': expected true or false"),
+        ('participant_label = [1, "a_b"]', 65, "is not a BIDS label"),
+        ('config_file = "x.toml"', 65, "unknown option 'config_file'"),
+        ('[bids_filters]\nbold = {task = "rest"}', 65, "unknown query 'bold'"),
+    ],
+)
+def test_config_file_errors(tmp_path, capsys, text, code, needle):
+    toml = tmp_path / "c.toml"
+    if text is not None:
+        toml.write_text(text + "\n")
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "bids"), str(out), "participant", "--config-file", str(toml)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == code, line
+    assert line.startswith(f"qsmprep: error: {toml}: ") and needle in line, line
+    assert not out.exists()
+
+
+def test_plugin_file(tmp_path, capsys):
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: MultiProc\nplugin_args:\n  n_procs: 5\n  memory_gb: 12\n  maxtasksperchild: 1\n")
+    base = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin)]
+    cfg = parse_config(base)
+    assert cfg.plugin == "MultiProc" and cfg.nprocs == 5 and cfg.mem_gb == 12
+    assert cfg.plugin_args["n_procs"] == 5 and cfg.plugin_args["maxtasksperchild"] == 1
+    cfg = parse_config(base + ["--nprocs", "2", "--mem", "4"])  # the command line wins
+    assert cfg.nprocs == 2 and cfg.plugin_args["n_procs"] == 2 and cfg.plugin_args["memory_gb"] == 4
+    plugin.write_text("plugin: SLURMGraph\nplugin_args:\n  dont_resubmit_completed_jobs: true\n")
+    cfg = parse_config(base)
+    assert cfg.plugin == "SLURMGraph" and cfg.plugin_args == {"dont_resubmit_completed_jobs": True}
+    for text, needle in (("plugin_args: {}\n", "needs a 'plugin:' name"), ("plugin: [\n", "is not valid YAML")):
+        plugin.write_text(text)
+        assert main(base) == 65
+        assert needle in _one_error_line(capsys.readouterr().err)
+    assert main(base[:3] + ["--use-plugin", str(tmp_path / "missing.yml")]) == 66
+    assert "Nipype plugin file not found" in _one_error_line(capsys.readouterr().err)
+
+
+def test_input_error_format():
+    err = InputError("/data/x.json", "EchoTime is missing.", "Add it.", 65)
+    assert str(err) == "/data/x.json: EchoTime is missing. Add it." and err.code == 65
+
+
+def test_parser_builds_quickly_and_has_no_heavy_imports():
+    """--help must stay quick: neither nipype nor pybids nor torch are imported to build the parser."""
+    code = (
+        "import sys, time; t = time.perf_counter(); "
+        "from qsmprep.cli.parser import build_parser; build_parser(); "
+        "heavy = [m for m in ('nipype', 'bids', 'torch') if m in sys.modules]; "
+        "print(heavy, time.perf_counter() - t)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    heavy, seconds = proc.stdout.rsplit("]", 1)
+    assert heavy.strip() == "[", proc.stdout
+    assert float(seconds) < 20.0
+
+
+def test_demo_rejects_foreign_folder(tmp_path, capsys):
+    from qsmprep.cli.demo import main as demo_main
+
+    (tmp_path / "bids").mkdir()
+    (tmp_path / "bids" / "dataset_description.json").write_text('{"Name": "not simulated"}')
+    assert demo_main([str(tmp_path)]) == 64
+    assert "was not written by qsmprep-simulate" in capsys.readouterr().err
+    assert demo_main([]) == 64
+    assert demo_main(["--help"]) == 0
