@@ -36,13 +36,16 @@ class QsmprepConfig:
     device: str = "auto"
     verbose: int = 0
     # methods (names are registry keys in qsmprep.qsm.registry)
-    masking: str = "phase-quality"
+    masking: str = "phase"
     unwrapping: str = "romeo"
     bgremove: str = "vsharp"
     inversion: str = "rts"
     reference: str = "mean"
     r2star: bool = False
     t2star: bool = False
+    #: extra keyword parameters per stage, e.g. {"inversion": {"maxit": 50}} (keys: masking, offset,
+    #: unwrapping, b0, bgremove, inversion, reference, r2star)
+    method_params: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-friendly dict (paths as strings) for provenance sidecars."""

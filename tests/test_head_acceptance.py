@@ -77,8 +77,9 @@ def test_b0_map_median_error_below_1hz(sim, unwrapped):
     assert np.median(np.abs(err)) < 1.0
 
 
-# Measured on this phantom (2 mm, true total field): NRMSE % in each method's own mask.
-BGREMOVE_BOUNDS = {"vsharp": 60.0, "sharp": 60.0, "pdf": 60.0, "ismv": 60.0, "lbv": 60.0}
+# NRMSE % in each method's own mask on this phantom (2 mm, true total field). Measured: V-SHARP 47.6,
+# SHARP 57.0, PDF 53.1, iSMV 39.7, LBV 55.8; the bounds add about 7 points of margin.
+BGREMOVE_BOUNDS = {"vsharp": 55.0, "sharp": 64.0, "pdf": 60.0, "ismv": 47.0, "lbv": 63.0}
 
 
 @pytest.mark.parametrize("method", sorted(BGREMOVE_BOUNDS))

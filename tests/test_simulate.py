@@ -6,6 +6,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from scipy import ndimage as ndi
+
+from qsmprep.qsm.bgremove import vsharp
 from qsmprep.qsm.constants import GAMMA_BAR_HZ_PER_T
 from qsmprep.qsm.geometry import b0_direction_from_affine, forward_field_ppm, obliquity_deg, voxel_size_from_affine
 from qsmprep.simulate import (
@@ -202,10 +205,14 @@ def test_oblique_affine_and_b0_dir_are_consistent():
     # rotation about the FOV centre: the centre voxel keeps its world position
     centre = np.append((np.array(ph.shape) - 1) / 2.0, 1.0)
     np.testing.assert_allclose(sim.affine @ centre, ph.affine @ centre, atol=1e-9)
-    # the field is the dipole field of chi relative to the surrounding air, in that direction
+    # the field is the dipole field of chi relative to the surrounding air, in that direction; the
+    # voxel-frame kernel adds Nyquist ringing for oblique B0 (not simulated, see the harmonicity test),
+    # so compare the two also after a light low-pass (a mirrored B0 direction gives ~150 % either way)
     ref = forward_field_ppm(ph.chi_ppm - np.float32(9.4), (1, 1, 1), sim.b0_dir, pad_voxels=[64] * 3)
     ref -= ref[ph.brain_mask].mean()
-    np.testing.assert_allclose(sim.total_field_ppm, ref, atol=2e-4)
+    assert np.linalg.norm(sim.total_field_ppm - ref) / np.linalg.norm(ref) < 0.1
+    smooth_sim, smooth_ref = ndi.gaussian_filter(sim.total_field_ppm, 1.0), ndi.gaussian_filter(ref, 1.0)
+    assert np.linalg.norm(smooth_sim - smooth_ref) / np.linalg.norm(smooth_ref) < 0.03
     # b0_dir given directly: an affine is built that reproduces it
     b = np.array([0.3, -0.2, 0.9])
     b /= np.linalg.norm(b)
@@ -215,6 +222,100 @@ def test_oblique_affine_and_b0_dir_are_consistent():
         simulate_gre(ph, tilt_deg=10.0, b0_dir=b)
     with pytest.raises(ValueError, match="unit vector"):
         simulate_gre(ph, b0_dir=(0, 0, 2))
+
+
+def _air_sphere_phantom(shape, vs, a=6.0, centre=(-12.0, 0.0, -8.0), brain_centre=(8.0, 0.0, 6.0), brain_r=11.0):
+    """Air sphere (9.4 ppm, radius ``a`` mm, partial-volume edges) in a chi = 0 medium and a separate
+    spherical 'brain' mask that holds no sources; returns (offsets from the sphere centre (mm), phantom)."""
+    vs = np.asarray(vs, dtype=np.float64)
+    axes = [(np.arange(n) - n // 2) * v for n, v in zip(shape, vs)]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    frac = np.zeros(shape, np.float32)
+    offs = (np.arange(3) + 0.5) / 3 - 0.5
+    for dx in offs:
+        for dy in offs:
+            for dz in offs:
+                frac += (x + dx * vs[0] - centre[0]) ** 2 + (y + dy * vs[1] - centre[1]) ** 2 + (
+                    z + dz * vs[2] - centre[2]
+                ) ** 2 <= a * a
+    frac /= 27.0
+    brain = (x - brain_centre[0]) ** 2 + (y - brain_centre[1]) ** 2 + (z - brain_centre[2]) ** 2 <= brain_r**2
+    ph = Phantom(
+        chi_ppm=frac * np.float32(9.4), labels=np.where(frac >= 0.5, 14, 0).astype(np.int16),
+        label_names={0: "medium", 14: "air"}, brain_mask=brain, m0=np.ones(shape, np.float32),
+        r2star_hz=np.full(shape, 10.0, np.float32), voxel_size_mm=tuple(vs), affine=np.diag(list(vs) + [1.0]),
+    )
+    return (x - centre[0], y - centre[1], z - centre[2]), ph
+
+
+@pytest.mark.parametrize("vs, shape", [((1.0, 1.0, 1.0), (48, 48, 48)), ((1.0, 1.2, 1.5), (48, 40, 32))],
+                         ids=["iso", "aniso"])
+def test_oblique_air_sphere_background_matches_closed_form(vs, shape):
+    """Oblique B0: the field of an air sphere outside the brain is a^3 dchi/3 (3 cos^2 - 1)/r^3 in the
+    brain (B0-aligned computation) and harmonic there: V-SHARP removes it as well as for straight B0.
+    The voxel-frame oblique kernel misses both (Nyquist ringing), which shows the test is sensitive."""
+    (dx, dy, dz), ph = _air_sphere_phantom(shape, vs)
+    m = ph.brain_mask
+    r = np.sqrt(dx**2 + dy**2 + dz**2)
+    out = {}
+    for name, b in (("straight", (0.0, 0.0, 1.0)), ("oblique", (0.3, -0.2, 0.9))):
+        b = np.asarray(b) / np.linalg.norm(b)
+        sim = simulate_gre(ph, echo_times_s=(0.01,), b0_dir=b, snr=None, phase_offset=False, shim_order=0,
+                           pad_voxels=32)
+        bb = sim.b0_dir
+        cos = (dx * bb[0] + dy * bb[1] + dz * bb[2]) / np.maximum(r, 1e-6)
+        analytic = 9.4 * 6.0**3 / 3.0 * (3 * cos**2 - 1) / np.maximum(r, 1e-6) ** 3
+        analytic -= analytic[m].mean()  # shim order 0 removes the mean in the brain
+        field = sim.total_field_ppm
+        np.testing.assert_allclose(field, sim.background_field_ppm)  # no sources in the brain
+        err = np.linalg.norm(field[m] - analytic[m]) / np.linalg.norm(analytic[m])
+        left, m_out = vsharp(field, m, vs, bb)
+        resid = np.linalg.norm(left[m_out]) / np.linalg.norm(analytic[m_out])
+        voxel = forward_field_ppm(ph.chi_ppm, vs, bb, pad_voxels=32)
+        voxel -= voxel[m].mean()
+        err_voxel = np.linalg.norm(voxel[m] - analytic[m]) / np.linalg.norm(analytic[m])
+        out[name] = (err, resid, err_voxel)
+    err, resid, err_voxel = out["oblique"]
+    assert err < 0.015, out
+    assert resid < 2 * out["straight"][1] + 0.005, out
+    assert err_voxel > 2 * err, out  # the voxel-frame kernel's ringing (~3.5 %) is resolved by the test
+
+
+@pytest.mark.parametrize(
+    "vs, kwargs",
+    [((1.0, 1.0, 1.0), {"tilt_deg": 25.0, "tilt_axis": (1.0, 0.0, 0.0)}),
+     ((1.0, 1.0, 1.5), {"b0_dir": (0.3 / 0.9906, -0.2 / 0.9906, 0.9 / 0.9906)})],
+    ids=["tilt25", "b0dir-aniso"],
+)
+def test_oblique_background_field_is_harmonic_in_brain(vs, kwargs):
+    """The simulated background field of a head-like phantom (air, 9.4 ppm, around it) is harmonic in the
+    brain for oblique B0 as for straight B0: V-SHARP of the background field leaves ~1 % of the local
+    field norm. The voxel-frame kernel (the former simulation) left ~90 %."""
+    shape = (40, 40, 40) if vs[2] == 1.0 else (40, 40, 32)
+    ph = make_shapes_phantom(shape=shape, voxel_size_mm=vs, seed=0)
+    m = ph.brain_mask
+    kwargs = dict(kwargs)
+    if "b0_dir" in kwargs:
+        b = np.asarray(kwargs["b0_dir"])
+        kwargs["b0_dir"] = b / np.linalg.norm(b)
+    resid = {}
+    for name, kw in (("straight", {}), ("oblique", kwargs)):
+        sim = simulate_gre(ph, echo_times_s=(0.01,), snr=None, **kw)
+        loc = sim.local_field_ppm
+        left, m_out = vsharp(sim.background_field_ppm, m, vs, sim.b0_dir)
+        resid[name] = np.linalg.norm(left[m_out]) / np.linalg.norm(loc[m_out])
+        if name == "oblique":
+            assert obliquity_deg(sim.b0_dir) > 10.0
+            # the local field is still the voxel-frame model of chi * mask (what the inversion assumes)
+            ref = forward_field_ppm(sim.chi_ppm * m, vs, sim.b0_dir, pad_voxels=48)
+            assert np.linalg.norm((ref - loc)[m]) / np.linalg.norm(ref[m]) < 0.01
+            np.testing.assert_allclose(sim.total_field_ppm, loc + sim.background_field_ppm, atol=1e-6)
+            old = forward_field_ppm(ph.chi_ppm - np.float32(9.4), vs, sim.b0_dir, pad_voxels=64)
+            left_old, _ = vsharp(old - loc, m, vs, sim.b0_dir)
+            resid["voxel_kernel"] = np.linalg.norm(left_old[m_out]) / np.linalg.norm(loc[m_out])
+    assert resid["straight"] < 0.03 and resid["oblique"] < 0.03, resid
+    assert resid["oblique"] < 2 * resid["straight"] + 0.01, resid
+    assert resid["voxel_kernel"] > 0.3, resid
 
 
 def test_head_simulation_phase_wraps_fields_and_noise(head_sim, head_2mm):

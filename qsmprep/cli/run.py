@@ -44,7 +44,9 @@ IMPORTANT = 25
 logging.addLevelName(IMPORTANT, "IMPORTANT")
 
 #: config-file keys that have no command-line option
-_TOML_ONLY = ("plugin", "plugin_args", "bids_filters")
+_TOML_ONLY = ("plugin", "plugin_args", "bids_filters", "method_params")
+#: stages that accept extra parameters in a config file's [method_params.<stage>] table
+_PARAM_STAGES = ("masking", "offset", "unwrapping", "b0", "bgremove", "inversion", "reference", "r2star")
 #: keys given on the command line only (positional); ignored in a config file
 _POSITIONAL = ("bids_dir", "output_dir", "analysis_level")
 
@@ -165,6 +167,14 @@ def load_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
             out["plugin_args"] = dict(value)
         elif k == "bids_filters":
             out["bids_filters"] = _check_filters(value, path)
+        elif k == "method_params":
+            if not isinstance(value, dict) or not all(
+                s in _PARAM_STAGES and isinstance(v, dict) for s, v in value.items()
+            ):
+                raise _bad_value(
+                    path, key, value, f"expected tables named after stages ({', '.join(_PARAM_STAGES)})"
+                )
+            out["method_params"] = {s: dict(v) for s, v in value.items()}
         elif k in actions:
             out[actions[k].dest] = _coerce(actions[k], value, path, str(key))
         else:
@@ -260,6 +270,7 @@ def parse_config(argv: Sequence[str] | None = None) -> QsmprepConfig:
             plugin_args["memory_gb"] = cfg.mem_gb
         plugin_args.setdefault("raise_insufficient", False)
     cfg.plugin, cfg.plugin_args = plugin, plugin_args
+    cfg.method_params = dict(merged.get("method_params", {}))
 
     for key in (
         "stop_on_first_crash",

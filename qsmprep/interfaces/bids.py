@@ -8,7 +8,6 @@ casts, checks the grid against a reference image, and writes image + sidecar ato
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

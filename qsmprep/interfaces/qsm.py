@@ -16,7 +16,6 @@ numba/FFT threads (set the node's ``n_procs`` to the same number).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 from nipype.interfaces.base import (
@@ -205,12 +204,8 @@ class LoadEchoes(SimpleInterface):
                 for e, (p, img) in enumerate(zip(scaled, ph_imgs)):
                     if _same_grid(img, ref, p.shape):
                         out.append(p)
-                    else:
-                        w = np.ones_like(p) if not mag_files else None
-                        if w is None:
-                            w = _load_series([mag_files[e]])[0][0]
-                            w = w if w.shape == p.shape else np.ones_like(p)
-                        c, s = _to_grid(w * np.cos(p), img, ref), _to_grid(w * np.sin(p), img, ref)
+                    else:  # interpolate the unit phasor, not the wrapped angle
+                        c, s = _to_grid(np.cos(p), img, ref), _to_grid(np.sin(p), img, ref)
                         out.append(wrap_to_pi(np.arctan2(s, c)))
                 phase = np.stack(out, axis=-1)
             else:
@@ -358,7 +353,7 @@ class PhaseOffsetCorrection(SimpleInterface):
         te = list(self.inputs.echo_times)
         if self.inputs.method == "none" or len(te) < 2:
             self._results["phase_corrected"] = os.path.abspath(self.inputs.phase)
-            reason = "disabled" if self.inputs.method == "none" else "single echo: offset cannot be estimated"
+            reason = "single echo: the offset cannot be estimated" if len(te) < 2 else "disabled"
             self._results["params"] = {"Method": "none", "Reason": reason}
             return runtime
         phase, ref = load_float(self.inputs.phase)
@@ -517,9 +512,14 @@ class BackgroundRemoval(SimpleInterface):
             raise ValueError(f"background removal ({method}) left an empty mask; use a smaller kernel radius")
         self._results["local_field"] = save_like(local, ref, _out("local_field_ppm.nii"))
         self._results["mask_out"] = save_like(mask_out, ref, _out("mask_bgremove.nii"), "uint8")
+        used = resolve_params(func, kw, skip=("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "weight"))
+        if method == "vsharp" and used.get("radii_mm") is None:  # record the radii the default gave
+            from qsmprep.qsm.bgremove import default_vsharp_radii_mm
+
+            used["radii_mm"] = [float(r) for r in default_vsharp_radii_mm(self.inputs.voxel_size)]
         self._results["params"] = {
             "Method": method,
-            "Parameters": resolve_params(func, kw, skip=("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "weight")),
+            "Parameters": used,
             "MaskVoxelsIn": int(mask.sum()),
             "MaskVoxelsOut": int(mask_out.sum()),
         }

@@ -5,23 +5,29 @@ Signal model per echo (reference notes section 0.1)::
     S(TE) = M0 exp(-R2* TE) exp(i (phi0 + 2 pi gamma_bar B0 f TE)) + noise,   f = dB/B0 (ppm x 1e-6)
 
 Fields (ppm) come from the dipole forward model ``F^-1[D F chi]`` (Salomir 2003; Marques & Bowtell
-2005) computed by :func:`qsmprep.qsm.geometry.forward_field_ppm` in the voxel frame with the B0
-direction of the (possibly oblique) acquisition.
+2005) computed by :func:`qsmprep.qsm.geometry.forward_field_ppm`: in the voxel frame for a straight
+acquisition; for an oblique one the local sources (brain) use the voxel frame with the oblique B0 and
+all other sources a grid rotated so that B0 lies along an axis (see :func:`_field_b0_aligned`).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from qsmprep.qsm import constants
 from qsmprep.qsm._validate import as_b0_dir, as_echo_times, as_float_volume, as_mask, same_shape
-from qsmprep.qsm.geometry import b0_direction_from_affine, forward_field_ppm, rotation_matrix
+from qsmprep.qsm.geometry import b0_direction_from_affine, forward_field_ppm, obliquity_deg, rotation_matrix
 from qsmprep.simulate.phantom import Phantom
 
 DEFAULT_ECHO_TIMES_S = (0.004, 0.008, 0.012, 0.016, 0.020, 0.024)
+
+#: Above this obliquity (degrees) the background field is computed on a B0-aligned grid.
+OBLIQUE_TOL_DEG = 0.1
 
 
 @dataclass
@@ -187,6 +193,11 @@ def simulate_gre(
     (``chi_ppm * brain_mask``; padded 48 mm, periodic error < 1 %), set to zero outside the mask.
     ``background_field_ppm = total_field_ppm - local_field_ppm`` (inside the mask: the harmonic field
     of all sources outside it, plus the shim; outside the mask it equals the total field).
+    Oblique B0 (obliquity > ``OBLIQUE_TOL_DEG``): the voxel-frame kernel would ring at the Nyquist
+    frequency around the strong air/bone edges, deep into the brain (non-harmonic there, unlike a
+    scanner's field), so the field of all sources but ``chi * brain_mask`` (inside the mask they are
+    ``-chi_ambient``) is computed on a B0-aligned rotated grid and sampled back; the field of
+    ``chi * brain_mask`` keeps the voxel-frame oblique kernel (``local_field_ppm`` in the mask).
 
     Signal: ``m0 exp(-r2star TE) exp(i (phi0 + 2 pi gamma_bar B0 f 1e-6 TE))`` plus complex Gaussian
     noise of sigma = mean echo-1 magnitude in the brain / ``snr`` per channel (``snr=None``: none);
@@ -237,10 +248,27 @@ def simulate_gre(
         pad_voxels = [int(np.ceil(64.0 / v)) for v in vs]
     n_ext = [int(np.ceil(extend_mm / v)) for v in vs]
     src, crop = _extend(chi - np.float32(phantom.chi_ambient_ppm), phantom.extend_faces if extend_mm > 0 else (), n_ext)
-    total = forward_field_ppm(src, vs, b, pad_voxels)[crop]
-    del src
-    total = np.ascontiguousarray(total)
-    local = _local_field(chi, mask, vs, b)
+    if obliquity_deg(b) <= OBLIQUE_TOL_DEG:
+        total = forward_field_ppm(src, vs, b, pad_voxels)[crop]
+        del src
+        total = np.ascontiguousarray(total)
+        local = _local_field(chi, mask, vs, b)
+    else:
+        # oblique: the voxel-frame kernel rings at the Nyquist frequency around strong sharp sources
+        # (see _field_b0_aligned); only the weak local sources chi * mask keep it (the inversion's model)
+        local = _local_field(chi, mask, vs, b)
+        # background sources: everything but chi * mask (inside the mask chi - chi_amb - chi = -chi_amb,
+        # continuous with the tissue around it), their field computed on a B0-aligned grid
+        view = src[crop]
+        view[mask] = np.float32(-phantom.chi_ambient_ppm)
+        del view
+        pad_mm = float(np.max(np.broadcast_to(np.asarray(pad_voxels, dtype=np.float64), (3,)) * np.asarray(vs)))
+        total = _field_b0_aligned(src, vs, b, pad_mm, crop)
+        del src
+        # plus the field of the local sources: exactly local_field_ppm in the mask, its continuation outside
+        near = forward_field_ppm(np.where(mask, chi, np.float32(0.0)), vs, b, [int(np.ceil(48.0 / v)) for v in vs])
+        total += np.where(mask, local, near)
+        del near
     shim, coef = _fit_shim(total, mask, vs, shim_order)
     total -= shim
     del shim
@@ -312,4 +340,63 @@ def _local_field(chi: np.ndarray, mask: np.ndarray, vs, b0_dir, pad_mm: float = 
     f = forward_field_ppm(sub, vs, b0_dir, pad)
     out = np.zeros(chi.shape, np.float32)
     out[sl] = np.where(sub_mask, f, np.float32(0.0))
+    return out
+
+
+def _field_b0_aligned(
+    src: np.ndarray,
+    vs,
+    b0_dir,
+    pad_mm: float,
+    out_slices: tuple[slice, ...] | None = None,
+    spacing_mm: float | None = None,
+    order_back: int = 3,
+) -> np.ndarray:
+    """Dipole field (ppm) of ``src`` computed on a grid rotated so that B0 lies along its third axis.
+
+    For oblique ``b0_dir`` the voxel-frame k-space kernel ``1/3 - (k.b)^2/k^2`` is discontinuous across
+    the faces of the Brillouin zone (cross terms), so strong sharp sources (air/tissue, bone) ring at
+    the Nyquist frequency far into the brain, a field that is not harmonic there and not physical. On a
+    grid with B0 along an axis the kernel is continuous and the field of sources outside the brain is
+    harmonic inside it, as in a scanner. ``src`` (ppm) is resampled (linear) onto an isotropic grid of
+    spacing ``min(vs)`` with ``u = Q v`` (``v``: physical voxel-frame mm about the array centre, ``Q b0 =
+    e_z``), large enough to hold the whole rotated array; the field there (b = e_z, zero padding of
+    ``pad_mm``) is sampled back (cubic spline, ``order_back``) on ``src[out_slices]`` (default: all of
+    ``src``). ``spacing_mm`` overrides the rotated grid's spacing. Returns float32 of the shape of
+    ``src[out_slices]``. Full head (197x233x189 + 150 mm neck, 1 mm, 20 deg): ~5 s on 2 cores.
+    """
+    vs = np.asarray(vs, dtype=np.float64)
+    b = np.asarray(b0_dir, dtype=np.float64)
+    q = _rotation_to_z(b / np.linalg.norm(b))
+    h = float(vs.min()) if spacing_mm is None else float(spacing_mm)
+    n_in = np.asarray(src.shape, dtype=np.float64)
+    c_in = (n_in - 1.0) / 2.0
+    corners = np.array(list(itertools.product(*[(0.0, n - 1.0) for n in n_in])))
+    u = ((corners - c_in) * vs) @ q.T
+    n_al = np.ceil((u.max(axis=0) - u.min(axis=0)) / h).astype(int) + 3
+    c_al = (n_al - 1.0) / 2.0
+    # aligned index j -> source index i = diag(1/vs) Q^T h (j - c_al) + c_in
+    m_in = (q.T * h) / vs[:, None]
+    aligned = ndi.affine_transform(
+        src, m_in, c_in - m_in @ c_al, output_shape=tuple(int(n) for n in n_al), output=np.float32,
+        order=1, mode="constant", cval=0.0, prefilter=False,
+    )
+    f_al = forward_field_ppm(aligned, (h, h, h), (0.0, 0.0, 1.0), int(np.ceil(pad_mm / h)))
+    del aligned
+    # back: source index i -> aligned index j = Q diag(vs) (i - c_in) / h + c_al
+    if out_slices is None:
+        out_slices = tuple(slice(0, int(n)) for n in src.shape)
+    start = np.array([s.start or 0 for s in out_slices], dtype=np.float64)
+    out_shape = tuple(len(range(*s.indices(int(n)))) for s, n in zip(out_slices, src.shape))
+    m_out = q * vs[None, :] / h
+    off = c_al + m_out @ (start - c_in)
+    # crop the aligned field to the footprint of the output grid (cheaper spline prefilter)
+    oc = np.array(list(itertools.product(*[(0.0, n - 1.0) for n in out_shape])))
+    j = oc @ m_out.T + off
+    lo = np.maximum(np.floor(j.min(axis=0)).astype(int) - 4, 0)
+    hi = np.minimum(np.ceil(j.max(axis=0)).astype(int) + 5, n_al)
+    sub = f_al[tuple(slice(int(a), int(z)) for a, z in zip(lo, hi))]
+    out = ndi.affine_transform(
+        sub, m_out, off - lo, output_shape=out_shape, output=np.float32, order=order_back, mode="nearest",
+    )
     return out

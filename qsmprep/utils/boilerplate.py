@@ -166,8 +166,7 @@ METHODS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
     "offset": {
         "mcpc3ds": (
             "MCPC-3D-S",
-            "MCPC-3D-S, which estimates the echo-independent phase offset from the first two echoes and "
-            "smooths it",
+            "MCPC-3D-S, which estimates it from the phase difference of the first two echoes and smooths it",
             ("eckstein2018",),
         ),
     },
@@ -289,7 +288,7 @@ def _fmt_value(v: Any) -> str:
 
 
 def _fmt_params(params: Mapping[str, Any]) -> str:
-    items = [f"{k} = {_fmt_value(v)}" for k, v in params.items() if v is not None]
+    items = [f"{k} = {_fmt_value(v) if v is not None else 'default'}" for k, v in params.items()]
     return "; ".join(items)
 
 
@@ -301,8 +300,11 @@ def _registry_params(stage: str, method: str, user: Mapping[str, Any]) -> dict:
         if stage == "bgremove":
             from qsmprep.qsm.registry import BGREMOVE
 
-            return resolve_params(BGREMOVE.get(method), user, skip=("total_field_ppm", "mask", "voxel_size_mm",
-                                                                    "b0_dir", "weight"))
+            out = resolve_params(BGREMOVE.get(method), user, skip=("total_field_ppm", "mask", "voxel_size_mm",
+                                                                   "b0_dir", "weight"))
+            if method == "vsharp" and out.get("radii_mm") is None:
+                out["radii_mm"] = "12 mm down to twice the largest voxel size, in steps of max(voxel size, 1 mm)"
+            return out
         if stage == "inversion":
             from qsmprep.qsm.registry import INVERSION
 
@@ -331,7 +333,8 @@ def _series_summary(runs: Sequence[Any] | None) -> str:
     field_txt = ", ".join(f"{b:g}" for b in fields)
     return (
         f"{len(runs)} gradient-echo series of {len(subjects)} participant{'s' if len(subjects) != 1 else ''} "
-        f"({echo_txt} echo{'es' if n_echoes != [1] else ''}; {field_txt} T) were processed. "
+        f"({echo_txt} echo{'es' if n_echoes != [1] else ''}; {field_txt} T) "
+        f"{'was' if len(runs) == 1 else 'were'} processed. "
     )
 
 

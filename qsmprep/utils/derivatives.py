@@ -377,6 +377,7 @@ def build_sidecars(
             "(desc-brain_mask)",
             "Units": "ppm",
             "SkullStripped": True,
+            "SpatialReference": "orig",
             "Sources": list(sources),
             "EstimationAlgorithm": "; ".join(algo),
             "EstimationReference": cites(refs),
@@ -392,6 +393,7 @@ def build_sidecars(
     brain_mask = clean(
         {
             "Type": "Brain",
+            "SpatialReference": "orig",
             "Description": f"Brain mask ({method_label('masking', mask.get('Method', ''))}) after the erosion of "
             f"background field removal ({method_label('bgremove', bgremove.get('Method', ''))}); the region of the "
             "local field and of the susceptibility map",
@@ -408,6 +410,7 @@ def build_sidecars(
             "unwrapping (brain) mask",
             "Units": "Hz",
             "SkullStripped": True,
+            "SpatialReference": "orig",
             "Sources": list(sources),
             "EstimationAlgorithm": "; ".join(field_algo),
             "EstimationReference": cites(field_refs),
@@ -422,6 +425,7 @@ def build_sidecars(
             "(desc-brain_mask)",
             "Units": "ppm",
             "SkullStripped": True,
+            "SpatialReference": "orig",
             "Sources": list(sources),
             "EstimationAlgorithm": "; ".join(local_algo),
             "EstimationReference": cites(local_refs),
@@ -434,6 +438,7 @@ def build_sidecars(
     r2_method = (r2star or {}).get("Method", "loglinear")
     r2_common = {
         "SkullStripped": True,
+        "SpatialReference": "orig",
         "Sources": list(sources),
         "EstimationAlgorithm": f"{method_label('r2star', r2_method)} of the multi-echo magnitude",
         "EstimationReference": cites(method_references("r2star", r2_method)),
@@ -447,7 +452,8 @@ def build_sidecars(
                                                          "and where R2* <= 0"))
     ref_mask = clean(
         {
-            "Type": "CSF",
+            "Type": "ROI",
+            "SpatialReference": "orig",
             "Description": f"Susceptibility reference region: {region}",
             "Sources": list(sources),
             "EstimationReference": cites(method_references("reference", ref_method)),
@@ -527,13 +533,21 @@ def write_derivative_description(
         desc["DatasetLinks"] = {"raw": _dataset_link(bids_dir, out)}
         if raw.get("License"):
             desc["License"] = raw["License"]
-    return atomic_write_json(out / "dataset_description.json", desc)
+    path = atomic_write_json(out / "dataset_description.json", desc)
+    if not (out / "README").exists() and not (out / "README.md").exists():
+        atomic_write_text(
+            out / "README",
+            "Quantitative susceptibility maps computed by qsmprep "
+            f"{__version__} ({CODE_URL}).\nFile contents and units: see the qsmprep documentation "
+            "(docs/outputs.md); methods and references: logs/CITATION.md.\n",
+        )
+    return path
 
 
 BIDSIGNORE = """\
 # qsmprep: logs, crash files and the run settings are not BIDS data
-/logs/
-/sub-*/log/
+logs/
+sub-*/log
 # the B0 field map and local field have no anat suffix in BIDS (qsmprep writes them as *_fieldmap)
 *_desc-total_fieldmap.*
 *_desc-local_fieldmap.*

@@ -122,7 +122,7 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
 
     Outputs (``outputnode``): ``chi`` (referenced, ppm), ``mask`` (final, eroded), ``fieldmap_hz``,
     ``total_field_ppm``, ``local_field_ppm``, ``r2star``/``t2star`` (when computed),
-    ``reference_mask`` (CSF referencing) and ``sidecars`` (dict of the outputs' metadata).
+    ``reference_mask`` (CSF referencing) and ``sidecars`` (the Chimap's sidecar metadata).
     Single-echo series skip MCPC-3D-S (the node passes the phase through) and cannot give R2*.
     """
     _check_run(run, config)
@@ -243,6 +243,7 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
         (ref, outputnode, [("chi_referenced", "chi"), ("reference_mask", "reference_mask")]),
         (bgremove, outputnode, [("mask_out", "mask"), ("local_field", "local_field_ppm")]),
         (fit_b0, outputnode, [("fieldmap_hz", "fieldmap_hz"), ("total_field_ppm", "total_field_ppm")]),
+        (sidecars, outputnode, [("chimap", "sidecars")]),
     ])
     # fmt: on
     if do_r2:
