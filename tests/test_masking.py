@@ -258,7 +258,7 @@ def test_masking_registry(head):
     h = head
     assert {"phase", "magnitude", "robust"} <= set(MASKING.names())
     m = MASKING.get("phase")(h["phase"], h["mag"], TE, (1.0, 1.0, 1.0))
-    assert np.array_equal(m, mk.phase_quality_mask(h["phase"], h["mag"], TE))
+    assert np.array_equal(m, mk.phase_quality_mask(h["phase"], h["mag"], TE, erosions=(3, 0)))
     assert MASKING.get("magnitude")(magnitude_4d=h["mag"]).dtype == bool
     assert MASKING.get("robust")(magnitude_4d=h["mag"]).any()
     with pytest.raises(ValueError, match="needs phase"):
