@@ -43,6 +43,9 @@ class QsmprepConfig:
     reference: str = "mean"
     r2star: bool = False
     t2star: bool = False
+    # reports and group level
+    reports_only: bool = False
+    segmentation_dir: Path | None = None
     #: extra keyword parameters per stage, e.g. {"inversion": {"maxit": 50}} (keys: masking, offset,
     #: unwrapping, b0, bgremove, inversion, reference, r2star)
     method_params: dict = field(default_factory=dict)
