@@ -269,7 +269,7 @@ CASES = [
     ("no-subjects", _no_subjects, [], 66, ["no participants found"], ""),
     ("output-is-bids-dir", lambda r: None, ["OUT=BIDS"], 64, ["OUTPUT_DIR is the BIDS input directory"], ""),
     ("work-dir-in-bids-dir", lambda r: None, ["-w", "BIDS/work"], 64, ["work directory is inside the BIDS input directory"], "work"),
-    ("group-level", lambda r: None, ["LEVEL=group"], 64, ["group analysis level is not implemented"], None),
+    ("group-level-no-outputs", lambda r: None, ["LEVEL=group"], 66, ["no processed series"], None),
     pytest.param(
         "invalid-bids",
         _invalid_for_validator,

@@ -144,6 +144,7 @@ def test_end_to_end_outputs_accuracy_and_resume(dataset):
     stem = "sub-01_ses-1_acq-qsm_"
     expected = {f"{stem}{s}.{ext}" for s in ("Chimap", "desc-brain_mask", "desc-total_fieldmap",
                                              "desc-local_fieldmap", "R2starmap") for ext in ("nii.gz", "json")}
+    expected.add(f"{stem}desc-qc_metrics.json")
     assert {p.name for p in anat.iterdir()} == expected
     ref = nib.load(str(run.magnitude_files[0]))
     for name in expected:

@@ -9,6 +9,8 @@ Layout (BIDS 1.10 derivatives; reference notes ``bids-app-conventions.md`` secti
                                       <prefix>_desc-local_fieldmap.nii.gz   local field (ppm)
                                       <prefix>_R2starmap.nii.gz / _T2starmap.nii.gz  (1/s, s; on request)
                                       <prefix>_label-CSF_mask.nii.gz        reference region (CSF referencing)
+                                      <prefix>_desc-qc_metrics.json         QC metrics and flags
+                                      <prefix>_desc-roi_stats.tsv           ROI chi statistics (with a segmentation)
     OUTPUT_DIR/sub-<s>/log/<run_uuid>/   crash files, qsmprep.json (the run's settings)
 
 ``<prefix>`` is :meth:`qsmprep.utils.bids.QsmRun.prefix` (``sub-1_ses-2_acq-qsm_run-1``: the raw
@@ -551,9 +553,18 @@ sub-*/log
 # the B0 field map and local field have no anat suffix in BIDS (qsmprep writes them as *_fieldmap)
 *_desc-total_fieldmap.*
 *_desc-local_fieldmap.*
+# QC metrics and ROI statistics are qsmprep tables, not BIDS files
+*_desc-qc_metrics.json
+*_desc-roi_stats.tsv
+# reports (HTML and figures) and the group-level tables
+sub-*.html
+sub-*/figures
+group.html
+group_*.tsv
+group
 """
 
 
 def write_bidsignore(output_dir: str | os.PathLike) -> Path:
-    """Write ``OUTPUT_DIR/.bidsignore`` (logs and the field maps, which have no anat suffix in BIDS)."""
+    """Write ``OUTPUT_DIR/.bidsignore`` (logs, the field maps, which have no anat suffix in BIDS, and QC tables)."""
     return atomic_write_text(Path(output_dir) / ".bidsignore", BIDSIGNORE)

@@ -1,0 +1,344 @@
+"""Group level: tables and a report over every processed series in OUTPUT_DIR.
+
+``qsmprep BIDS_DIR OUTPUT_DIR group`` calls :func:`run_group`, which reads each series'
+``<prefix>_desc-qc_metrics.json`` and ``<prefix>_desc-roi_stats.tsv`` (next to its Chimap) and writes
+
+- ``OUTPUT_DIR/group_qc.tsv``: one row per series: ``subject session acq run``, every numeric QC
+  metric (alphabetical), ``flagged`` (True/False) and ``flag_reasons`` (``; ``-separated);
+- ``OUTPUT_DIR/group_roi.tsv``: long format, one row per series x region: ``subject session acq run
+  label name n_voxels mean_ppm median_ppm std_ppm``;
+- ``OUTPUT_DIR/group.html`` with ``OUTPUT_DIR/group/figures/*.png``: per-region susceptibility across
+  series (box + strip plots), every QC metric across series, and the flagged series with reasons.
+
+A series is flagged when its QC file lists ``Flags``, when the file is missing or unreadable, or,
+with at least :data:`MIN_RUNS_FOR_OUTLIERS` series, when a metric is a group outlier (robust z-score
+``0.6745 |x - median| / MAD`` above :data:`OUTLIER_Z`; Iglewicz & Hoaglin 1993). Missing values are
+``n/a`` (BIDS); both tables load with ``pandas.read_csv(path, sep="\\t")`` as they are. The tables are
+rebuilt from scratch on every call, so re-running after more participants were processed updates them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from qsmprep.__about__ import __version__
+from qsmprep.reports import _outputs as outputs
+
+__all__ = [
+    "ENTITY_COLUMNS",
+    "ROI_COLUMNS",
+    "MIN_RUNS_FOR_OUTLIERS",
+    "OUTLIER_Z",
+    "GroupTables",
+    "NoProcessedRunsError",
+    "collect_group",
+    "write_tsv",
+    "run_group",
+]
+
+ENTITY_COLUMNS = ("subject", "session", "acq", "run")
+ROI_COLUMNS = outputs.ROI_COLUMNS
+MIN_RUNS_FOR_OUTLIERS = 5
+OUTLIER_Z = 3.5
+QC_TSV = "group_qc.tsv"
+ROI_TSV = "group_roi.tsv"
+GROUP_HTML = "group.html"
+
+
+class NoProcessedRunsError(LookupError):
+    """OUTPUT_DIR holds no processed series (no ``*_Chimap.nii.gz``)."""
+
+
+@dataclass
+class GroupTables:
+    """The collected rows (dicts keyed by column) and the metric columns of the QC table."""
+
+    runs: list = field(default_factory=list)
+    qc_rows: list[dict] = field(default_factory=list)
+    roi_rows: list[dict] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    #: per series prefix: metric -> True where that metric is flagged (for the plots)
+    flagged_metrics: dict[str, set] = field(default_factory=dict)
+
+    @property
+    def qc_columns(self) -> list[str]:
+        return list(ENTITY_COLUMNS) + list(self.metrics) + ["flagged", "flag_reasons"]
+
+    @property
+    def roi_columns(self) -> list[str]:
+        return list(ENTITY_COLUMNS) + list(ROI_COLUMNS)
+
+
+def _entities(run: outputs.ProcessedRun) -> dict:
+    return {"subject": run.subject, "session": run.session, "acq": run.acquisition, "run": run.run}
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value_text(x) for x in v) + "]"
+    return str(v)
+
+
+def _flag_reason(f: dict) -> str:
+    metric = f.get("metric")
+    text = f"{metric} = {_value_text(f.get('value'))}" if metric else "series"
+    if f.get("expected") is not None:
+        exp = f["expected"]
+        if isinstance(exp, (list, tuple)) and len(exp) == 2:
+            lo, hi = exp
+            exp = f"{'-inf' if lo is None else _value_text(lo)} to {'inf' if hi is None else _value_text(hi)}"
+        text += f" (expected {_value_text(exp)})"
+    if f.get("reason"):
+        text += f": {f['reason']}"
+    return text
+
+
+def _robust_outliers(values: dict[str, float | None]) -> dict[str, tuple[float, float]]:
+    """prefix -> (robust z, median) for the outliers of one metric."""
+    finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+    if len(finite) < MIN_RUNS_FOR_OUTLIERS:
+        return {}
+    x = np.array(list(finite.values()), float)
+    med = float(np.median(x))
+    mad = float(np.median(np.abs(x - med)))
+    if not mad > 0:
+        return {}
+    out = {}
+    for k, v in finite.items():
+        z = 0.6745 * (v - med) / mad
+        if abs(z) > OUTLIER_Z:
+            out[k] = (z, med)
+    return out
+
+
+def collect_group(
+    output_dir: str | os.PathLike,
+    subjects: Iterable[str] | None = None,
+    sessions: Iterable[str] | None = None,
+) -> GroupTables:
+    """Rows of both group tables. Raises :class:`NoProcessedRunsError` when no series is found."""
+    output_dir = Path(output_dir)
+    runs = outputs.find_processed_runs(output_dir, subjects, sessions)
+    if not runs:
+        raise NoProcessedRunsError(str(output_dir))
+    tables = GroupTables(runs=runs)
+    per_run: dict[str, dict[str, float | None]] = {}
+    reasons: dict[str, list[str]] = {}
+    metric_names: set[str] = set()
+    for run in runs:
+        metrics, flags, problem = outputs.load_qc(run.qc_json)
+        nums = outputs.numeric_metrics(metrics)
+        per_run[run.prefix] = nums
+        metric_names |= set(nums)
+        reasons[run.prefix] = []
+        tables.flagged_metrics[run.prefix] = set()
+        if problem:
+            reasons[run.prefix].append(f"QC metrics file {problem} ({run.qc_json.name})")
+        for f in flags:
+            reasons[run.prefix].append(_flag_reason(f))
+            if f.get("metric"):
+                tables.flagged_metrics[run.prefix].add(str(f["metric"]))
+        for row in outputs.read_roi_tsv(run.roi_tsv):
+            tables.roi_rows.append({**_entities(run), **{c: row.get(c) for c in ROI_COLUMNS}, "_prefix": run.prefix})
+    tables.metrics = sorted(metric_names)
+    for name in tables.metrics:
+        for prefix, (z, med) in _robust_outliers({p: m.get(name) for p, m in per_run.items()}).items():
+            reasons[prefix].append(
+                f"{name} = {_value_text(per_run[prefix][name])} is a group outlier (robust z = {z:+.1f}, "
+                f"group median {_value_text(med)})"
+            )
+            tables.flagged_metrics[prefix].add(name)
+    for run in runs:
+        row = _entities(run)
+        for name in tables.metrics:
+            row[name] = per_run[run.prefix].get(name)
+        row["flagged"] = bool(reasons[run.prefix])
+        row["flag_reasons"] = "; ".join(reasons[run.prefix]) or None
+        row["_prefix"] = run.prefix
+        row["_anchor"] = run.anchor
+        tables.qc_rows.append(row)
+    return tables
+
+
+# --------------------------------------------------------------------------------------------------
+# TSV
+# --------------------------------------------------------------------------------------------------
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, (bool, np.bool_)):
+        return "True" if v else "False"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return repr(v) if math.isfinite(v) else "n/a"
+    text = " ".join(str(v).replace("\t", " ").split())
+    return text if text else "n/a"
+
+
+def write_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict]) -> Path:
+    """Atomic TSV with a header; None/NaN as ``n/a``, booleans as True/False."""
+    from qsmprep.utils.derivatives import atomic_write_text
+
+    lines = ["\t".join(columns)]
+    for r in rows:
+        lines.append("\t".join(_cell(r.get(c)) for c in columns))
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+
+def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path | None]) -> str:
+    from qsmprep.reports.html import CSS, _IMG_SCRIPT, _e, _fmt, _rel
+
+    n_runs = len(tables.qc_rows)
+    n_subs = len({r["subject"] for r in tables.qc_rows})
+    flagged = [r for r in tables.qc_rows if r["flagged"]]
+
+    def run_link(r):
+        if not (output_dir / f"sub-{r['subject']}.html").is_file():
+            return _e(r["_prefix"])
+        return f'<a href="sub-{_e(r["subject"])}.html#{_e(r["_anchor"])}">{_e(r["_prefix"])}</a>'
+
+    if flagged:
+        rows = "".join(f'<tr class="flagged"><td>{run_link(r)}</td><td>{_e(r["flag_reasons"])}</td></tr>'
+                       for r in flagged)
+        flagged_html = (f'<div class="flagbox">&#9888; {len(flagged)} of {n_runs} series flagged.</div>'
+                        f"<table><tr><th>series</th><th>reasons</th></tr>{rows}</table>")
+    else:
+        flagged_html = '<div class="okbox">No series flagged.</div>'
+
+    def fig(key, title, caption):
+        p = figures.get(key)
+        if p is None:
+            return ""
+        return (f'<h3>{_e(title)}</h3><figure><img src="{_rel(p, output_dir)}" alt="{_e(title)}">'
+                f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+    roi_html = fig("roi", "Susceptibility by region",
+                   "Mean susceptibility (ppm) of each region across series: boxes show the quartiles, "
+                   "points the series; flagged series are red diamonds.")
+    if not tables.roi_rows:
+        roi_html = ('<p class="note">No region statistics (<code>*_desc-roi_stats.tsv</code>) found: run the '
+                    "participant level with <code>--segmentation-dir</code>.</p>")
+    else:
+        by_roi: dict[tuple, list[float]] = {}
+        for r in tables.roi_rows:
+            if r.get("mean_ppm") is not None:
+                by_roi.setdefault((r.get("label"), r.get("name")), []).append(float(r["mean_ppm"]))
+        body = "".join(
+            f"<tr><td>{_e(lab)}</td><td>{_e(name)}</td><td class='num'>{len(v)}</td>"
+            f"<td class='num'>{np.mean(v):.4f}</td><td class='num'>{np.std(v, ddof=1) if len(v) > 1 else float('nan'):.4f}</td>"
+            f"<td class='num'>{np.min(v):.4f}</td><td class='num'>{np.max(v):.4f}</td></tr>"
+            for (lab, name), v in sorted(by_roi.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1]))))
+        roi_html += ("<table><tr><th>label</th><th>name</th><th>series</th><th>mean of means (ppm)</th>"
+                     f"<th>SD across series</th><th>min</th><th>max</th></tr>{body}</table>")
+
+    qc_fig = fig("qc", "QC metrics across series",
+                 "Each panel is one QC metric; points are series, red diamonds the series flagged for that metric "
+                 "(by the participant-level checks or as group outliers).")
+    if not tables.metrics:
+        qc_fig = '<p class="note">No QC metrics (<code>*_desc-qc_metrics.json</code>) found.</p>'
+    head = "".join(f"<th>{_e(c)}</th>" for c in ["series"] + tables.metrics + ["flagged"])
+    body = []
+    for r in tables.qc_rows:
+        cls = ' class="flagged"' if r["flagged"] else ""
+        cells = [f"<td>{run_link(r)}</td>"]
+        fm = tables.flagged_metrics.get(r["_prefix"], set())
+        for m in tables.metrics:
+            mark = " &#9888;" if m in fm else ""
+            cells.append(f"<td class='num'>{_e(_fmt(r.get(m)))}{mark}</td>")
+        cells.append(f"<td>{'yes' if r['flagged'] else 'no'}</td>")
+        body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    qc_table = f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(body)}</table></div>"
+    subs = sorted({r["subject"] for r in tables.qc_rows})
+    nav = " ".join(f'<a href="sub-{_e(s)}.html">sub-{_e(s)}</a>' for s in subs
+                   if (output_dir / f"sub-{s}.html").is_file())
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>qsmprep: group report</title>
+<style>{CSS}</style>
+</head>
+<body>
+<header><h1>qsmprep group report</h1><div class="sub">{n_runs} series of {n_subs} participant{'s' if n_subs != 1 else ''}; {len(flagged)} flagged</div></header>
+<nav><a href="#flagged">Flagged</a> <a href="#roi">Regions</a> <a href="#qc">QC</a> {nav}</nav>
+<main>
+<div id="img-failed" class="flagbox"></div>
+<section id="flagged"><h2>Flagged series</h2>{flagged_html}</section>
+<section id="roi"><h2>Regions</h2>{roi_html}
+<p class="note">Table: <a href="{ROI_TSV}">{ROI_TSV}</a></p></section>
+<section id="qc"><h2>Quality control</h2>{qc_fig}{qc_table}
+<p class="note">Table: <a href="{QC_TSV}">{QC_TSV}</a>. Group outliers: robust z-score above {OUTLIER_Z:g}
+(needs at least {MIN_RUNS_FOR_OUTLIERS} series).</p></section>
+<p class="note">qsmprep {_e(__version__)}, {datetime.now():%Y-%m-%d %H:%M:%S}</p>
+</main>
+<script>{_IMG_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def run_group(
+    output_dir: str | os.PathLike,
+    subjects: Iterable[str] | None = None,
+    sessions: Iterable[str] | None = None,
+) -> dict[str, Path]:
+    """Write ``group_qc.tsv``, ``group_roi.tsv`` and ``group.html`` (+ figures) into OUTPUT_DIR.
+
+    Returns ``{"qc": ..., "roi": ..., "html": ...}``. Raises :class:`NoProcessedRunsError` when
+    OUTPUT_DIR holds no processed series (nothing is written then).
+    """
+    from qsmprep.reports.figures import metric_strips, strip_box_plot
+    from qsmprep.utils.derivatives import atomic_write_text
+
+    output_dir = Path(output_dir)
+    tables = collect_group(output_dir, subjects, sessions)
+    out = {
+        "qc": write_tsv(output_dir / QC_TSV, tables.qc_columns, tables.qc_rows),
+        "roi": write_tsv(output_dir / ROI_TSV, tables.roi_columns, tables.roi_rows),
+    }
+    fig_dir = output_dir / "group" / "figures"
+    figures: dict[str, Path | None] = {"qc": None, "roi": None}
+    labels = [r["_prefix"] for r in tables.qc_rows]
+    flagged_runs = {r["_prefix"] for r in tables.qc_rows if r["flagged"]}
+    if tables.metrics:
+        values = {m: [r.get(m) for r in tables.qc_rows] for m in tables.metrics}
+        flags = {m: [m in tables.flagged_metrics.get(p, set()) for p in labels] for m in tables.metrics}
+        figures["qc"] = metric_strips(tables.metrics, values, flags, labels, fig_dir / "group_desc-qc.png")
+    if tables.roi_rows:
+        groups: dict[tuple, list] = {}
+        for r in tables.roi_rows:
+            prefix = r["_prefix"]
+            g = groups.setdefault((r.get("label"), r.get("name")), [[], [], []])
+            g[0].append(r.get("mean_ppm"))
+            g[1].append(prefix in flagged_runs)
+            g[2].append(prefix)
+        ordered = sorted(groups.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1])))
+        figures["roi"] = strip_box_plot(
+            [(str(name if name is not None else lab), v, f, l) for (lab, name), (v, f, l) in ordered],
+            fig_dir / "group_desc-roichi.png", ylabel="mean susceptibility (ppm)",
+            title=f"Regional susceptibility across {len(tables.qc_rows)} series",
+        )
+    for stale in (fig_dir.glob("*.png") if fig_dir.is_dir() else []):
+        if stale not in figures.values():
+            stale.unlink(missing_ok=True)
+    out["html"] = atomic_write_text(output_dir / GROUP_HTML, _group_html(output_dir, tables, figures))
+    return out

@@ -1,0 +1,326 @@
+"""Per-participant HTML reports, ``--reports-only`` and ``--segmentation-dir`` of the qsmprep CLI.
+
+One small simulated dataset (head phantom downsampled 4x, 3 echoes, two participants) is processed
+once through :func:`qsmprep.cli.run.main` (module fixture); the tests read its reports, rebuild them
+with ``--reports-only`` on copies of the output folder, and open one in headless Chromium when
+``chromium`` is installed (the screenshot is kept in the test's tmp dir and copied to
+``$QSMPREP_SCREENSHOT_DIR`` when set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import numpy as np
+import pytest
+
+from qsmprep.cli.run import main, parse_config
+from qsmprep.reports import generate_reports
+from qsmprep.reports.html import markdown_to_html
+
+TES = (0.004, 0.008, 0.012)
+CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
+                 if p and os.path.exists(p)), None)
+
+QC_FLAGGED = {
+    "mask_volume_ml": 812.5,
+    "chi_mean_ppm": 0.0004,
+    "local_field_std_ppm": 0.021,
+    "Flags": [
+        {"metric": "mask_volume_ml", "value": 812.5, "expected": [1000, 1800],
+         "reason": "brain mask smaller than expected"},
+    ],
+}
+QC_OK = {"mask_volume_ml": 1350.0, "chi_mean_ppm": 0.0001, "local_field_std_ppm": 0.019, "Flags": []}
+ROI_TSV = ("label\tname\tn_voxels\tmean_ppm\tmedian_ppm\tstd_ppm\n"
+           "2\tglobus_pallidus\t120\t0.152\t0.149\t0.031\n"
+           "8\twhite_matter\t9000\t-0.028\t-0.027\t0.012\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+class _Refs(HTMLParser):
+    """Collects ``src``/``href`` attributes and the tags that could pull external resources."""
+
+    def __init__(self):
+        super().__init__()
+        self.src: list[str] = []
+        self.href: list[tuple[str, str]] = []
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.append((tag, a))
+        if "src" in a:
+            self.src.append(a["src"])
+        if "href" in a:
+            self.href.append((tag, a["href"]))
+
+
+def _refs(html_path: Path) -> _Refs:
+    p = _Refs()
+    p.feed(html_path.read_text(encoding="utf-8"))
+    return p
+
+
+def _check_self_contained(html_path: Path) -> list[Path]:
+    """Every src exists (relative), no external resource; returns the referenced files."""
+    refs = _refs(html_path)
+    files = []
+    for src in refs.src:
+        assert not re.match(r"^[a-z]+:", src), f"non-relative resource {src!r} in {html_path.name}"
+        target = html_path.parent / unquote(src)
+        assert target.is_file(), f"{html_path.name}: {src} does not exist"
+        files.append(target)
+    for tag, a in refs.tags:
+        assert tag != "link", f"external stylesheet/link tag in {html_path.name}: {a}"
+        if tag == "script":
+            assert "src" not in a, f"external script in {html_path.name}: {a}"
+    for tag, href in refs.href:  # local links must resolve; only doi links leave the page
+        if href.startswith("#") or href.startswith("https://doi.org/"):
+            continue
+        assert not re.match(r"^[a-z]+:", href), href
+        assert (html_path.parent / unquote(href.split("#")[0])).exists(), f"{html_path.name}: broken link {href}"
+    return files
+
+
+def _tree_state(root: Path) -> dict[str, tuple[int, int]]:
+    return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in root.rglob("*") if p.is_file()}
+
+
+def _copy_outputs(app, dest: Path) -> Path:
+    out = dest / "out"
+    shutil.copytree(app["out"], out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# fixture
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from qsmprep.simulate import write_bids_dataset
+
+    root = tmp_path_factory.mktemp("reports")
+    bids, out, work = root / "bids", root / "out", root / "work"
+    write_bids_dataset(bids, subjects=("1", "2"), phantom_kwargs={"downsample": 4},
+                       simulate_kwargs={"echo_times_s": TES}, seed=3)
+    t0 = time.perf_counter()
+    rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--r2star",
+               "--skip-bids-validation"])
+    return {"root": root, "bids": bids, "out": out, "work": work, "rc": rc, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_participant_run_writes_self_contained_reports(app):
+    assert app["rc"] == 0
+    out = app["out"]
+    for sub in ("1", "2"):
+        report = out / f"sub-{sub}.html"
+        assert report.is_file()
+        files = _check_self_contained(report)
+        names = {f.name for f in files}
+        assert names == {f"sub-{sub}_desc-{k}.png" for k in ("brainmask", "fields", "chimap", "relaxation")}
+        assert all(f.parent == out / f"sub-{sub}" / "figures" for f in files)
+        for f in files:  # real, non-trivial PNG images
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, f
+        text = report.read_text(encoding="utf-8")
+        assert "TE = 4, 8, 12 ms" in text and "3 T" in text and "4 x 4 x 4 mm" in text
+        assert "RTS dipole inversion" in text and "NIfTI affine" in text
+        assert "<h3>References</h3>" in text and "https://doi.org/10.1002/mrm.30006" in text  # the boilerplate
+        assert "No errors" in text and 'id="run-sub-' in text and "Quality control</h3>" in text
+        # QC written by the workflow (if any): every flag it lists is highlighted in the report
+        qc = out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-qc_metrics.json"
+        if qc.is_file():
+            for flag in json.loads(qc.read_text()).get("Flags", []):
+                assert f'<tr class="flagged" data-metric="{flag["metric"]}">' in text, flag
+        else:
+            assert "no QC metrics file" in text
+
+
+def test_report_figures_show_the_maps(app):
+    """The Chimap figure is drawn at the fixed window; the mask figure shows the red mask outline."""
+    import matplotlib.image as mpimg
+
+    fig = app["out"] / "sub-1" / "figures"
+    chi = mpimg.imread(fig / "sub-1_desc-chimap.png")[..., :3]
+    grey = (np.ptp(chi, axis=-1) < 0.02) & (chi.mean(-1) > 0.15) & (chi.mean(-1) < 0.85)
+    assert grey.mean() > 0.05  # brain tissue in mid-grey, not an empty or saturated picture
+    mask = mpimg.imread(fig / "sub-1_desc-brainmask.png")[..., :3]
+    red = (mask[..., 0] > 0.8) & (mask[..., 1] < 0.35) & (mask[..., 2] < 0.35)
+    assert red.sum() > 500  # the contour of the brain mask
+    fields = mpimg.imread(fig / "sub-1_desc-fields.png")[..., :3]
+    assert fields.shape[0] > 2.5 * 200  # three rows: phase, total field, local field
+
+
+def test_reports_only_is_fast_and_runs_no_processing(app, tmp_path):
+    out = _copy_outputs(app, tmp_path)
+    anat = out / "sub-1" / "anat"
+    (anat / "sub-1_desc-qc_metrics.json").write_text(json.dumps(QC_FLAGGED))
+    (anat / "sub-1_desc-roi_stats.tsv").write_text(ROI_TSV)
+    (out / "sub-2" / "anat" / "sub-2_desc-qc_metrics.json").write_text(json.dumps(QC_OK))
+    for report in out.glob("sub-*.html"):
+        report.unlink()
+    work_before = _tree_state(app["work"])
+    maps_before = {k: v for k, v in _tree_state(out).items() if "/anat/" in k}
+    t0 = time.perf_counter()
+    rc = main([str(app["bids"]), str(out), "participant", "-w", str(app["work"]), "--reports-only"])
+    seconds = time.perf_counter() - t0
+    assert rc == 0
+    assert seconds < 10.0, f"--reports-only took {seconds:.1f} s"
+    assert _tree_state(app["work"]) == work_before  # no node re-ran, nothing new in the work dir
+    assert {k: v for k, v in _tree_state(out).items() if "/anat/" in k} == maps_before
+    assert not (tmp_path / "work").exists()
+    text = (out / "sub-1.html").read_text(encoding="utf-8")
+    # the flagged metric is highlighted, with its expected range and reason; the others are not
+    row = re.search(r'<tr class="flagged" data-metric="mask_volume_ml">(.*?)</tr>', text, re.S)
+    assert row, "flagged QC row not highlighted"
+    assert "812.5" in row.group(1) and "1000 to 1800" in row.group(1) and "smaller than expected" in row.group(1)
+    assert '<tr data-metric="chi_mean_ppm">' in text
+    assert 'class="flagbox"' in text and "1 QC value out of the expected range" in text
+    assert "globus_pallidus" in text and "0.152" in text  # ROI table
+    assert "All QC values within the expected ranges" in (out / "sub-2.html").read_text(encoding="utf-8")
+    _check_self_contained(out / "sub-1.html")
+
+
+def test_report_lists_crash_files_and_missing_series(app, tmp_path):
+    out = _copy_outputs(app, tmp_path)
+    log = next((out / "sub-2" / "log").iterdir())
+    crash = log / "crash-20260101-000000-root-inversion-abcd.txt"
+    crash.write_text("Node: qsmprep_wf.sub_2_wf.qsm_wf.inversion\nWorking directory: /w\n\nTraceback:\n"
+                     "  File x\nRuntimeError: dipole inversion diverged\n")
+    settings = json.loads((log / "qsmprep.json").read_text())
+    settings["series"] = ["sub-2", "sub-2_run-2"]  # a second series that produced nothing
+    (log / "qsmprep.json").write_text(json.dumps(settings))
+    rc = main([str(app["bids"]), str(out), "participant", "--reports-only", "--participant-label", "2"])
+    assert rc == 0
+    text = (out / "sub-2.html").read_text(encoding="utf-8")
+    assert crash.name in text and "RuntimeError: dipole inversion diverged" in text
+    assert "qsmprep_wf.sub_2_wf.qsm_wf.inversion" in text and "this execution" in text
+    assert "sub-2_run-2" in text and "No outputs" in text and "1 of 2 series processed" in text
+    _check_self_contained(out / "sub-2.html")  # including the link to the crash file
+
+
+def test_report_without_raw_data_still_builds(app, tmp_path):
+    """A moved raw dataset only drops the magnitude/phase panels (the mask figure shows the mask)."""
+    out = _copy_outputs(app, tmp_path)
+    desc = json.loads((out / "dataset_description.json").read_text())
+    desc["DatasetLinks"]["raw"] = "file:///nonexistent/raw"
+    (out / "dataset_description.json").write_text(json.dumps(desc))
+    paths = generate_reports(out, ["1"], bids_dir=tmp_path / "missing")
+    text = paths[0].read_text(encoding="utf-8")
+    assert "echo-1 raw images not found" in text
+    assert {f.name for f in _check_self_contained(paths[0])} >= {"sub-1_desc-chimap.png", "sub-1_desc-fields.png"}
+
+
+def test_reports_only_errors(app, tmp_path, capsys):
+    rc = main([str(app["bids"]), str(tmp_path / "nothing"), "participant", "--reports-only"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 66 and err.count("\n") == 0 and "OUTPUT_DIR does not exist" in err, err
+    rc = main([str(app["bids"]), str(app["out"]), "participant", "--reports-only", "--participant-label", "9"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 66 and err.count("\n") == 0 and "no outputs of participant 9" in err, err
+
+
+def test_segmentation_dir_option(app, tmp_path, capsys):
+    missing = tmp_path / "no_such_seg"
+    rc = main([str(app["bids"]), str(tmp_path / "o"), "participant", "--segmentation-dir", str(missing)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 66, err
+    assert err == (f"qsmprep: error: {missing}: segmentation directory not found. Give --segmentation-dir the root "
+                   "of a BIDS derivative dataset with sub-<label>/anat/*_dseg.nii.gz and a *_dseg.tsv label table.")
+    empty = tmp_path / "empty_seg"
+    empty.mkdir()
+    rc = main([str(app["bids"]), str(tmp_path / "o"), "participant", "--segmentation_dir", str(empty)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 66 and err.count("\n") == 0 and "no segmentation images" in err, err
+    assert not (tmp_path / "o").exists()
+    # a real segmentation derivative (the simulator's ground truth) is accepted and stored
+    seg = app["bids"] / "derivatives" / "qsmprep-simulate"
+    cfg = parse_config([str(app["bids"]), str(app["out"]), "participant", "--segmentation-dir", str(seg)])
+    assert cfg.segmentation_dir == seg.absolute() and cfg.reports_only is False
+    rc = main([str(app["bids"]), str(app["out"]), "participant", "--reports-only", "--segmentation-dir", str(seg),
+               "--participant-label", "1"])
+    assert rc == 0, capsys.readouterr().err
+
+
+def test_group_level_after_participant_run(app, tmp_path):
+    out = _copy_outputs(app, tmp_path)
+    (out / "sub-1" / "anat" / "sub-1_desc-qc_metrics.json").write_text(json.dumps(QC_FLAGGED))
+    (out / "sub-2" / "anat" / "sub-2_desc-qc_metrics.json").write_text(json.dumps(QC_OK))
+    (out / "sub-1" / "anat" / "sub-1_desc-roi_stats.tsv").write_text(ROI_TSV)
+    assert main([str(app["bids"]), str(out), "group"]) == 0
+    lines = (out / "group_qc.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[:4] == ["subject", "session", "acq", "run"] and len(lines) == 3
+    assert _check_self_contained(out / "group.html")
+    # subject reports built afterwards link to the group report
+    generate_reports(out, ["1"], bids_dir=app["bids"])
+    assert 'href="group.html"' in (out / "sub-1.html").read_text(encoding="utf-8")
+
+
+def test_markdown_subset():
+    html = markdown_to_html("## Title\n\nText with *em*, **strong** and `code` <b>.\n\n### References\n\n"
+                            "1. A. doi:10.1000/xyz.\n2. B.\n")
+    assert "<h3>Title</h3>" in html and "<em>em</em>" in html and "<strong>strong</strong>" in html
+    assert "<code>code</code>" in html and "&lt;b&gt;" in html
+    assert html.count("<li>") == 2 and '<a href="https://doi.org/10.1000/xyz">' in html
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(app, tmp_path):
+    out = _copy_outputs(app, tmp_path)
+    (out / "sub-1" / "anat" / "sub-1_desc-qc_metrics.json").write_text(json.dumps(QC_FLAGGED))
+    (out / "sub-1" / "anat" / "sub-1_desc-roi_stats.tsv").write_text(ROI_TSV)
+    report = generate_reports(out, ["1"], bids_dir=app["bids"])[0]
+    url = report.resolve().as_uri()
+
+    def chromium(*args, profile):
+        cmd = [CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / profile}", "--enable-logging=stderr", "--v=0", *args, url]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                              env=dict(os.environ, HOME=str(tmp_path)))
+
+    shot = tmp_path / "sub-1_report.png"
+    proc = chromium(f"--screenshot={shot}", "--window-size=1400,3000", profile="p1")
+    assert shot.is_file() and shot.stat().st_size > 50_000, proc.stderr[-2000:]
+    if os.environ.get("QSMPREP_SCREENSHOT_DIR"):
+        dest = Path(os.environ["QSMPREP_SCREENSHOT_DIR"])
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, dest / shot.name)
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(shot)[..., :3]
+    assert img.std() > 0.05  # not a blank page
+
+    def loaded(profile):
+        proc = chromium("--virtual-time-budget=10000", "--dump-dom", profile=profile)
+        m = re.search(r'data-images-total="(\d+)" data-images-failed="(\d+)"', proc.stdout)
+        assert m, f"the report's load check did not run:\n{proc.stdout[:500]}\n{proc.stderr[-2000:]}"
+        console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
+        return int(m.group(1)), int(m.group(2)), console
+
+    total, failed, console = loaded("p2")
+    assert total == 4 and failed == 0 and not console, console
+    # the check can fail: a deleted figure is reported, on the page and on the console
+    (out / "sub-1" / "figures" / "sub-1_desc-chimap.png").unlink()
+    total, failed, console = loaded("p3")
+    assert total == 4 and failed == 1
+    assert any("figure not loaded" in ln and "sub-1_desc-chimap.png" in ln for ln in console), console
