@@ -35,6 +35,10 @@ METHOD_STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "reference": ("REFERENCE", "qsmprep.qsm.reference", ("mean", "csf", "none")),
 }
 
+#: learned methods (registered by :mod:`qsmprep.nn`, which imports PyTorch: listed here so that
+#: ``--help`` stays quick; a test checks the list against the registries)
+LEARNED_METHODS: dict[str, tuple[str, ...]] = {"bgremove": ("nextqsm",), "inversion": ("deepqsm", "nextqsm")}
+
 #: values of ``--reference`` that the workflow handles itself (no registry entry needed)
 REFERENCE_EXTRA = ("none",)
 
@@ -52,6 +56,7 @@ def method_choices(stage: str) -> list[str]:
     from qsmprep.qsm import registry
 
     names = list(getattr(registry, attr).names()) or list(fallback)
+    names += [n for n in LEARNED_METHODS.get(stage, ()) if n not in names]
     if stage == "reference":
         names += [n for n in REFERENCE_EXTRA if n not in names]
     return names
@@ -155,7 +160,9 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
     p.add_argument(
         "analysis_level",
         choices=["participant", "group"],
-        help="'participant': process each participant; 'group' is not implemented yet",
+        help="'participant': process each participant and write its HTML report; 'group': tabulate the QC "
+        "metrics and region statistics of every series processed in OUTPUT_DIR (group_qc.tsv, group_roi.tsv, "
+        "group.html)",
     )
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
     p.add_argument(
@@ -238,6 +245,25 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
         "--device",
         choices=["auto", "cuda", "cpu"],
         help=f"device of the neural-network steps: auto uses a CUDA GPU when present (default: {d.device})",
+    )
+
+    g = p.add_argument_group("Reports and regions")
+    g.add_argument(
+        "--reports-only",
+        "--reports_only",
+        dest="reports_only",
+        action=Flag,
+        help="rebuild the HTML reports (OUTPUT_DIR/sub-<label>.html) from the existing outputs without "
+        f"running any processing (default: {d.reports_only})",
+    )
+    g.add_argument(
+        "--segmentation-dir",
+        "--segmentation_dir",
+        dest="segmentation_dir",
+        type=_existing_or_any_path,
+        metavar="DIR",
+        help="BIDS derivative dataset with a segmentation (*_dseg.nii[.gz] + *_dseg.tsv label table) on the grid "
+        "of each series: per-region susceptibility statistics are written next to the Chimap",
     )
 
     g = p.add_argument_group("Execution")

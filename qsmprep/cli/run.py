@@ -8,7 +8,13 @@ Order of work (nothing is written before every input check has passed):
    phase data (:mod:`qsmprep.utils.validation`), then run ``bids-validator-deno`` unless
    ``--skip-bids-validation`` (input errors: exit 65 invalid data, 66 missing input);
 4. build ``qsmprep.workflows.base.init_qsmprep_wf(config, runs)`` and run it with the Nipype plugin
-   (a failed node: exit 1).
+   (a failed node: exit 1);
+5. write the HTML report of each processed participant (``OUTPUT_DIR/sub-<label>.html``), also after a
+   failure (its Errors section lists the crash files).
+
+``--reports-only`` does step 5 alone from the existing outputs. The ``group`` level tabulates the QC
+metrics and region statistics of every processed series (:func:`qsmprep.reports.run_group`; exit 66
+when OUTPUT_DIR holds none).
 
 Every error is one line on stderr: ``qsmprep: error: <file>: <problem>. <fix>``.
 """
@@ -27,6 +33,7 @@ from typing import Sequence
 
 from qsmprep.__about__ import __version__
 from qsmprep.config import QsmprepConfig
+from qsmprep.utils.plugins import make_plugin
 from qsmprep.utils.validation import (
     EX_DATAERR,
     EX_FAILURE,
@@ -271,6 +278,8 @@ def parse_config(argv: Sequence[str] | None = None) -> QsmprepConfig:
         plugin_args.setdefault("raise_insufficient", False)
     cfg.plugin, cfg.plugin_args = plugin, plugin_args
     cfg.method_params = dict(merged.get("method_params", {}))
+    if merged.get("segmentation_dir") is not None:
+        cfg.segmentation_dir = Path(merged["segmentation_dir"]).expanduser().absolute()
 
     for key in (
         "stop_on_first_crash",
@@ -286,6 +295,7 @@ def parse_config(argv: Sequence[str] | None = None) -> QsmprepConfig:
         "reference",
         "r2star",
         "t2star",
+        "reports_only",
     ):
         if key in merged:
             setattr(cfg, key, merged[key])
@@ -492,13 +502,15 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
     )
     t0 = time.time()
     try:
-        wf.run(plugin=cfg.plugin, plugin_args=cfg.plugin_args)
+        plugin, plugin_args = make_plugin(cfg.plugin, cfg.plugin_args)
+        wf.run(plugin=plugin, plugin_args=plugin_args)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         crashes = sorted(p for p in log_dir.glob("crash-*") if p.stat().st_mtime >= t0 - 1)
         if cfg.verbose:
             traceback.print_exc()
+        _write_reports(cfg, runs)
         if crashes:
             print(
                 f"qsmprep: error: {log_dir}: {len(crashes)} processing step{'s' if len(crashes) != 1 else ''} failed "
@@ -514,12 +526,151 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
             )
         return EX_FAILURE
     LOGGER.log(IMPORTANT, "finished in %.0f s; outputs in %s", time.time() - t0, cfg.output_dir)
+    _write_reports(cfg, runs)
+    return EX_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# reports and group level
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_reports(cfg: QsmprepConfig, runs: list) -> list:
+    """HTML report of each participant of ``runs``; a failing report is a warning, never an exit status."""
+    subjects = sorted({str(r.subject) for r in runs})
+    t0 = time.perf_counter()
+    try:
+        from qsmprep.reports import generate_reports
+
+        written = generate_reports(cfg.output_dir, subjects, bids_dir=cfg.bids_dir)
+    except Exception as exc:  # pragma: no cover - the reports must not hide the processing result
+        LOGGER.warning("could not write the reports (%s: %s)", type(exc).__name__, " ".join(str(exc).split()))
+        return []
+    if written:
+        LOGGER.log(
+            IMPORTANT,
+            "wrote %d report%s in %.1f s: %s",
+            len(written),
+            "s" if len(written) != 1 else "",
+            time.perf_counter() - t0,
+            ", ".join(str(p) for p in written[:5]) + (", ..." if len(written) > 5 else ""),
+        )
+    return written
+
+
+def _check_segmentation_dir(cfg: QsmprepConfig) -> None:
+    """``--segmentation-dir`` must be an existing folder holding ``*_dseg`` images (exit 66)."""
+    path = cfg.segmentation_dir
+    if path is None:
+        return
+    if not path.is_dir():
+        raise InputError(
+            path,
+            "segmentation directory not found" if not path.exists() else "is not a directory",
+            "Give --segmentation-dir the root of a BIDS derivative dataset with sub-<label>/anat/*_dseg.nii.gz "
+            "and a *_dseg.tsv label table",
+            EX_NOINPUT,
+        )
+    if next(path.glob("sub-*/**/*_dseg.nii*"), None) is None:
+        raise InputError(
+            path,
+            "no segmentation images (sub-<label>/[ses-<label>/]anat/*_dseg.nii[.gz]) found",
+            "Point --segmentation-dir at the root of a BIDS derivative dataset with *_dseg images",
+            EX_NOINPUT,
+        )
+
+
+def _no_outputs(cfg: QsmprepConfig, what: str) -> InputError:
+    return InputError(
+        cfg.output_dir,
+        what,
+        "Run the participant level first: qsmprep BIDS_DIR OUTPUT_DIR participant",
+        EX_NOINPUT,
+    )
+
+
+def _reports_only(cfg: QsmprepConfig) -> int:
+    """``--reports-only``: rebuild the reports of the selected (default: all) participants of OUTPUT_DIR."""
+    from qsmprep.reports._outputs import subjects_with_outputs
+    from qsmprep.utils.validation import check_paths
+
+    check_paths(cfg.bids_dir, cfg.output_dir, None)
+    if not cfg.output_dir.is_dir():
+        raise _no_outputs(cfg, "OUTPUT_DIR does not exist, so there are no outputs to report on")
+    have = subjects_with_outputs(cfg.output_dir)
+    subjects = list(cfg.participant_label) or have
+    missing = [s for s in subjects if s not in have]
+    if missing:
+        raise InputError(
+            cfg.output_dir,
+            f"no outputs of participant{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+            f"(OUTPUT_DIR has: {', '.join(have[:20]) or 'none'}{', ...' if len(have) > 20 else ''})",
+            "Check --participant-label, or run the participant level first",
+            EX_NOINPUT,
+        )
+    if not subjects:
+        raise _no_outputs(cfg, "no sub-<label> folders, so there are no outputs to report on")
+    t0 = time.perf_counter()
+    from qsmprep.reports import generate_reports
+
+    written = generate_reports(cfg.output_dir, subjects, bids_dir=cfg.bids_dir)
+    LOGGER.log(IMPORTANT, "rebuilt %d report%s in %.1f s (no processing was run)", len(written),
+               "s" if len(written) != 1 else "", time.perf_counter() - t0)
+    return EX_OK if len(written) == len(subjects) else EX_FAILURE
+
+
+def _run_group(cfg: QsmprepConfig) -> int:
+    """The group level: ``group_qc.tsv``, ``group_roi.tsv`` and ``group.html`` in OUTPUT_DIR."""
+    from qsmprep.reports import NoProcessedRunsError, run_group
+
+    if not cfg.output_dir.is_dir():
+        raise _no_outputs(cfg, "OUTPUT_DIR does not exist, so there are no processed series for the group level")
+    t0 = time.perf_counter()
+    try:
+        paths = run_group(cfg.output_dir, cfg.participant_label or None, cfg.session_label or None)
+    except NoProcessedRunsError:
+        selection = " of the selected participants/sessions" if cfg.participant_label or cfg.session_label else ""
+        raise _no_outputs(
+            cfg, f"no processed series{selection} found (no sub-<label>/[ses-<label>/]anat/*_Chimap.nii.gz)"
+        ) from None
+    LOGGER.log(IMPORTANT, "group level done in %.1f s: %s", time.perf_counter() - t0,
+               ", ".join(str(p) for p in paths.values()))
     return EX_OK
 
 
 # --------------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_learned_methods(cfg: QsmprepConfig) -> None:
+    """Fail before any work when a learned method's model file is missing or corrupt, or when
+    ``--device cuda`` is asked for a learned method without a usable GPU."""
+    import inspect
+
+    from qsmprep.qsm.registry import BGREMOVE, INVERSION
+    from qsmprep.utils.boilerplate import canonical_method, method_params
+
+    for stage, registry in (("bgremove", BGREMOVE), ("inversion", INVERSION)):
+        name = canonical_method(stage, getattr(cfg, stage))
+        if name not in registry:
+            continue
+        params = inspect.signature(registry.get(name)).parameters
+        if "model" not in params:
+            continue
+        from qsmprep.nn.inference import resolve_device
+        from qsmprep.nn.models import ModelFileError, load_model
+
+        user = method_params(cfg, stage)
+        model = user.get("model", params["model"].default)
+        try:
+            load_model(model, device="cpu", directory=user.get("model_dir"))
+        except ModelFileError as exc:
+            raise InputError(f"--{stage} {name}", str(exc), "see docs/neural.md", code=EX_USAGE) from None
+        try:
+            resolve_device(cfg.device)
+        except ValueError as exc:
+            raise InputError(f"--device {cfg.device}", str(exc), "use --device auto or cpu", code=EX_USAGE) from None
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -529,12 +680,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EX_USAGE
     _setup_logging(cfg.verbose)
     if cfg.analysis_level == "group":
-        raise InputError(
-            "group",
-            "the group analysis level is not implemented yet, so there is nothing to do",
-            "Run the participant level: qsmprep BIDS_DIR OUTPUT_DIR participant",
-            EX_USAGE,
-        )
+        return _run_group(cfg)
+    _check_segmentation_dir(cfg)
+    if cfg.reports_only:
+        return _reports_only(cfg)
+    _check_learned_methods(cfg)
     runs = validate_inputs(cfg)
     LOGGER.log(
         IMPORTANT,

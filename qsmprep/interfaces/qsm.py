@@ -478,6 +478,26 @@ class _FieldInputSpec(_ThreadsInputSpec):
     voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True)
     b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True)
     method_params = traits.Dict(usedefault=True)
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="device of learned methods")
+
+
+def _learned_method_kwargs(func, kw: dict, device: str) -> dict:
+    """``kw`` plus ``device`` when ``func`` (a learned method of :mod:`qsmprep.nn`) takes one."""
+    import inspect
+
+    if "device" in inspect.signature(func).parameters:
+        kw = {"device": device, **kw}
+    return kw
+
+
+def _model_record(used: dict) -> dict:
+    """Sidecar entries of a learned method: the model's name, version and sha256 (empty otherwise)."""
+    if "model" not in used:
+        return {}
+    from qsmprep.nn.inference import model_provenance
+
+    prov = model_provenance(used["model"], model_dir=used.get("model_dir"))
+    return {"ModelName": prov.get("name"), "ModelVersion": prov.get("version"), "ModelSHA256": prov.get("sha256")}
 
 
 class _BgInputSpec(_FieldInputSpec):
@@ -498,6 +518,7 @@ class BackgroundRemoval(SimpleInterface):
     output_spec = _BgOutputSpec
 
     def _run_interface(self, runtime):
+        import qsmprep.nn  # noqa: F401  (registers the learned methods)
         from qsmprep.qsm.registry import BGREMOVE
 
         set_threads(self.inputs.num_threads)
@@ -505,7 +526,7 @@ class BackgroundRemoval(SimpleInterface):
         func = BGREMOVE.get(method)
         field, ref = load_float(self.inputs.total_field)
         mask = load_mask(self.inputs.mask)
-        kw = dict(self.inputs.method_params)
+        kw = _learned_method_kwargs(func, dict(self.inputs.method_params), self.inputs.device)
         local, mask_out = func(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **kw)
         mask_out = np.asarray(mask_out, dtype=bool)
         if not mask_out.any():
@@ -522,6 +543,7 @@ class BackgroundRemoval(SimpleInterface):
             "Parameters": used,
             "MaskVoxelsIn": int(mask.sum()),
             "MaskVoxelsOut": int(mask_out.sum()),
+            **_model_record(used),
         }
         return runtime
 
@@ -543,6 +565,7 @@ class DipoleInversion(SimpleInterface):
     output_spec = _InvOutputSpec
 
     def _run_interface(self, runtime):
+        import qsmprep.nn  # noqa: F401  (registers the learned methods)
         from qsmprep.qsm.registry import INVERSION
 
         set_threads(self.inputs.num_threads)
@@ -550,14 +573,12 @@ class DipoleInversion(SimpleInterface):
         func = INVERSION.get(method)
         field, ref = load_float(self.inputs.local_field)
         mask = load_mask(self.inputs.mask)
-        kw = dict(self.inputs.method_params)
+        kw = _learned_method_kwargs(func, dict(self.inputs.method_params), self.inputs.device)
         chi = func(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **kw)
         chi = np.where(mask, np.asarray(chi, dtype=np.float32), np.float32(0))
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii"))
-        self._results["params"] = {
-            "Method": method,
-            "Parameters": resolve_params(func, kw, skip=("local_field_ppm", "mask", "voxel_size_mm", "b0_dir")),
-        }
+        used = resolve_params(func, kw, skip=("local_field_ppm", "mask", "voxel_size_mm", "b0_dir"))
+        self._results["params"] = {"Method": method, "Parameters": used, **_model_record(used)}
         return runtime
 
 

@@ -79,6 +79,21 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "value problem. NMR Biomed. 2014;27:312-319.",
         "10.1002/nbm.3064",
     ),
+    "bollmann2019": (
+        "Bollmann S, Rasmussen KGB, Kristensen M, et al. DeepQSM - using deep learning to solve the dipole "
+        "inversion for quantitative susceptibility mapping. NeuroImage. 2019;195:373-383.",
+        "10.1016/j.neuroimage.2019.03.060",
+    ),
+    "cognolato2023": (
+        "Cognolato F, O'Brien K, Jin J, et al. NeXtQSM - A complete deep learning pipeline for data-consistent "
+        "quantitative susceptibility mapping trained with hybrid data. Med Image Anal. 2023;84:102700.",
+        "10.1016/j.media.2022.102700",
+    ),
+    "jung2020": (
+        "Jung W, Yoon J, Ji S, et al. Exploring linearity of deep neural network trained QSM: QSMnet+. "
+        "NeuroImage. 2020;211:116619.",
+        "10.1016/j.neuroimage.2020.116619",
+    ),
     "kames2018": (
         "Kames C, Wiggermann V, Rauscher A. Rapid two-step dipole inversion for susceptibility mapping with "
         "sparsity priors. NeuroImage. 2018;167:276-283.",
@@ -177,6 +192,9 @@ METHODS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "pdf": ("PDF", "projection onto dipole fields (PDF)", ("liu2011",)),
         "ismv": ("iSMV", "the iterative spherical mean value method (iSMV)", ("wen2014",)),
         "lbv": ("LBV", "the Laplacian boundary value method (LBV)", ("zhou2014",)),
+        "nextqsm": ("NeXtQSM background U-Net",
+                    "a NeXtQSM-style 3D U-Net trained by qsmprep on simulated hybrid brains (masked total field "
+                    "to local field)", ("cognolato2023",)),
     },
     "inversion": {
         "rts": ("RTS", "rapid two-step dipole inversion (RTS)", ("kames2018",)),
@@ -184,6 +202,12 @@ METHODS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "tkd": ("TKD", "truncated k-space division (TKD)", ("shmueli2009",)),
         "tsvd": ("TSVD", "truncated singular value decomposition in k-space (TSVD)", ("wharton2010",)),
         "tikhonov": ("Tikhonov", "closed-form L2 (Tikhonov) regularised dipole inversion", ("bilgic2014l2",)),
+        "deepqsm": ("DeepQSM", "a DeepQSM-style 3D U-Net trained by qsmprep on simulated random shapes with "
+                    "QSMnet+ range augmentation (field resampled to a B0-aligned 1 mm grid and back)",
+                    ("bollmann2019", "jung2020")),
+        "nextqsm": ("NeXtQSM VarNet", "a NeXtQSM-style variational network (unrolled gradient steps on the dipole "
+                    "data term with learned CNN regularisers) trained by qsmprep on simulated hybrid brains",
+                    ("cognolato2023", "jung2020")),
     },
     "reference": {
         "mean": ("whole-brain mean", "the mean susceptibility within the final brain mask", ("consensus2024",)),

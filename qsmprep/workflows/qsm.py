@@ -5,6 +5,8 @@ Graph (node names are stable: they are the keys of Nipype's cache in the work di
     load_echoes -> phase_offset (MCPC-3D-S) -> brain_mask -> unwrap -> fit_b0 -> bgremove -> inversion
                                                                  [r2star] ------------------> reference
     every step's ``params`` -> sidecars -> ds_* (DerivativesDataSink)
+    reference + intermediate maps -> qc (QC metrics JSON) -> ds_qc_metrics
+    reference + segmentation (config.segmentation_dir) -> [roi_stats] -> [ds_roi_stats]
 
 All physics lives in :mod:`qsmprep.qsm`; nodes are the thin interfaces of
 :mod:`qsmprep.interfaces.qsm`. Methods come from the config (``masking``, ``unwrapping``,
@@ -35,6 +37,13 @@ from qsmprep.interfaces.qsm import (
     Reference,
     Unwrap,
 )
+from qsmprep.interfaces.reports import (
+    DerivativeFileSink,
+    QCMetrics,
+    ROIStats,
+    check_segmentation_grid,
+    find_segmentation,
+)
 from qsmprep.utils.boilerplate import canonical_method, method_params
 from qsmprep.utils.derivatives import derivative_path, run_sources
 
@@ -53,6 +62,8 @@ QSM_OUTPUTS = [
     "t2star",
     "reference_mask",
     "sidecars",
+    "qc_metrics",
+    "roi_stats",
 ]
 
 
@@ -122,8 +133,11 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
 
     Outputs (``outputnode``): ``chi`` (referenced, ppm), ``mask`` (final, eroded), ``fieldmap_hz``,
     ``total_field_ppm``, ``local_field_ppm``, ``r2star``/``t2star`` (when computed),
-    ``reference_mask`` (CSF referencing) and ``sidecars`` (the Chimap's sidecar metadata).
-    Single-echo series skip MCPC-3D-S (the node passes the phase through) and cannot give R2*.
+    ``reference_mask`` (CSF referencing), ``sidecars`` (the Chimap's sidecar metadata),
+    ``qc_metrics`` (QC JSON, always) and ``roi_stats`` (ROI TSV, when ``config.segmentation_dir`` holds a
+    segmentation of this series on its grid; one on another grid is an error: registration is not
+    implemented yet). Single-echo series skip MCPC-3D-S (the node passes the phase through) and cannot
+    give R2*.
     """
     _check_run(run, config)
     nthreads = omp_nthreads(config)
@@ -192,14 +206,16 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
     )
     bgremove = pe.Node(
         BackgroundRemoval(method=canonical_method("bgremove", config.bgremove),
-                          method_params=method_params(config, "bgremove"), num_threads=nthreads),
+                          method_params=method_params(config, "bgremove"), num_threads=nthreads,
+                          device=getattr(config, "device", "auto")),
         name="bgremove",
         n_procs=nthreads,
         mem_gb=0.3 + 30 * vol_gb,
     )
     inversion = pe.Node(
         DipoleInversion(method=canonical_method("inversion", config.inversion),
-                        method_params=method_params(config, "inversion"), num_threads=nthreads),
+                        method_params=method_params(config, "inversion"), num_threads=nthreads,
+                        device=getattr(config, "device", "auto")),
         name="inversion",
         n_procs=nthreads,
         mem_gb=0.3 + 40 * vol_gb,
@@ -210,6 +226,16 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
         mem_gb=0.2 + 8 * vol_gb,
     )
     sidecars = pe.Node(QsmSidecars(sources=run_sources(run, getattr(config, "bids_dir", None))), name="sidecars")
+    methods = {f"{stage}_method": canonical_method(stage, getattr(config, stage))
+               for stage in ("masking", "unwrapping", "bgremove", "inversion")}
+    methods["reference_method"] = reference
+    qc = pe.Node(
+        QCMetrics(methods=methods, series=run.prefix(), num_threads=nthreads),
+        name="qc",
+        n_procs=nthreads,
+        mem_gb=0.3 + 2 * vol4_gb + 20 * vol_gb,
+    )
+    segmentation = _segmentation(run, config)
 
     # fmt: off
     wf.connect([
@@ -244,8 +270,25 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
         (bgremove, outputnode, [("mask_out", "mask"), ("local_field", "local_field_ppm")]),
         (fit_b0, outputnode, [("fieldmap_hz", "fieldmap_hz"), ("total_field_ppm", "total_field_ppm")]),
         (sidecars, outputnode, [("chimap", "sidecars")]),
+        (ref, qc, [("chi_referenced", "chi")]),
+        (bgremove, qc, [("mask_out", "mask"), ("local_field", "local_field")]),
+        (mask, qc, [("mask_file", "quality_mask")]),
+        (unwrap, qc, [("unwrapped", "unwrapped")]),
+        (fit_b0, qc, [("fieldmap_hz", "fieldmap_hz")]),
+        (load, qc, [("magnitude", "magnitude"), ("echo_times", "echo_times"), ("voxel_size", "voxel_size"),
+                    ("b0_dir", "b0_dir"), ("field_strength", "field_strength")]),
+        (inversion, qc, [("params", "inversion_params")]),
+        (qc, outputnode, [("out_file", "qc_metrics")]),
     ])
     # fmt: on
+    roi = None
+    if segmentation is not None:
+        roi = pe.Node(ROIStats(segmentation=str(segmentation[0]), reference=str(_reference_image(run))),
+                      name="roi_stats", mem_gb=0.2 + 8 * vol_gb)
+        if segmentation[1] is not None:
+            roi.inputs.label_tsv = str(segmentation[1])
+        wf.connect([(ref, roi, [("chi_referenced", "chi")]), (bgremove, roi, [("mask_out", "mask")]),
+                    (roi, outputnode, [("out_file", "roi_stats")])])
     if do_r2:
         r2_params = method_params(config, "r2star")
         r2_method = str(r2_params.pop("method", "loglinear"))
@@ -290,7 +333,41 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
             wf.connect(ref, "reference_mask", ds_wf, "inputnode.reference_mask")
         if want_r2:
             wf.connect([(r2star, ds_wf, [("r2star", "inputnode.r2star"), ("t2star", "inputnode.t2star")])])
+        # the QC JSON and ROI TSV sit next to the Chimap (text files: copied, not DerivativesDataSink)
+        ds_qc = pe.Node(
+            DerivativeFileSink(
+                out_file=str(derivative_path(output_dir, run, "metrics", desc="qc", extension=".json").absolute())
+            ),
+            name="ds_qc_metrics",
+            run_without_submitting=True,
+        )
+        wf.connect(qc, "out_file", ds_qc, "in_file")
+        if roi is not None:
+            ds_roi = pe.Node(
+                DerivativeFileSink(
+                    out_file=str(derivative_path(output_dir, run, "stats", desc="roi", extension=".tsv").absolute())
+                ),
+                name="ds_roi_stats",
+                run_without_submitting=True,
+            )
+            wf.connect(roi, "out_file", ds_roi, "in_file")
     return wf
+
+
+def _segmentation(run: Any, config: Any) -> tuple[Path, Path | None] | None:
+    """The run's segmentation in ``config.segmentation_dir`` (checked to be on the echo-1 grid), or None."""
+    seg_dir = getattr(config, "segmentation_dir", None)
+    if seg_dir is None:
+        return None
+    found = find_segmentation(seg_dir, run)
+    if found is None:
+        LOGGER.warning("%s: no segmentation (sub-%s/**/*_dseg.nii[.gz]) in %s; no ROI statistics",
+                       run.prefix(), run.subject, seg_dir)
+        return None
+    check_segmentation_grid(found[0], _reference_image(run))
+    if found[1] is None:
+        LOGGER.warning("%s: no label table (*_dseg.tsv) for %s; ROI names will be n/a", run.prefix(), found[0].name)
+    return found
 
 
 _DS_FIELDS = [

@@ -1,0 +1,468 @@
+"""Inference with the neural QSM stages on numpy volumes (float32 in, float32 out).
+
+Registered methods (import :mod:`qsmprep.nn` to register them; :mod:`qsmprep.qsm` never imports torch):
+
+- ``INVERSION["deepqsm"]``: DeepQSM (Bollmann S et al., NeuroImage 2019;195:373), a 3D U-Net mapping
+  the local field to chi, trained on synthetic shapes with axial B0 at 1 mm. Oblique or non-1 mm data
+  are resampled to a B0-aligned 1 mm grid and back ("RotPrior", Kiersnowski et al., MRM 2023).
+- ``BGREMOVE["nextqsm"]``: NeXtQSM's background network (Cognolato M et al., Med Image Anal 2023),
+  a U-Net mapping the masked total field to the local field (same resampling as DeepQSM).
+- ``INVERSION["nextqsm"]``: NeXtQSM's variational network, using the true dipole kernel (oblique and
+  anisotropic voxels) on the zero-padded volume; no resampling.
+
+Models come from :func:`qsmprep.nn.models.load_model` (checksum-verified; a missing model raises
+:class:`~qsmprep.nn.models.ModelFileError`, never random weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.fft as sfft
+import torch
+from scipy import ndimage
+
+from qsmprep.nn.dipole import dipole_kernel_torch
+from qsmprep.nn.models import DEFAULT_SCALES, NeXtQSM, load_model, read_card
+from qsmprep.nn.unet import UNet3d
+from qsmprep.nn.varnet import VarNet
+from qsmprep.qsm import fft as _fft
+from qsmprep.qsm._validate import as_b0_dir, as_float_volume, as_mask, as_voxel_size
+from qsmprep.qsm.geometry import obliquity_deg, rotation_matrix
+from qsmprep.qsm.registry import BGREMOVE, INVERSION
+
+__all__ = [
+    "deepqsm",
+    "model_provenance",
+    "nextqsm_bgremove",
+    "nextqsm_inversion",
+    "predict_padded",
+    "resolve_device",
+]
+
+#: Volumes (padded, voxels) above this size are predicted in tiles by :func:`predict_padded`.
+MAX_UNTILED_VOXELS = 2**24
+#: Tile edge (voxels) used when a volume exceeds :data:`MAX_UNTILED_VOXELS` and no tile is given.
+DEFAULT_TILE = 128
+#: Voxels of zero field kept around the mask bounding box for the U-Nets.
+BBOX_MARGIN = 8
+#: Zero padding (voxels per side) around the mask bounding box for the VarNet's FFTs.
+VARNET_PAD_VOXELS = 8
+#: Grid spacing (mm) the DeepQSM and background networks were trained at.
+TRAIN_VOXEL_MM = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices, threads, padded and tiled prediction
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; ``"cuda"`` without a GPU -> ``ValueError``."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        name = str(device).strip().lower()
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {str(device)!r} requested but CUDA is not available (torch {torch.__version__}, "
+                "no GPU or a CPU-only build); use device='cpu' or 'auto'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def _available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None = None):
+    """Use ``n`` (default: all available cores) intra-op threads inside the block, then restore."""
+    old = torch.get_num_threads()
+    n = int(n or _available_cpus())
+    if n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != old:
+            torch.set_num_threads(old)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def _tile_starts(n: int, t: int, overlap: int, multiple: int) -> list[int]:
+    if t >= n:
+        return [0]
+    step = max(multiple, (t - overlap) // multiple * multiple)
+    starts = list(range(0, n - t, step))
+    starts.append(n - t)
+    return starts
+
+
+def _tile_weight(t: int, overlap: int, left: bool, right: bool) -> np.ndarray:
+    """Linear blending ramp over the overlap with a zero margin of ``overlap // 4`` at interior edges."""
+    w = np.ones(t, dtype=np.float32)
+    m = overlap // 4
+    d = np.arange(t, dtype=np.float32)
+    ramp = lambda dist: np.clip((dist - m + 1.0) / (overlap - 2 * m + 1.0), 0.0, 1.0)  # noqa: E731
+    if left:
+        w *= ramp(d)
+    if right:
+        w *= ramp(t - 1 - d)
+    return w
+
+
+def predict_padded(
+    net_fn: Callable[[torch.Tensor], torch.Tensor],
+    volume: np.ndarray,
+    multiple: int,
+    device: str | torch.device = "cpu",
+    tile: int | None = None,
+    overlap: int = 16,
+    pad_mode: str = "constant",
+    max_voxels: int = MAX_UNTILED_VOXELS,
+) -> np.ndarray:
+    """Run ``net_fn`` on a 3D (or channels-first 4D) float32 volume of any size; float32 out.
+
+    Each spatial dim is padded (centred; ``pad_mode`` "constant" = zeros, or "edge") to a multiple of
+    ``multiple``; the net runs under :func:`torch.inference_mode` on ``device`` (``(1, C, X, Y, Z)``
+    tensors); the result is cropped back. Output: 3D for a 3D input and one output channel, else
+    ``(C_out, X, Y, Z)``. With ``tile`` (edge in voxels), or when the padded volume exceeds
+    ``max_voxels``, overlapping tiles (starts on multiples of ``multiple``) are blended with a linear
+    ramp that ignores ``overlap // 4`` voxels at each interior tile edge: exact for translation-
+    equivariant nets whose receptive radius is at most ``overlap // 4`` and without global operators
+    (not for the VarNet, whose FFTs need the whole volume).
+    """
+    v = np.asarray(volume, dtype=np.float32)
+    if v.ndim not in (3, 4):
+        raise ValueError(f"volume must be 3D or channels-first 4D, got shape {v.shape}")
+    squeeze = v.ndim == 3
+    if squeeze:
+        v = v[None]
+    multiple = int(multiple)
+    if multiple < 1:
+        raise ValueError(f"multiple must be a positive integer, got {multiple}")
+    if pad_mode not in ("constant", "edge"):
+        raise ValueError(f"pad_mode must be 'constant' or 'edge', got {pad_mode!r}")
+    dev = resolve_device(device)
+    spatial = v.shape[1:]
+    target = tuple(_round_up(n, multiple) for n in spatial)
+    before = [(t - n) // 2 for t, n in zip(target, spatial)]
+    pad = [(0, 0)] + [(b, t - n - b) for b, t, n in zip(before, target, spatial)]
+    vp = np.pad(v, pad, mode=pad_mode) if any(p != (0, 0) for p in pad) else v
+    crop = (slice(None),) + tuple(slice(b, b + n) for b, n in zip(before, spatial))
+    if tile is None and int(np.prod(target)) > int(max_voxels):
+        tile = DEFAULT_TILE
+    if tile is not None:
+        tile = _round_up(int(tile), multiple)
+        overlap = int(overlap)
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+
+    def run(arr: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(arr[None])).to(dev)
+        y = net_fn(t)
+        if y.ndim != 5 or tuple(y.shape[2:]) != tuple(arr.shape[1:]):
+            raise ValueError(f"network returned shape {tuple(y.shape)} for input {tuple(t.shape)}")
+        return y[0].to(dtype=torch.float32, device="cpu").numpy()
+
+    torch.backends.cudnn.benchmark = False
+    with _torch_threads(), torch.inference_mode():
+        if tile is None or all(tile >= n for n in target):
+            out = run(vp)
+        else:
+            sizes = [min(tile, n) for n in target]
+            starts = [_tile_starts(n, t, overlap, multiple) for n, t in zip(target, sizes)]
+            acc = None
+            wsum = np.zeros(target, dtype=np.float32)
+            for sx in starts[0]:
+                for sy in starts[1]:
+                    for sz in starts[2]:
+                        sl = tuple(slice(s, s + t) for s, t in zip((sx, sy, sz), sizes))
+                        y = run(vp[(slice(None),) + sl])
+                        ws = [
+                            _tile_weight(t, overlap, s > 0, s + t < n)
+                            for s, t, n in zip((sx, sy, sz), sizes, target)
+                        ]
+                        w = ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
+                        if acc is None:
+                            acc = np.zeros((y.shape[0],) + target, dtype=np.float32)
+                        acc[(slice(None),) + sl] += y * w
+                        wsum[sl] += w
+            out = acc / np.maximum(wsum, np.float32(1e-12))
+    out = np.ascontiguousarray(out[crop], dtype=np.float32)
+    return out[0] if squeeze and out.shape[0] == 1 else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry: mask bounding box, B0-aligned 1 mm grid and back
+# --------------------------------------------------------------------------------------------------
+
+
+def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
+    out = []
+    for ax in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+        out.append(slice(max(0, int(idx[0]) - margin), min(mask.shape[ax], int(idx[-1]) + 1 + margin)))
+    return tuple(out)
+
+
+def _b0_rotation(b0_dir: Sequence[float]) -> np.ndarray:
+    """Rotation ``R`` (3x3) with ``R b = e_z`` (smallest rotation; ``b`` flipped to ``b_z >= 0``, as D(k)
+    depends on ``b`` only through ``(k.b)^2``)."""
+    b = as_b0_dir(b0_dir)
+    if b[2] < 0:
+        b = -b
+    axis = np.cross(b, [0.0, 0.0, 1.0])
+    s = float(np.linalg.norm(axis))
+    if s < 1e-12:
+        return np.eye(3)
+    return rotation_matrix(axis, float(np.degrees(np.arctan2(s, b[2]))))
+
+
+def _needs_resampling(voxel_size_mm: np.ndarray, b0_dir: np.ndarray) -> bool:
+    return obliquity_deg(b0_dir) > 0.01 or abs(abs(b0_dir[2]) - 1.0) > 1e-6 or not np.allclose(
+        voxel_size_mm, TRAIN_VOXEL_MM, rtol=0, atol=1e-3
+    )
+
+
+class _AlignedGrid:
+    """Affine map between a (cropped) input grid and a B0-aligned grid of ``spacing_mm`` voxels that
+    contains the whole input box plus ``margin`` voxels: ``input_index = A @ aligned_index + c``."""
+
+    def __init__(self, shape, voxel_size_mm, b0_dir, spacing_mm: float = TRAIN_VOXEL_MM, margin: int = 2):
+        vs = np.asarray(voxel_size_mm, dtype=np.float64)
+        rot = _b0_rotation(b0_dir)
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+        q = rot @ (corners * vs[:, None])  # physical corners in the B0 frame (mm)
+        q0 = q.min(axis=1) - margin * spacing_mm
+        self.in_shape = tuple(int(n) for n in shape)
+        self.out_shape = tuple(
+            int(np.ceil((hi - lo) / spacing_mm)) + 1 for hi, lo in zip(q.max(axis=1) + margin * spacing_mm, q0)
+        )
+        self.matrix = (rot.T * spacing_mm) / vs[:, None]
+        self.offset = (rot.T @ q0) / vs
+        self.inv_matrix = np.linalg.inv(self.matrix)
+        self.inv_offset = -self.inv_matrix @ self.offset
+
+    def to_aligned(self, vol: np.ndarray, order: int = 1) -> np.ndarray:
+        return ndimage.affine_transform(
+            vol.astype(np.float32, copy=False), self.matrix, self.offset, output_shape=self.out_shape,
+            order=order, mode="constant", cval=0.0, prefilter=order > 1,
+        ).astype(np.float32, copy=False)
+
+    def from_aligned(self, vol: np.ndarray, order: int = 1) -> np.ndarray:
+        return ndimage.affine_transform(
+            vol.astype(np.float32, copy=False), self.inv_matrix, self.inv_offset, output_shape=self.in_shape,
+            order=order, mode="constant", cval=0.0, prefilter=order > 1,
+        ).astype(np.float32, copy=False)
+
+
+def _apply_axial_1mm(
+    vol_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: np.ndarray, b0_dir: np.ndarray,
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """Apply ``fn(masked_volume, mask)`` (both on a B0-aligned 1 mm grid) to a masked volume.
+
+    The volume is cropped to the mask bounding box (+ :data:`BBOX_MARGIN`), resampled (trilinear) to
+    the B0-aligned 1 mm grid when the data are oblique or not 1 mm, passed to ``fn`` and resampled back;
+    returns the result on the input grid, 0 outside the mask bounding box (not yet masked).
+    """
+    box = _bbox(mask, BBOX_MARGIN)
+    v = np.where(mask[box], vol_ppm[box], np.float32(0.0)).astype(np.float32, copy=False)
+    mk = mask[box]
+    if _needs_resampling(voxel_size_mm, b0_dir):
+        grid = _AlignedGrid(v.shape, voxel_size_mm, b0_dir)
+        mk_a = grid.to_aligned(mk.astype(np.float32)) > 0.5
+        if not mk_a.any():
+            raise ValueError("mask is too thin to survive resampling to the 1 mm B0-aligned grid")
+        v_a = grid.to_aligned(v) * mk_a
+        y = grid.from_aligned(fn(v_a, mk_a))
+    else:
+        y = fn(v, mk)
+    out = np.zeros(mask.shape, dtype=np.float32)
+    out[box] = y
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(field, mask, voxel_size_mm, b0_dir, name):
+    f = as_float_volume(field, name)
+    m = as_mask(mask, "mask", shape=f.shape)
+    return f, m, as_voxel_size(voxel_size_mm), as_b0_dir(b0_dir)
+
+
+def _unet_of(model, card, name: str, role: str) -> UNet3d:
+    if isinstance(model, NeXtQSM):
+        model = model.varnet if role == "varnet" else model.bg
+    want = VarNet if role == "varnet" else UNet3d
+    if not isinstance(model, want):
+        raise ValueError(f"model {name!r} is a {card.get('architecture')!r} network, not a {want.__name__}")
+    if want is UNet3d and (model.in_channels != 1 or model.out_channels != 1):
+        raise ValueError(f"model {name!r} must map 1 channel to 1 channel, has {model.in_channels}->{model.out_channels}")
+    return model
+
+
+def _for_device(net: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """On CPU, channels-last 3D weights make oneDNN's conv3d ~30 % faster (same results to ~2e-5 rel.)."""
+    if dev.type == "cpu":
+        net = net.to(memory_format=torch.channels_last_3d)
+    return net
+
+
+def _scales(card: dict, key: str) -> dict:
+    sc = dict(DEFAULT_SCALES[key])
+    sc.update(card.get("scales") or {})
+    return sc
+
+
+@INVERSION.register("deepqsm")
+def deepqsm(
+    local_field_ppm,
+    mask,
+    voxel_size_mm=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+    device: str = "auto",
+    model: str = "deepqsm",
+    tile: int | None = None,
+    overlap: int = 16,
+    model_dir: str | None = None,
+) -> np.ndarray:
+    """DeepQSM dipole inversion (Bollmann et al., NeuroImage 2019;195:373): U-Net, local field -> chi.
+
+    The masked field (ppm) is cropped to the mask box, resampled to a B0-aligned 1 mm grid when needed,
+    divided by ``scales["input_ppm"]``, predicted (``tile``/``overlap``: see :func:`predict_padded`),
+    multiplied by ``scales["output_ppm"]`` and resampled back. Returns chi (ppm, float32, 0 outside
+    ``mask``); not referenced. ``model``: a model name in the model directory or a path to a ``.pt``.
+    """
+    f, m, vs, b = _validate(local_field_ppm, mask, voxel_size_mm, b0_dir, "local_field_ppm")
+    dev = resolve_device(device)
+    net, card = load_model(model, dev, model_dir)
+    net = _for_device(_unet_of(net, card, model, "unet"), dev)
+    sc = _scales(card, "deepqsm")
+
+    def fn(v, mk):
+        y = predict_padded(net, v / np.float32(sc["input_ppm"]), net.multiple, dev, tile, overlap)
+        return y * np.float32(sc["output_ppm"])
+
+    return _apply_axial_1mm(f, m, vs, b, fn) * m
+
+
+@BGREMOVE.register("nextqsm")
+def nextqsm_bgremove(
+    total_field_ppm,
+    mask,
+    voxel_size_mm=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+    device: str = "auto",
+    model: str = "nextqsm-bg",
+    tile: int | None = None,
+    overlap: int = 16,
+    model_dir: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """NeXtQSM background removal (Cognolato et al., Med Image Anal 2023): U-Net, total -> local field.
+
+    Network input: ``(f - mean_mask(f)) * mask / scales["input_ppm"]`` on the B0-aligned 1 mm grid
+    (as DeepQSM); output times ``scales["output_ppm"]``, resampled back, its mean in the mask removed.
+    Returns (local field ppm float32 0 outside ``mask``, ``mask``).
+    """
+    f, m, vs, b = _validate(total_field_ppm, mask, voxel_size_mm, b0_dir, "total_field_ppm")
+    dev = resolve_device(device)
+    net, card = load_model(model, dev, model_dir)
+    net = _for_device(_unet_of(net, card, model, "unet"), dev)
+    sc = _scales(card, "nextqsm-bg")
+    f = (f - np.float32(f[m].mean(dtype=np.float64))).astype(np.float32)
+
+    def fn(v, mk):
+        y = predict_padded(net, v / np.float32(sc["input_ppm"]), net.multiple, dev, tile, overlap)
+        return y * np.float32(sc["output_ppm"])
+
+    local = _apply_axial_1mm(f, m, vs, b, fn)
+    local -= np.float32(local[m].mean(dtype=np.float64))
+    return (local * m).astype(np.float32, copy=False), m
+
+
+def _fast_multiple(n: int, multiple: int) -> int:
+    """Smallest length >= n that is a multiple of ``multiple`` and 5-smooth (fast FFT)."""
+    k = _round_up(n, multiple)
+    while sfft.next_fast_len(k, real=True) != k:
+        k += multiple
+    return k
+
+
+@INVERSION.register("nextqsm")
+def nextqsm_inversion(
+    local_field_ppm,
+    mask,
+    voxel_size_mm=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+    device: str = "auto",
+    model: str = "nextqsm-varnet",
+    pad_voxels: int = VARNET_PAD_VOXELS,
+    model_dir: str | None = None,
+) -> np.ndarray:
+    """NeXtQSM variational-network dipole inversion (Cognolato et al., Med Image Anal 2023).
+
+    The masked field is cropped to the mask box, zero-padded by ``pad_voxels`` per side (to a fast FFT
+    size that is a multiple of the net's ``multiple``), inverted with the true dipole kernel for
+    ``voxel_size_mm`` and ``b0_dir`` (no resampling), cropped back. Returns chi (ppm, float32, 0
+    outside ``mask``); not referenced.
+    """
+    f, m, vs, b = _validate(local_field_ppm, mask, voxel_size_mm, b0_dir, "local_field_ppm")
+    pad = int(pad_voxels)
+    if pad < 0 or pad != pad_voxels:
+        raise ValueError(f"pad_voxels must be a non-negative integer, got {pad_voxels!r}")
+    dev = resolve_device(device)
+    net, card = load_model(model, dev, model_dir)
+    net = _for_device(_unet_of(net, card, model, "varnet"), dev)
+    box = _bbox(m)
+    fc = np.where(m[box], f[box], np.float32(0.0)).astype(np.float32)
+    shape = tuple(_fast_multiple(n + 2 * pad, net.multiple) for n in fc.shape)
+    fp, crop = _fft.pad_volume(fc, shape)
+    mp, _ = _fft.pad_volume(m[box].astype(np.float32), shape)
+    torch.backends.cudnn.benchmark = False
+    with _torch_threads(), torch.inference_mode():
+        kernel = dipole_kernel_torch(shape, vs, b, device=dev)
+        ft = torch.from_numpy(fp[None, None]).to(dev)
+        mt = torch.from_numpy(mp[None, None]).to(dev)
+        chi = net(ft, mt, kernel)[0, 0].to(device="cpu", dtype=torch.float32).numpy()
+    out = np.zeros(m.shape, dtype=np.float32)
+    out[box] = chi[crop]
+    return out * m
+
+
+def model_provenance(name: str, model_dir: str | None = None) -> dict:
+    """Name, version, sha256 and file paths of a model (for JSON sidecars); ModelFileError if missing."""
+    card, pt, js = read_card(name, model_dir)
+    return {
+        "name": card.get("name", pt.stem),
+        "version": card.get("version"),
+        "sha256": card["sha256"],
+        "card_file": str(js),
+        "model_file": str(pt),
+    }

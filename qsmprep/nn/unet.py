@@ -1,0 +1,111 @@
+"""3D U-Net (Ronneberger et al. 2015; Cicek et al. 2016) as used by DeepQSM (Bollmann et al.,
+NeuroImage 2019;195:373) and the background network of NeXtQSM (Cognolato et al., Med Image Anal 2023).
+
+Each level: two 3x3x3 convolutions, each followed by a normalisation and LeakyReLU; max-pooling down;
+up: 1x1x1 convolution halving the channels (at the coarse level) + trilinear x2 upsampling, then skip
+concatenation. Channels double per level. Spatial sizes must be multiples of ``2**depth``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["UNet3d"]
+
+NORMS = ("group", "instance", "batch", "none")
+
+
+def _groups(ch: int, max_groups: int = 8) -> int:
+    for g in range(min(max_groups, ch), 0, -1):
+        if ch % g == 0:
+            return g
+    return 1
+
+
+def _norm(kind: str, ch: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(_groups(ch), ch)
+    if kind == "instance":
+        return nn.InstanceNorm3d(ch, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm3d(ch)
+    return nn.Identity()
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, norm: str):
+        bias = norm == "none"
+        super().__init__(
+            nn.Conv3d(cin, cout, 3, padding=1, bias=bias),
+            _norm(norm, cout),
+            nn.LeakyReLU(0.1, inplace=True),
+            nn.Conv3d(cout, cout, 3, padding=1, bias=bias),
+            _norm(norm, cout),
+            nn.LeakyReLU(0.1, inplace=True),
+        )
+
+
+class UNet3d(nn.Module):
+    """3D U-Net ``(B, in_channels, X, Y, Z) -> (B, out_channels, X, Y, Z)`` (float32).
+
+    ``width`` channels at the finest level, doubling per level; ``depth`` poolings, so X, Y, Z must be
+    multiples of :attr:`multiple` ``= 2**depth`` (see :func:`qsmprep.nn.inference.predict_padded`).
+    ``residual``: add ``input[:, :out_channels]`` to the output. ``norm``: ``"group"`` (GroupNorm, up to
+    8 groups; default), ``"instance"``, ``"batch"`` or ``"none"``. GroupNorm/InstanceNorm statistics
+    are taken over the whole input, so tiled inference is then only approximately equal to whole-volume
+    inference; ``"batch"`` (running statistics in eval mode) or ``"none"`` keep the network local.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        width: int = 16,
+        depth: int = 3,
+        residual: bool = False,
+        norm: str = "group",
+    ):
+        super().__init__()
+        if int(depth) < 1 or int(width) < 1 or int(in_channels) < 1 or int(out_channels) < 1:
+            raise ValueError("UNet3d needs depth >= 1, width >= 1 and at least one input/output channel")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if residual and out_channels > in_channels:
+            raise ValueError("residual=True needs out_channels <= in_channels")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.width, self.depth, self.residual, self.norm = int(width), int(depth), bool(residual), norm
+        self.multiple = 2**self.depth
+        ch = [self.width * 2**i for i in range(self.depth + 1)]
+        self.down = nn.ModuleList(
+            [_DoubleConv(self.in_channels if i == 0 else ch[i - 1], ch[i], norm) for i in range(self.depth)]
+        )
+        self.bottom = _DoubleConv(ch[self.depth - 1], ch[self.depth], norm)
+        self.reduce = nn.ModuleList([nn.Conv3d(ch[i + 1], ch[i], 1) for i in range(self.depth)])
+        self.up = nn.ModuleList([_DoubleConv(2 * ch[i], ch[i], norm) for i in range(self.depth)])
+        self.head = nn.Conv3d(ch[0], self.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet3d expects (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
+        if any(int(n) % self.multiple for n in x.shape[2:]):
+            raise ValueError(
+                f"UNet3d(depth={self.depth}) needs spatial sizes that are multiples of {self.multiple}, "
+                f"got {tuple(x.shape[2:])}; pad with qsmprep.nn.inference.predict_padded"
+            )
+        skips = []
+        h = x
+        for block in self.down:
+            h = block(h)
+            skips.append(h)
+            h = F.max_pool3d(h, 2)
+        h = self.bottom(h)
+        for i in reversed(range(self.depth)):
+            # 1x1x1 conv at the coarse level then trilinear upsampling (both linear: they commute)
+            h = F.interpolate(self.reduce[i](h), scale_factor=2, mode="trilinear", align_corners=False)
+            h = self.up[i](torch.cat([h, skips.pop()], dim=1))
+        out = self.head(h)
+        if self.residual:
+            out = out + x[:, : self.out_channels]
+        return out

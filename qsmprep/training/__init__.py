@@ -1,0 +1,44 @@
+"""Training of the neural QSM stages on simulated data (DeepQSM; NeXtQSM background U-Net and VarNet).
+
+Modules: :mod:`~qsmprep.training.data` (seeded synthetic patches), :mod:`~qsmprep.training.losses`
+(masked L1/L2, NRMSE, uQSM self-supervised loss), :mod:`~qsmprep.training.train` (``TrainConfig``,
+``train``, ``export``) and :mod:`~qsmprep.training.cli` (console script ``qsmprep-train``). Configs:
+``configs/deepqsm.toml`` (section ``deepqsm``) and ``configs/nextqsm.toml`` (sections ``nextqsm-bg``
+and ``nextqsm-varnet``; pick one with ``--section``).
+
+Scaling contract with the inference side (:mod:`qsmprep.nn`), stored in the model file's ``scales``:
+
+* U-Nets (``deepqsm``, ``nextqsm-bg``): ``scales = {"input_scale": a, "output_scale": b,
+  "input_ppm": 1/a, "output_ppm": 1/b}``; the prediction in ppm is
+  ``net(field_ppm * mask * input_scale) / output_scale`` (equivalently ``net(x / input_ppm) *
+  output_ppm``). ``deepqsm``: input = local field (ppm), output = chi (ppm); ``nextqsm-bg``: input =
+  masked total field (ppm, after the scanner-like 2nd-order shim), output = local field (ppm).
+  No other normalisation (no per-volume mean/std).
+* VarNet (``nextqsm-varnet``): takes and returns ppm (``VarNet(field_ppm, mask, kernel)``, its
+  internal scales are its kwargs ``field_scale_ppm``/``chi_scale_ppm``); ``scales`` holds
+  ``input_scale = output_scale = 1`` and those two values as ``field_ppm``/``chi_ppm``. The kernel is
+  :func:`qsmprep.nn.dipole.dipole_kernel_torch` for the (possibly oblique) B0 direction and voxel size.
+
+Head-phantom seeds 0..9 are used for training; 100..199 are reserved for held-out evaluation.
+"""
+
+from qsmprep.training.data import KINDS, deepqsm_shapes_sample, hybrid_brain_sample, make_batch, validation_set
+from qsmprep.training.losses import masked_l1, masked_l2, nrmse, uqsm_loss
+from qsmprep.training.train import TrainConfig, export, export_nextqsm, read_loss_log, train
+
+__all__ = [
+    "KINDS",
+    "TrainConfig",
+    "deepqsm_shapes_sample",
+    "export",
+    "export_nextqsm",
+    "hybrid_brain_sample",
+    "make_batch",
+    "masked_l1",
+    "masked_l2",
+    "nrmse",
+    "read_loss_log",
+    "train",
+    "uqsm_loss",
+    "validation_set",
+]

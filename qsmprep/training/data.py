@@ -1,0 +1,448 @@
+"""Seeded synthetic training data for the neural QSM stages (numpy float32; torch conversion in train).
+
+Two recipes, both on patches of ``patch`` voxels per edge:
+
+* :func:`deepqsm_shapes_sample` -- DeepQSM (Bollmann S et al., NeuroImage 2019;195:373): random
+  overlapping cubes, spheres, ellipsoids and cylinders with random susceptibility, plus the QSMnet+
+  range augmentation (Jung W et al., NeuroImage 2020;211:116619: positive chi scaled by
+  ``lambda in [1, 4]``, random sign inversion). Field = dipole convolution on a 2x zero-padded grid,
+  cropped (no circular wrap), axial B0.
+* :func:`hybrid_brain_sample` -- NeXtQSM-style "hybrid brains" (Cognolato F et al., Med Image Anal
+  2023;84:102700): labels of the simulator's head phantom (training seeds 0..9 only; 100..199 are the
+  held-out evaluation seeds) with per-label random chi drawn around literature values, a random
+  affine (rotation +-15 deg, scale +-10 %) and a smooth elastic deformation, random lesions
+  (-1.4..1.4 ppm, QSMnet+), random crop overlapping the brain. Local field of ``chi * mask`` on a
+  padded grid; background field = the phantom's precomputed full-head background field (air, bone,
+  tissue outside the brain; air +9.4 ppm; 2nd-order shim removed in the brain), resampled with the
+  same transform (a rotated harmonic field stays harmonic), randomly scaled, plus random external
+  ellipsoid sources outside the brain and a random low-order harmonic (shim residual) term.
+  Optional random B0 direction (tilt up to ``max_tilt_deg``) and voxel size.
+
+All returned arrays are float32 (masks float32 0/1); fields and chi in ppm, ``b0_dir`` unit vector in
+the voxel frame, ``voxel_size_mm`` float32 3-vector.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from qsmprep.qsm import fft as _fft
+from qsmprep.qsm.geometry import dipole_kernel, forward_field_ppm, rotation_matrix
+
+#: Head-phantom seeds used for training; 100..199 are reserved for held-out evaluation.
+TRAIN_PHANTOM_SEEDS = tuple(range(10))
+#: Seeds reserved for evaluation; the generators refuse them.
+HELD_OUT_SEEDS = range(100, 200)
+
+#: Sample kinds understood by :func:`make_batch` / :func:`validation_set`.
+KINDS = ("deepqsm", "nextqsm-bg", "nextqsm-varnet")
+
+#: Per-label (mean, spread) of chi (ppm, relative to CSF) for hybrid brains; spread = 1 sd of the
+#: Gaussian around the literature value (Deistung 2013, Lim 2013, Li 2014; see simulate.phantom).
+HYBRID_CHI_PPM = {
+    "caudate": (0.06, 0.04),
+    "globus_pallidus": (0.17, 0.08),
+    "putamen": (0.05, 0.04),
+    "red_nucleus": (0.12, 0.06),
+    "dentate_nucleus": (0.10, 0.06),
+    "substantia_nigra": (0.14, 0.07),
+    "thalamus": (0.03, 0.03),
+    "white_matter": (-0.03, 0.02),
+    "grey_matter": (0.02, 0.02),
+    "csf": (0.0, 0.01),
+    "venous_blood": (0.38, 0.12),
+}
+#: Probability that a label takes a value from the wide component of the mixture (uniform +-0.3 ppm).
+WIDE_PROB = 0.15
+
+
+def _check_patch(patch: int) -> int:
+    p = int(patch)
+    if p != patch or p < 8:
+        raise ValueError(f"patch must be an integer >= 8, got {patch}")
+    return p
+
+
+def _padded_field(chi: np.ndarray, voxel_size_mm, b0_dir) -> np.ndarray:
+    """Dipole field (ppm) of ``chi`` on a >= 2x zero-padded grid, cropped back (no circular wrap)."""
+    pad = [max(n // 2, 4) for n in chi.shape]
+    return forward_field_ppm(chi, voxel_size_mm, b0_dir, pad)
+
+
+def random_b0_dir(rng: np.random.Generator, max_tilt_deg: float) -> np.ndarray:
+    """Unit vector tilted from z by an angle with cos uniform in [cos(max_tilt), 1], random azimuth."""
+    if max_tilt_deg <= 0:
+        return np.array([0.0, 0.0, 1.0], np.float32)
+    c = rng.uniform(np.cos(np.radians(max_tilt_deg)), 1.0)
+    s = np.sqrt(max(1.0 - c * c, 0.0))
+    phi = rng.uniform(0.0, 2 * np.pi)
+    b = np.array([s * np.cos(phi), s * np.sin(phi), c])
+    return (b / np.linalg.norm(b)).astype(np.float32)
+
+
+def qsmnet_plus_augment(
+    chi: np.ndarray, rng: np.random.Generator, prob: float = 0.5, lam: tuple[float, float] = (1.0, 4.0)
+) -> np.ndarray:
+    """QSMnet+ range augmentation (Jung 2020): with probability ``prob`` scale positive chi by
+    ``lambda ~ U(lam)``; then invert the sign with probability 0.5. Returns a new float32 array."""
+    out = chi.astype(np.float32, copy=True)
+    if rng.random() < prob:
+        pos = out > 0
+        out[pos] *= np.float32(rng.uniform(*lam))
+    if rng.random() < 0.5:
+        np.negative(out, out=out)
+    return out
+
+
+def _add_noise(field: np.ndarray, mask: np.ndarray, rng, snr_range) -> tuple[np.ndarray, float]:
+    """Gaussian noise of sigma = rms(field in mask) / snr, snr log-uniform in ``snr_range``; 20 % noiseless."""
+    if snr_range is None or rng.random() < 0.2:
+        return field, 0.0
+    lo, hi = snr_range
+    snr = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    m = mask > 0
+    rms = float(np.sqrt(np.mean(field[m] ** 2))) if m.any() else float(np.sqrt(np.mean(field**2)))
+    sigma = rms / snr
+    noisy = field + rng.standard_normal(field.shape, dtype=np.float32) * np.float32(sigma)
+    return noisy.astype(np.float32, copy=False), sigma
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepQSM shapes
+
+
+def _random_blob_mask(rng, shape) -> np.ndarray:
+    """Smooth random blob (thresholded low-pass noise, largest component) covering ~40-90 % of the patch."""
+    n = rng.standard_normal(tuple(max(s // 8, 2) for s in shape)).astype(np.float32)
+    n = ndi.zoom(n, [s / m for s, m in zip(shape, n.shape)], order=3, mode="reflect")[: shape[0], : shape[1], : shape[2]]
+    c = [np.linspace(-1, 1, s, dtype=np.float32) for s in shape]
+    r2 = c[0][:, None, None] ** 2 + c[1][None, :, None] ** 2 + c[2][None, None, :] ** 2
+    score = n * 0.35 - r2
+    thr = np.quantile(score, 1.0 - rng.uniform(0.4, 0.9))
+    m = score > thr
+    lab, k = ndi.label(m)
+    if k > 1:
+        sizes = np.bincount(lab.ravel())[1:]
+        m = lab == (1 + int(np.argmax(sizes)))
+    return m.astype(np.float32)
+
+
+def deepqsm_shapes_sample(
+    rng: np.random.Generator,
+    patch: int = 48,
+    voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    n_shapes: tuple[int, int] = (20, 60),
+    chi_range_ppm: tuple[float, float] = (0.2, 0.4),
+    large_prob: float = 0.1,
+    augment_prob: float = 0.5,
+    blob_mask_prob: float = 0.3,
+    snr_range: tuple[float, float] | None = (10.0, 100.0),
+) -> dict[str, np.ndarray]:
+    """One DeepQSM training patch (Bollmann 2019): random shapes + QSMnet+ augmentation.
+
+    Each sample draws a range ``r ~ U(chi_range_ppm)``; every shape (cube, sphere, ellipsoid or
+    cylinder along a random axis, overlapping, added) gets chi ~ U(-r, r), a fraction ``large_prob``
+    of them U(-1, 1) ppm. Then :func:`qsmnet_plus_augment`. ``field_ppm`` is the noisy local field
+    (axial B0, 2x zero padding, cropped), ``field_clean_ppm`` the noiseless one, ``mask`` all ones or
+    (``blob_mask_prob``) a random blob; chi and fields are zero outside the mask.
+    Returns ``{"field_ppm", "field_clean_ppm", "chi_ppm", "mask", "b0_dir", "voxel_size_mm"}``.
+    """
+    p = _check_patch(patch)
+    vs = np.asarray(voxel_size_mm, dtype=np.float32).reshape(-1)
+    shape = (p, p, p)
+    chi = np.zeros(shape, np.float32)
+    ax = np.arange(p, dtype=np.float32)
+    x, y, z = ax[:, None, None], ax[None, :, None], ax[None, None, :]
+    r = rng.uniform(*chi_range_ppm)
+    for _ in range(int(rng.integers(n_shapes[0], n_shapes[1] + 1))):
+        val = rng.uniform(-1.0, 1.0) if rng.random() < large_prob else rng.uniform(-r, r)
+        c = rng.uniform(0, p, 3).astype(np.float32)
+        kind = int(rng.integers(4))
+        size = rng.uniform(0.03, 0.18, 3) * p + 1.0
+        if kind == 0:  # cube (axis aligned box with random edges)
+            sl = tuple(slice(int(max(ci - si, 0)), int(min(ci + si, p)) + 1) for ci, si in zip(c, size))
+            chi[sl] += np.float32(val)
+            continue
+        if kind == 1:  # sphere
+            size[:] = size[0]
+        if kind in (0, 1, 2):
+            lo = np.maximum(np.floor(c - size), 0).astype(int)
+            hi = np.minimum(np.ceil(c + size) + 1, p).astype(int)
+        if kind == 3:  # cylinder along a random axis
+            axis = int(rng.integers(3))
+            size[axis] = rng.uniform(0.2, 0.5) * p
+            lo = np.maximum(np.floor(c - size), 0).astype(int)
+            hi = np.minimum(np.ceil(c + size) + 1, p).astype(int)
+        if np.any(hi <= lo):
+            continue
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        d = [(g - ci) / si for g, ci, si in zip((x[sl[0]], y[:, sl[1]], z[:, :, sl[2]]), c, size)]
+        if kind == 3:
+            others = [d[i] for i in range(3) if i != axis]
+            inside = (others[0] ** 2 + others[1] ** 2 <= 1.0) & (np.abs(d[axis]) <= 1.0)
+        else:
+            inside = d[0] ** 2 + d[1] ** 2 + d[2] ** 2 <= 1.0
+        chi[sl] += np.where(inside, np.float32(val), np.float32(0.0))
+    chi = qsmnet_plus_augment(chi, rng, prob=augment_prob)
+    mask = _random_blob_mask(rng, shape) if rng.random() < blob_mask_prob else np.ones(shape, np.float32)
+    chi *= mask
+    b0 = np.array([0.0, 0.0, 1.0], np.float32)
+    clean = _padded_field(chi, vs, b0) * mask
+    noisy, _ = _add_noise(clean, mask, rng, snr_range)
+    return {
+        "field_ppm": (noisy * mask).astype(np.float32),
+        "field_clean_ppm": clean.astype(np.float32),
+        "chi_ppm": chi,
+        "mask": mask,
+        "b0_dir": b0,
+        "voxel_size_mm": vs.astype(np.float32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# hybrid brains
+
+
+class HeadSource:
+    """A cached head phantom prepared for hybrid-brain sampling (labels, mask, background field).
+
+    ``background_field_ppm`` (axial B0, full grid): field of every source outside the brain mask
+    (``chi - chi_ambient`` outside, ``-chi_ambient`` inside, i.e. total minus local field as in
+    :func:`qsmprep.simulate.simulate_gre`), zero padded 64 mm, with a 2nd-order harmonic shim fitted
+    in the brain removed.
+    """
+
+    def __init__(self, downsample: int, seed: int):
+        if int(seed) in HELD_OUT_SEEDS:
+            raise ValueError(f"phantom seed {seed} is reserved for held-out evaluation (100..199); use 0..9")
+        from qsmprep.simulate import make_head_phantom
+
+        ph = make_head_phantom(downsample=int(downsample), seed=int(seed))
+        self.voxel_size_mm = np.asarray(ph.voxel_size_mm, dtype=np.float64)
+        self.labels = np.ascontiguousarray(ph.labels.astype(np.int16))
+        self.brain_mask = np.ascontiguousarray(ph.brain_mask.astype(np.uint8))
+        self.label_names = dict(ph.label_names)
+        self.n_labels = int(self.labels.max()) + 1
+        src = ph.chi_ppm - np.float32(ph.chi_ambient_ppm)
+        src[ph.brain_mask] = np.float32(-ph.chi_ambient_ppm)
+        pad = [int(np.ceil(64.0 / v)) for v in self.voxel_size_mm]
+        bg = forward_field_ppm(src, self.voxel_size_mm, (0.0, 0.0, 1.0), pad)
+        del src
+        bg -= _harmonic_fit(bg, ph.brain_mask, self.voxel_size_mm)
+        self.background_field_ppm = np.ascontiguousarray(bg.astype(np.float32))
+        self.brain_index = np.argwhere(ph.brain_mask).astype(np.int32)
+        # nominal chi table per label (brain labels get the Gaussian mixture, others nominal)
+        self.nominal = np.zeros(self.n_labels, np.float32)
+        for lab, v in ph.label_chi_ppm.items():
+            if lab < self.n_labels:
+                self.nominal[lab] = v
+        self.ambient = float(ph.chi_ambient_ppm)
+
+
+def _harmonic_basis(coords):
+    x, y, z = coords
+    one = np.ones_like(x)
+    return [one, x, y, z, x * y, x * z, y * z, x * x - y * y, 2 * z * z - x * x - y * y]
+
+
+def _harmonic_fit(field: np.ndarray, mask: np.ndarray, vs) -> np.ndarray:
+    """Least-squares 2nd-order solid-harmonic fit of ``field`` in ``mask`` (every 2nd voxel), full grid."""
+    idx = np.argwhere(mask)[::8].astype(np.float64)
+    centre = idx.mean(axis=0)
+    scale = 100.0
+    pts = [(idx[:, i] - centre[i]) * vs[i] / scale for i in range(3)]
+    a = np.stack(_harmonic_basis(pts), axis=1)
+    coef, *_ = np.linalg.lstsq(a, field[tuple(idx.astype(int).T)].astype(np.float64), rcond=None)
+    grids = [((np.arange(n) - centre[i]) * vs[i] / scale).astype(np.float32).reshape([-1 if j == i else 1 for j in range(3)])
+             for i, n in enumerate(field.shape)]
+    fit = np.zeros(field.shape, np.float32)
+    for c, b in zip(coef, _harmonic_basis(grids)):
+        fit += np.float32(c) * b
+    return fit
+
+
+@functools.lru_cache(maxsize=4)
+def head_source(downsample: int = 1, seed: int = 0) -> HeadSource:
+    """Per-process cache of :class:`HeadSource` (a few seconds to build at 1 mm)."""
+    return HeadSource(downsample, seed)
+
+
+def _sample_coords(rng, src: HeadSource, patch: int, vs_out, max_rot_deg, scale_pct, elastic_mm):
+    """Phantom index coordinates (3, p, p, p) for a randomly transformed, deformed patch."""
+    p = patch
+    vs_in = src.voxel_size_mm
+    # centre: a random brain voxel, jittered so the patch may overhang the brain edge
+    c = src.brain_index[int(rng.integers(len(src.brain_index)))].astype(np.float64)
+    rot = np.eye(3)
+    if max_rot_deg > 0:
+        ax = rng.standard_normal(3)
+        rot = rotation_matrix(ax / np.linalg.norm(ax), rng.uniform(-max_rot_deg, max_rot_deg))
+    s = 1.0 + rng.uniform(-scale_pct, scale_pct, 3) / 100.0
+    # patch voxel offsets (mm) -> phantom mm -> phantom index
+    m = (rot * s[None, :]) * np.asarray(vs_out, dtype=np.float64)[None, :]
+    m = m / vs_in[:, None]
+    g = (np.arange(p, dtype=np.float32) - (p - 1) / 2.0)
+    coords = np.empty((3, p, p, p), np.float32)
+    for i in range(3):
+        coords[i] = (m[i, 0] * g[:, None, None] + m[i, 1] * g[None, :, None] + m[i, 2] * g[None, None, :] + c[i])
+    if elastic_mm > 0:
+        n_ctrl = 5
+        for i in range(3):
+            d = rng.standard_normal((n_ctrl,) * 3).astype(np.float32) * np.float32(elastic_mm / vs_in[i])
+            coords[i] += ndi.zoom(d, p / n_ctrl, order=3, mode="nearest")[:p, :p, :p]
+    return coords
+
+
+def hybrid_brain_sample(
+    rng: np.random.Generator,
+    patch: int = 48,
+    source: HeadSource | None = None,
+    phantom_downsample: int = 1,
+    phantom_seeds: Sequence[int] = (0,),
+    target: str = "chi",
+    voxel_sizes_mm: Sequence[Sequence[float]] = ((1.0, 1.0, 1.0),),
+    max_tilt_deg: float = 0.0,
+    max_rot_deg: float = 15.0,
+    scale_pct: float = 10.0,
+    elastic_mm: float = 2.0,
+    n_lesions: tuple[int, int] = (0, 3),
+    augment_prob: float = 0.3,
+    n_external: tuple[int, int] = (0, 3),
+    bg_scale: tuple[float, float] = (0.5, 1.5),
+    snr_range: tuple[float, float] | None = (10.0, 100.0),
+    min_mask_fraction: float = 0.15,
+) -> dict[str, np.ndarray]:
+    """One NeXtQSM-style hybrid-brain patch (see the module docstring for the recipe).
+
+    ``source``: a :class:`HeadSource` (default: :func:`head_source` of a seed drawn from
+    ``phantom_seeds``, which must avoid 100..199). ``target="chi"`` (dipole inversion: also random
+    B0 tilt up to ``max_tilt_deg`` and voxel size from ``voxel_sizes_mm``) or ``"local"`` (background
+    removal: axial B0, and a total field is made). Returns float32 ``chi_ppm``, ``mask``,
+    ``local_field_ppm`` (noisy for ``"chi"``, clean for ``"local"``; zero outside the mask),
+    ``local_field_clean_ppm``, ``b0_dir``, ``voxel_size_mm`` and for ``"local"`` also
+    ``total_field_ppm`` (noisy, masked) and ``background_field_ppm`` (masked).
+    """
+    p = _check_patch(patch)
+    if target not in ("chi", "local"):
+        raise ValueError(f"target must be 'chi' or 'local', got {target!r}")
+    if source is None:
+        seed = int(phantom_seeds[int(rng.integers(len(phantom_seeds)))])
+        source = head_source(int(phantom_downsample), seed)
+    vs = np.asarray(voxel_sizes_mm[int(rng.integers(len(voxel_sizes_mm)))], dtype=np.float64) if target == "chi" \
+        else np.ones(3)
+    b0 = random_b0_dir(rng, max_tilt_deg) if target == "chi" else np.array([0.0, 0.0, 1.0], np.float32)
+    for _ in range(20):
+        coords = _sample_coords(rng, source, p, vs, max_rot_deg, scale_pct, elastic_mm)
+        mask = ndi.map_coordinates(source.brain_mask, coords, order=0, mode="constant", cval=0).astype(np.float32)
+        if mask.mean() >= min_mask_fraction:
+            break
+    labels = ndi.map_coordinates(source.labels, coords, order=0, mode="constant", cval=0)
+    # per-label chi: Gaussian around the literature value, sometimes a wide uniform component
+    table = source.nominal.copy()
+    for lab, name in source.label_names.items():
+        if name in HYBRID_CHI_PPM and lab < len(table):
+            mu, sd = HYBRID_CHI_PPM[name]
+            table[lab] = rng.uniform(-0.3, 0.3) if rng.random() < WIDE_PROB else mu + sd * rng.standard_normal()
+    chi = table[labels].astype(np.float32)
+    del labels
+    # partial volume + smooth texture (+-0.01 ppm scale)
+    chi = ndi.gaussian_filter(chi, 0.6, mode="nearest")
+    tex = ndi.zoom(rng.standard_normal((4, 4, 4)).astype(np.float32), p / 4, order=3)[:p, :p, :p]
+    chi += np.float32(rng.uniform(0.0, 0.015)) * tex
+    # lesions (QSMnet+): spheres with chi in [-1.4, 1.4] ppm
+    ax = np.arange(p, dtype=np.float32)
+    for _ in range(int(rng.integers(n_lesions[0], n_lesions[1] + 1))):
+        c = rng.uniform(0.15 * p, 0.85 * p, 3)
+        r = rng.uniform(1.5, 0.08 * p + 2.0) / vs
+        d2 = sum(((ax.reshape([-1 if j == i else 1 for j in range(3)]) - c[i]) / r[i]) ** 2 for i in range(3))
+        chi = np.where(d2 <= 1.0, np.float32(rng.uniform(-1.4, 1.4)), chi)
+    chi_local = qsmnet_plus_augment(chi * mask, rng, prob=augment_prob) if target == "chi" else chi * mask
+    chi_local = chi_local.astype(np.float32)
+    local = _padded_field(chi_local, vs, b0) * mask
+    out = {
+        "chi_ppm": chi_local,
+        "mask": mask,
+        "b0_dir": np.asarray(b0, np.float32),
+        "voxel_size_mm": vs.astype(np.float32),
+        "local_field_clean_ppm": local.astype(np.float32),
+    }
+    if target == "chi":
+        noisy, _ = _add_noise(local, mask, rng, snr_range)
+        out["local_field_ppm"] = (noisy * mask).astype(np.float32)
+        return out
+    # background: resampled head background field, scaled, + external sources + harmonic residual
+    bg = ndi.map_coordinates(source.background_field_ppm, coords, order=1, mode="nearest")
+    bg *= np.float32(rng.uniform(*bg_scale))
+    ext = np.zeros((p, p, p), np.float32)
+    outside = mask < 0.5
+    if outside.any():
+        for _ in range(int(rng.integers(n_external[0], n_external[1] + 1))):
+            c = rng.uniform(0, p, 3)
+            r = rng.uniform(2.0, 0.15 * p + 2.0, 3)
+            d2 = sum(((ax.reshape([-1 if j == i else 1 for j in range(3)]) - c[i]) / r[i]) ** 2 for i in range(3))
+            ext += np.where((d2 <= 1.0) & outside, np.float32(rng.choice([-1, 1]) * rng.uniform(0.5, 9.4)), np.float32(0))
+    if np.any(ext):
+        bg += _padded_field(ext, vs, b0)
+    g = [((ax - (p - 1) / 2.0) / p).reshape([-1 if j == i else 1 for j in range(3)]) for i in range(3)]
+    coef = rng.standard_normal(9).astype(np.float32) * np.float32(0.05)
+    for cc, bf in zip(coef[1:], _harmonic_basis(g)[1:]):
+        bg += cc * bf
+    bg -= np.float32(np.mean(bg[mask > 0]))  # centre frequency adjustment in the mask
+    total = local + bg
+    noisy, _ = _add_noise(total, mask, rng, None if snr_range is None else (snr_range[0] * 10, snr_range[1] * 10))
+    out["total_field_ppm"] = (noisy * mask).astype(np.float32)
+    out["background_field_ppm"] = (bg * mask).astype(np.float32)
+    out["local_field_ppm"] = out["local_field_clean_ppm"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# batches
+
+
+def sample(kind: str, rng: np.random.Generator, patch: int, **options) -> dict[str, np.ndarray]:
+    """One sample of ``kind`` (see :data:`KINDS`) with keys ``input`` (network input field, ppm),
+    ``target`` (ppm), ``mask``, ``b0_dir``, ``voxel_size_mm`` and ``field_ppm`` (the local field for
+    the dipole kinds, used by the uQSM loss). ``options`` go to the generator."""
+    if kind == "deepqsm":
+        s = deepqsm_shapes_sample(rng, patch, **options)
+        return {"input": s["field_ppm"], "target": s["chi_ppm"], "mask": s["mask"], "field_ppm": s["field_ppm"],
+                "b0_dir": s["b0_dir"], "voxel_size_mm": s["voxel_size_mm"]}
+    if kind == "nextqsm-bg":
+        s = hybrid_brain_sample(rng, patch, target="local", **options)
+        return {"input": s["total_field_ppm"], "target": s["local_field_ppm"], "mask": s["mask"],
+                "field_ppm": s["local_field_ppm"], "b0_dir": s["b0_dir"], "voxel_size_mm": s["voxel_size_mm"]}
+    if kind == "nextqsm-varnet":
+        s = hybrid_brain_sample(rng, patch, target="chi", **options)
+        return {"input": s["local_field_ppm"], "target": s["chi_ppm"], "mask": s["mask"], "field_ppm": s["local_field_ppm"],
+                "b0_dir": s["b0_dir"], "voxel_size_mm": s["voxel_size_mm"]}
+    raise ValueError(f"unknown data kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def make_batch(kind: str, rng: np.random.Generator, batch_size: int, patch: int, **options) -> dict[str, np.ndarray]:
+    """``batch_size`` samples stacked: volumes (B, 1, p, p, p) float32, ``b0_dir``/``voxel_size_mm`` (B, 3)."""
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    samples = [sample(kind, rng, patch, **options) for _ in range(int(batch_size))]
+    out = {}
+    for k in samples[0]:
+        arr = np.stack([s[k] for s in samples])
+        out[k] = arr[:, None] if arr.ndim == 4 else arr
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def validation_set(kind: str, n: int, seed: int = 12345, patch: int = 48, **options) -> list[dict[str, np.ndarray]]:
+    """Deterministic held-out validation samples: ``n`` batches of one, from ``default_rng(seed)``
+    (a stream independent of the training stream when ``seed`` differs from the training seed)."""
+    rng = np.random.default_rng(int(seed))
+    return [make_batch(kind, rng, 1, patch, **options) for _ in range(int(n))]
+
+
+def dipole_convolve_np(chi_ppm: np.ndarray, voxel_size_mm, b0_dir) -> np.ndarray:
+    """Circular dipole convolution on the array's own grid (float32), for sanity checks."""
+    k = dipole_kernel(chi_ppm.shape, voxel_size_mm, b0_dir)
+    return _fft.irfftn(_fft.rfftn(chi_ppm) * k, chi_ppm.shape)

@@ -1,0 +1,111 @@
+"""The learned methods inside the BIDS App: CLI choices, model checks before any work, provenance in
+the sidecar parameters, ``--device``, and the methods boilerplate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from qsmprep.cli.parser import method_choices  # noqa: E402
+from qsmprep.cli.run import main  # noqa: E402
+from qsmprep.interfaces.qsm import BackgroundRemoval, DipoleInversion  # noqa: E402
+from qsmprep.nn.models import save_model  # noqa: E402
+from qsmprep.nn.unet import UNet3d  # noqa: E402
+from qsmprep.qsm.geometry import forward_field_ppm  # noqa: E402
+from qsmprep.utils.boilerplate import method_label, method_references  # noqa: E402
+
+
+def test_learned_methods_are_cli_choices_with_references():
+    import inspect
+
+    import qsmprep.nn  # noqa: F401
+    from qsmprep.cli.parser import LEARNED_METHODS
+    from qsmprep.qsm.registry import BGREMOVE, INVERSION
+
+    for stage, reg in (("bgremove", BGREMOVE), ("inversion", INVERSION)):
+        learned = [n for n in reg.names() if "model" in inspect.signature(reg.get(n)).parameters]
+        assert sorted(learned) == sorted(LEARNED_METHODS[stage])
+    assert {"deepqsm", "nextqsm"} <= set(method_choices("inversion"))
+    assert "nextqsm" in method_choices("bgremove")
+    assert "vsharp" in method_choices("bgremove") and "rts" in method_choices("inversion")
+    assert method_label("inversion", "deepqsm") == "DeepQSM"
+    assert "bollmann2019" in method_references("inversion", "deepqsm")
+    assert "cognolato2023" in method_references("bgremove", "nextqsm")
+
+
+@pytest.mark.parametrize("args", [["--inversion", "deepqsm"], ["--bgremove", "nextqsm"], ["--inversion", "nextqsm"]])
+def test_missing_model_fails_before_any_work(tmp_path, monkeypatch, capsys, args):
+    empty = tmp_path / "models"
+    empty.mkdir()
+    monkeypatch.setenv("QSMPREP_MODEL_DIR", str(empty))
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    out = tmp_path / "out"
+    rc = main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--skip-bids-validation"] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 64, err
+    assert err.count("\n") == 0 and ".pt" in err and "not found" in err, err
+    assert not out.exists()
+
+
+def _save_tiny_unet(directory: Path, name: str) -> dict:
+    torch.manual_seed(0)
+    net = UNet3d(width=2, depth=1)
+    return save_model(net, directory / f"{name}.pt", "unet3d", {"width": 2, "depth": 1},
+                      {"name": name, "note": "plumbing test only"}, {"input_scale": 20.0, "output_scale": 5.0}, "test")
+
+
+def _nifti(path: Path, data, dtype=np.float32) -> str:
+    nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), np.eye(4)), path)
+    return str(path)
+
+
+def test_interfaces_record_model_name_version_checksum(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    card_inv = _save_tiny_unet(models, "deepqsm")
+    card_bg = _save_tiny_unet(models, "nextqsm-bg")
+    monkeypatch.setenv("QSMPREP_MODEL_DIR", str(models))
+    monkeypatch.chdir(tmp_path)
+    shape = (20, 22, 18)
+    mask = np.zeros(shape, bool)
+    mask[3:-3, 3:-3, 3:-3] = True
+    chi = np.zeros(shape, np.float32)
+    chi[8:12, 9:13, 7:11] = 0.1
+    field = forward_field_ppm(chi, (1, 1, 1), (0, 0, 1)).astype(np.float32)
+    f_file, m_file = _nifti(tmp_path / "f.nii", field), _nifti(tmp_path / "m.nii", mask, np.uint8)
+    inv = DipoleInversion(local_field=f_file, mask=m_file, voxel_size=[1.0] * 3, b0_dir=[0.0, 0.0, 1.0],
+                          method="deepqsm", device="cpu").run().outputs
+    assert inv.params["Method"] == "deepqsm" and inv.params["ModelName"] == "deepqsm"
+    assert inv.params["ModelSHA256"] == card_inv["sha256"] and inv.params["ModelVersion"] == "test"
+    assert inv.params["Parameters"]["device"] == "cpu"
+    out = nib.load(inv.chi).get_fdata()
+    assert out.shape == shape and np.all(out[~mask] == 0)
+    bg = BackgroundRemoval(total_field=f_file, mask=m_file, voxel_size=[1.0] * 3, b0_dir=[0.0, 0.0, 1.0],
+                           method="nextqsm", device="cpu").run().outputs
+    assert bg.params["ModelSHA256"] == card_bg["sha256"] and bg.params["MaskVoxelsOut"] == int(mask.sum())
+    # a classical method records no model
+    tkd = DipoleInversion(local_field=f_file, mask=m_file, voxel_size=[1.0] * 3, b0_dir=[0.0, 0.0, 1.0],
+                          method="tkd").run().outputs
+    assert "ModelSHA256" not in tkd.params and "device" not in tkd.params["Parameters"]
+
+
+def test_device_cuda_without_gpu_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    models = tmp_path / "models"
+    models.mkdir()
+    _save_tiny_unet(models, "deepqsm")
+    monkeypatch.setenv("QSMPREP_MODEL_DIR", str(models))
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    rc = main([str(bids), str(tmp_path / "out"), "participant", "--inversion", "deepqsm", "--device", "cuda",
+               "--skip-bids-validation"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 64 and err.count("\n") == 0 and "--device cuda" in err and "cuda" in err.lower(), err
+    assert not (tmp_path / "out").exists()

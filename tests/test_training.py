@@ -1,0 +1,299 @@
+"""Tests for qsmprep.training: synthetic data, losses, training loop (resume, export) and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qsmprep.qsm.geometry import dipole_kernel
+from qsmprep.training import data as D
+from qsmprep.training import losses as L
+from qsmprep.training.cli import main as cli_main
+from qsmprep.training.train import ConfigError, TrainConfig, export, learning_rate, read_loss_log, train
+
+HYB = dict(phantom_downsample=2, phantom_seeds=[0])
+
+
+def _tiny_cfg(**kw):
+    base = dict(kind="deepqsm", model=dict(arch="unet3d", width=4, depth=2), patch=16, batch_size=2, steps=30,
+                lr=3e-3, lr_schedule="constant", checkpoint_every=10, validate_every=10, n_val=2, num_threads=1,
+                scales=dict(input_scale=20.0, output_scale=5.0), data=dict(n_shapes=[4, 10]), recipe="tiny test")
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def test_shapes_sample_deterministic_float32():
+    a = D.deepqsm_shapes_sample(np.random.default_rng(3), 24)
+    b = D.deepqsm_shapes_sample(np.random.default_rng(3), 24)
+    c = D.deepqsm_shapes_sample(np.random.default_rng(4), 24)
+    for k in ("field_ppm", "field_clean_ppm", "chi_ppm", "mask"):
+        assert a[k].shape == (24, 24, 24) and a[k].dtype == np.float32
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["chi_ppm"], c["chi_ppm"])
+    assert a["b0_dir"].dtype == np.float32 and np.allclose(a["b0_dir"], [0, 0, 1])
+
+
+def test_shapes_field_is_padded_dipole_convolution():
+    s = D.deepqsm_shapes_sample(np.random.default_rng(5), 24, blob_mask_prob=0.0, snr_range=None)
+    chi = s["chi_ppm"].astype(np.float64)
+    big = np.zeros((48, 48, 48))
+    big[12:36, 12:36, 12:36] = chi
+    k = dipole_kernel(big.shape, (1, 1, 1), (0, 0, 1), real=False).astype(np.float64)
+    ref = np.real(np.fft.ifftn(np.fft.fftn(big) * k))[12:36, 12:36, 12:36]
+    err = np.linalg.norm(s["field_clean_ppm"] - ref) / np.linalg.norm(ref)
+    assert err < 1e-4, err
+    assert np.abs(s["chi_ppm"]).max() > 0.05
+    # noiseless sample: the network input is the clean field
+    np.testing.assert_array_equal(s["field_ppm"], s["field_clean_ppm"])
+
+
+def test_qsmnet_plus_augmentation_range_and_sign():
+    rng = np.random.default_rng(0)
+    chi = np.linspace(0.0, 0.3, 1000, dtype=np.float32)
+    maxima, inverted = [], 0
+    for _ in range(60):
+        out = D.qsmnet_plus_augment(chi, rng, prob=0.5)
+        if out.min() < 0:
+            inverted += 1
+        maxima.append(np.abs(out).max())
+    assert 10 <= inverted <= 50  # p = 0.5 of 60
+    assert min(maxima) >= 0.3 - 1e-6 and max(maxima) <= 1.2 + 1e-6 and max(maxima) > 0.6
+    # the full generator: chi beyond +-1 ppm occurs, and both signs of large values
+    extremes = [D.deepqsm_shapes_sample(rng, 16, snr_range=None)["chi_ppm"] for _ in range(25)]
+    assert max(np.abs(c).max() for c in extremes) > 1.0
+    assert min(c.min() for c in extremes) < -0.5 and max(c.max() for c in extremes) > 0.5
+
+
+def test_hybrid_brain_samples():
+    a = D.hybrid_brain_sample(np.random.default_rng(1), 16, target="chi", max_tilt_deg=30.0,
+                              voxel_sizes_mm=((1, 1, 1), (0.75, 0.75, 1.5)), **HYB)
+    b = D.hybrid_brain_sample(np.random.default_rng(1), 16, target="chi", max_tilt_deg=30.0,
+                              voxel_sizes_mm=((1, 1, 1), (0.75, 0.75, 1.5)), **HYB)
+    for k in ("chi_ppm", "mask", "local_field_ppm", "local_field_clean_ppm"):
+        assert a[k].shape == (16,) * 3 and a[k].dtype == np.float32
+        np.testing.assert_array_equal(a[k], b[k])
+    assert a["mask"].mean() >= 0.15
+    assert np.all(a["chi_ppm"][a["mask"] == 0] == 0)
+    assert abs(np.linalg.norm(a["b0_dir"]) - 1) < 1e-5 and a["b0_dir"][2] >= np.cos(np.radians(30)) - 1e-6
+    tilts = [D.hybrid_brain_sample(np.random.default_rng(s), 16, target="chi", max_tilt_deg=30.0, **HYB)["b0_dir"][2]
+             for s in range(4)]
+    assert min(tilts) < 0.999  # oblique directions are drawn
+    bg = D.hybrid_brain_sample(np.random.default_rng(2), 16, target="local", snr_range=None, **HYB)
+    m = bg["mask"] > 0
+    np.testing.assert_allclose(bg["total_field_ppm"][m], (bg["local_field_ppm"] + bg["background_field_ppm"])[m],
+                               atol=1e-6)
+    assert np.std(bg["background_field_ppm"][m]) > np.std(bg["local_field_ppm"][m])  # background dominates
+    with pytest.raises(ValueError, match="held-out"):
+        D.HeadSource(2, 150)
+    with pytest.raises(ValueError, match="target"):
+        D.hybrid_brain_sample(np.random.default_rng(0), 16, target="bad", **HYB)
+
+
+def test_make_batch_and_validation_set():
+    b = D.make_batch("deepqsm", np.random.default_rng(0), 3, 16)
+    assert b["input"].shape == (3, 1, 16, 16, 16) and b["target"].dtype == np.float32
+    assert b["b0_dir"].shape == (3, 3)
+    v1 = D.validation_set("nextqsm-varnet", 2, seed=7, patch=16, **HYB)
+    v2 = D.validation_set("nextqsm-varnet", 2, seed=7, patch=16, **HYB)
+    assert len(v1) == 2
+    np.testing.assert_array_equal(v1[1]["target"], v2[1]["target"])
+    with pytest.raises(ValueError, match="unknown data kind"):
+        D.make_batch("nope", np.random.default_rng(0), 1, 16)
+    with pytest.raises(ValueError, match="patch"):
+        D.deepqsm_shapes_sample(np.random.default_rng(0), 4)
+
+
+# ------------------------------------------------------------------------------------------- losses
+
+
+def test_losses_values():
+    x = torch.zeros(1, 1, 4, 4, 4)
+    t = torch.ones(1, 1, 4, 4, 4)
+    m = torch.zeros(1, 1, 4, 4, 4)
+    m[..., :2, :, :] = 1
+    t[..., 2:, :, :] = 100.0  # outside the mask: ignored
+    assert float(L.masked_l1(x, t, m)) == pytest.approx(1.0)
+    assert float(L.masked_l2(x + 3, t, m)) == pytest.approx(4.0)
+    y = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert float(L.nrmse(y, y)) == pytest.approx(0.0, abs=1e-4)
+    assert float(L.nrmse(0.5 * y, y)) == pytest.approx(50.0, rel=1e-3)
+    with pytest.raises(ValueError, match="mask has shape"):
+        L.masked_l1(x, t, m[..., :2])
+
+
+def test_uqsm_loss():
+    from qsmprep.nn.dipole import dipole_convolve, dipole_kernel_torch
+
+    g = torch.Generator().manual_seed(1)
+    chi = 0.1 * torch.randn(1, 1, 16, 16, 16, generator=g)
+    k = dipole_kernel_torch((16, 16, 16))
+    f = dipole_convolve(chi, k)
+    m = torch.ones_like(chi)
+    assert float(L.uqsm_loss(chi, f, m, k)) < 1e-8
+    bad = float(L.uqsm_loss(torch.zeros_like(chi), f, m, k, b0_tesla=3.0, te_s=0.02))
+    s = L.phase_per_ppm(3.0, 0.02)
+    assert s == pytest.approx(2 * np.pi * 42.57747892 * 3.0 * 0.02, rel=1e-9)
+    expected = float(torch.mean(2 * (1 - torch.cos(s * f))))
+    assert bad == pytest.approx(expected, rel=1e-4) and bad > 0
+    assert float(L.uqsm_loss(chi, f, m, k, tv_weight=1.0)) == pytest.approx(float(L.total_variation(chi)), rel=1e-4)
+    chi.requires_grad_(True)
+    L.uqsm_loss(chi * 0.5, f, m, k, tv_weight=0.01).backward()
+    assert torch.isfinite(chi.grad).all() and chi.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="seconds"):
+        L.phase_per_ppm(3.0, 20.0)
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def test_training_lowers_loss(tmp_path):
+    s = train(_tiny_cfg(), tmp_path, progress=False)
+    assert s["step"] == 30 and s["stopped"] == "steps"
+    log = read_loss_log(tmp_path)
+    first, last = log["train_loss"][:5].mean(), log["train_loss"][-5:].mean()
+    assert last < 0.85 * first, (first, last)
+    assert np.isfinite(log["val_nrmse"][-1]) and np.isnan(log["val_nrmse"][0])  # validated every 10 steps
+    assert np.all(np.diff(log["step"]) == 1)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_tiny_cfg(steps=12, checkpoint_every=4, n_val=0), a, progress=False)
+    train(_tiny_cfg(steps=8, checkpoint_every=4, n_val=0), b, progress=False)
+    ck = torch.load(b / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ck["step"] == 8
+    s = train(_tiny_cfg(steps=12, checkpoint_every=4, n_val=0), b, progress=False)
+    assert s["step"] == 12
+    la, lb = read_loss_log(a), read_loss_log(b)
+    np.testing.assert_array_equal(lb["step"], np.arange(1, 13))
+    np.testing.assert_allclose(lb["train_loss"], la["train_loss"], rtol=1e-5)
+    # finished run: resuming does nothing; a different config refuses to resume
+    assert train(_tiny_cfg(steps=12, checkpoint_every=4, n_val=0), b, progress=False)["step"] == 12
+    with pytest.raises(ConfigError, match="different"):
+        train(_tiny_cfg(steps=14, patch=24, n_val=0), b, progress=False)
+    # --stop-after: same schedule as the 12-step run, stopped at 5 (how a timed-out run is reproduced)
+    c = tmp_path / "c"
+    s = train(_tiny_cfg(steps=12, checkpoint_every=4, n_val=0), c, progress=False, stop_after=5)
+    assert s["step"] == 5 and s["stopped"] == "stop_after"
+    np.testing.assert_allclose(read_loss_log(c)["train_loss"], la["train_loss"][:5], rtol=1e-5)
+    from qsmprep.training.train import _command
+
+    cmd = _command(_tiny_cfg(steps=12), 5, 1, "cpu", "x")
+    assert "--steps 12 --stop-after 5" in cmd
+
+
+def test_time_budget_and_schedule(tmp_path):
+    s = train(_tiny_cfg(steps=1000, n_val=0), tmp_path, max_minutes=0.02, progress=False)
+    assert s["stopped"] == "time" and 0 < s["step"] < 1000
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == s["step"]
+    c = _tiny_cfg(lr_schedule="cosine", lr=1e-3, lr_min=0.0, steps=100)
+    assert learning_rate(c, 0) == pytest.approx(1e-3) and learning_rate(c, 50) == pytest.approx(5e-4)
+    c = _tiny_cfg(lr_schedule="step", lr=1e-3, lr_step_every=10, lr_gamma=0.5)
+    assert learning_rate(c, 25) == pytest.approx(2.5e-4)
+
+
+def test_varnet_and_uqsm_paths(tmp_path):
+    cfg = _tiny_cfg(kind="nextqsm-varnet", model=dict(arch="varnet", steps=2, width=2, depth=0), batch_size=2,
+                    steps=2, n_val=1, validate_every=2, data=dict(max_tilt_deg=30.0, **HYB))
+    s = train(cfg, tmp_path / "v", progress=False)
+    assert s["step"] == 2 and np.isfinite(s["train_loss"]) and np.isfinite(s["val_nrmse"])
+    cfg = _tiny_cfg(loss="l1+uqsm", steps=2, n_val=0)
+    assert np.isfinite(train(cfg, tmp_path / "u", progress=False)["train_loss"])
+    cfg = _tiny_cfg(kind="nextqsm-bg", steps=2, n_val=1, data=HYB, scales=dict(input_scale=1.0, output_scale=20.0))
+    assert np.isfinite(train(cfg, tmp_path / "bg", progress=False)["val_nrmse"])
+    # joint NeXtQSM model file from the two parts
+    from qsmprep.nn.dipole import dipole_kernel_torch
+    from qsmprep.nn.models import load_model
+    from qsmprep.training.train import export_nextqsm
+
+    card = export_nextqsm(tmp_path / "bg", tmp_path / "v", "nx", tmp_path / "models")
+    assert card["licence"] == "Apache-2.0" and set(card["parts"]) == {"nextqsm-bg", "nextqsm-varnet"}
+    model, _ = load_model("nx", directory=tmp_path / "models")
+    x = torch.randn(1, 1, 16, 16, 16) * 0.1
+    with torch.no_grad():
+        y = model(x, torch.ones_like(x), dipole_kernel_torch((16, 16, 16)))
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    with pytest.raises(ConfigError, match="expected"):
+        export_nextqsm(tmp_path / "v", tmp_path / "bg", "nx2", tmp_path / "models")
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        _tiny_cfg(bogus=1)
+    with pytest.raises(ConfigError, match="arch"):
+        _tiny_cfg(kind="nextqsm-varnet")
+    with pytest.raises(ConfigError, match="multiple"):
+        _tiny_cfg(patch=18)
+    with pytest.raises(ConfigError, match="uQSM"):
+        _tiny_cfg(kind="nextqsm-bg", loss="l1+uqsm")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "qsmprep" / "training" / "configs"
+    assert TrainConfig.from_toml(root / "deepqsm.toml").kind == "deepqsm"
+    for sec in ("nextqsm-bg", "nextqsm-varnet"):
+        assert TrainConfig.from_toml(root / "nextqsm.toml", section=sec).kind == sec
+    with pytest.raises(ConfigError, match="--section"):
+        TrainConfig.from_toml(root / "nextqsm.toml")
+
+
+def test_export_card_and_checksum(tmp_path):
+    from qsmprep.nn.models import load_model, sha256_file
+
+    cfg = _tiny_cfg(steps=3, n_val=1, validate_every=3)
+    train(cfg, tmp_path / "run", progress=False)
+    card = export(tmp_path / "run", "tiny", tmp_path / "models", card_extra={"note": "test"})
+    pt, js = tmp_path / "models" / "tiny.pt", tmp_path / "models" / "tiny.json"
+    assert pt.is_file() and js.is_file()
+    saved = json.loads(js.read_text())
+    assert saved["sha256"] == sha256_file(pt) == card["sha256"]
+    assert saved["licence"] == "Apache-2.0" and saved["steps"] == 3 and saved["seed"] == 0
+    assert saved["command"].startswith("qsmprep-train ") and "--steps 3" in saved["command"]
+    assert saved["scales"]["input_scale"] == 20.0 and saved["scales"]["output_ppm"] == pytest.approx(0.2)
+    assert np.isfinite(saved["validation"]["nrmse_percent"]) and saved["note"] == "test"
+    assert saved["hardware"] and saved["wall_time_s"] >= 0 and saved["training_data"]["recipe"] == "tiny test"
+    model, _ = load_model("tiny", directory=tmp_path / "models")
+    x = torch.randn(1, 1, 16, 16, 16)
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ref = _tiny_cfg()
+    from qsmprep.nn.models import build_model
+
+    m2 = build_model("unet3d", **ref.model_kwargs)
+    m2.load_state_dict(ck["model"])
+    m2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), m2(x))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_bad_usage_exits_64(tmp_path, capsys):
+    assert cli_main([]) == 64
+    assert cli_main([str(tmp_path / "missing.toml"), str(tmp_path / "out")]) == 64
+    assert "not found" in capsys.readouterr().err
+    good = tmp_path / "c.toml"
+    good.write_text(
+        '[tiny]\nkind = "deepqsm"\npatch = 16\nsteps = 2\nn_val = 0\nnum_threads = 1\n'
+        '[tiny.model]\narch = "unet3d"\nwidth = 2\ndepth = 2\n[tiny.scales]\ninput_scale = 20.0\noutput_scale = 5.0\n'
+    )
+    assert cli_main([str(good), str(tmp_path / "o"), "--steps", "0"]) == 64
+    assert cli_main([str(good), str(tmp_path / "o"), "--section", "nope"]) == 64
+    assert cli_main([str(good), str(tmp_path / "o"), "--export-dir", str(tmp_path)]) == 64
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[x]\nkind = 'deepqsm'\n[x.model]\narch = 'varnet'\n")
+    capsys.readouterr()
+    assert cli_main([str(bad), str(tmp_path / "o")]) == 64
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "qsmprep-train: error:" in err
+    assert cli_main([str(good), str(tmp_path / "o"), "--quiet", "--device", "cpu", "--export", "tiny",
+                     "--export-dir", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "tiny.pt").is_file() and (tmp_path / "m" / "tiny.json").is_file()
