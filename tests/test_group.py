@@ -82,23 +82,22 @@ def test_group_tables_load_with_pandas_and_carry_reasons(tmp_path, two_subjects)
     out = two_subjects
     assert _run_group(tmp_path, out) == 0
     qc = _read(out / "group_qc.tsv")
-    assert list(qc.columns) == ["subject", "session", "acq", "run", "b0_fit_residual_rad", "mask_volume_ml",
+    assert list(qc.columns) == ["participant_id", "session_id", "acq", "run", "b0_fit_residual_rad", "mask_volume_ml",
                                 "n_echoes", "flagged", "flag_reasons"]  # numeric metrics only, sorted
     assert len(qc) == 2
     assert qc["flagged"].dtype == bool and qc["mask_volume_ml"].dtype == float
     assert qc["n_echoes"].tolist() == [4, 4]
-    assert qc["subject"].tolist() == [1, 2]  # BIDS labels; read with dtype={"subject": str} to keep "01"
-    assert pd.read_csv(out / "group_qc.tsv", sep="\t", dtype={"subject": str})["subject"].tolist() == ["01", "02"]
+    assert qc["participant_id"].tolist() == ["sub-01", "sub-02"]  # strings without any dtype argument
     first, second = qc.iloc[0], qc.iloc[1]
-    assert first["session"] == 1 and math.isnan(first["acq"]) and math.isnan(first["run"])
-    assert second["acq"] == "fast" and second["run"] == 1 and math.isnan(second["session"])
+    assert first["session_id"] == "ses-1" and math.isnan(first["acq"]) and math.isnan(first["run"])
+    assert second["acq"] == "fast" and second["run"] == 1 and math.isnan(second["session_id"])
     assert bool(first["flagged"]) and not bool(second["flagged"])
     assert "mask_volume_ml = 640" in first["flag_reasons"] and "expected 800 to 2500" in first["flag_reasons"]
     assert "much smaller than an adult brain" in first["flag_reasons"]
     assert math.isnan(second["flag_reasons"])  # n/a when not flagged
 
     roi = _read(out / "group_roi.tsv")
-    assert list(roi.columns) == ["subject", "session", "acq", "run", "label", "name", "n_voxels", "mean_ppm",
+    assert list(roi.columns) == ["participant_id", "session_id", "acq", "run", "label", "name", "n_voxels", "mean_ppm",
                                  "median_ppm", "std_ppm"]
     assert len(roi) == 2 * len(ROIS)
     assert roi["mean_ppm"].dtype == float and roi["label"].dtype == np.int64
@@ -126,7 +125,7 @@ def test_rerun_after_more_subjects_updates_tables(tmp_path, two_subjects):
     qc01.write_text(json.dumps(_qc(1100.0, 0.02)))
     assert _run_group(tmp_path, out) == 0
     qc = _read(out / "group_qc.tsv")
-    assert qc["subject"].tolist() == [1, 2, 3]
+    assert qc["participant_id"].tolist() == ["sub-01", "sub-02", "sub-03"]
     assert not qc["flagged"].any() and qc.loc[0, "mask_volume_ml"] == 1100.0
     assert len(_read(out / "group_roi.tsv")) == 2 * len(ROIS)  # sub-03 has no regions
 
@@ -140,12 +139,12 @@ def test_missing_qc_file_and_group_outliers_are_flagged(tmp_path):
     _processed(out, f"sub-{n + 1}", None)  # no QC file
     assert _run_group(tmp_path, out) == 0
     qc = _read(out / "group_qc.tsv")
-    flagged = dict(zip(qc["subject"], qc["flagged"]))
-    assert flagged == {i + 1: i in (3, n) for i in range(n + 1)}
-    reasons = dict(zip(qc["subject"], qc["flag_reasons"]))
-    assert "b0_fit_residual_rad = 0.9 is a group outlier" in reasons[4] and "robust z" in reasons[4]
-    assert "QC metrics file missing" in reasons[n + 1]
-    assert math.isnan(qc.loc[qc["subject"] == n + 1, "mask_volume_ml"].item())
+    flagged = dict(zip(qc["participant_id"], qc["flagged"]))
+    assert flagged == {f"sub-{i + 1}": i in (3, n) for i in range(n + 1)}
+    reasons = dict(zip(qc["participant_id"], qc["flag_reasons"]))
+    assert "b0_fit_residual_rad = 0.9 is a group outlier" in reasons["sub-4"] and "robust z" in reasons["sub-4"]
+    assert "QC metrics file missing" in reasons[f"sub-{n + 1}"]
+    assert math.isnan(qc.loc[qc["participant_id"] == f"sub-{n + 1}", "mask_volume_ml"].item())
     tables = collect_group(out)
     assert tables.flagged_metrics["sub-4"] == {"b0_fit_residual_rad"}
 
@@ -167,4 +166,4 @@ def test_no_processed_runs_exits_66(tmp_path, capsys):
 def test_participant_label_selects_rows(tmp_path, two_subjects):
     out = two_subjects
     assert main([str(tmp_path / "bids"), str(out), "group", "--participant-label", "02"]) == 0
-    assert _read(out / "group_qc.tsv")["subject"].tolist() == [2]
+    assert _read(out / "group_qc.tsv")["participant_id"].tolist() == ["sub-02"]

@@ -109,3 +109,26 @@ def test_device_cuda_without_gpu_is_a_usage_error(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 64 and err.count("\n") == 0 and "--device cuda" in err and "cuda" in err.lower(), err
     assert not (tmp_path / "out").exists()
+
+
+def test_unet_methods_are_linear_in_the_field_amplitude(tmp_path):
+    """GroupNorm discards the input's amplitude; the RMS normalisation around the U-Nets restores it, so
+    that chi (and the local field) scale with the field as the linear physics requires."""
+    from qsmprep.nn.inference import deepqsm, nextqsm_bgremove
+
+    _save_tiny_unet(tmp_path, "deepqsm")
+    _save_tiny_unet(tmp_path, "nextqsm-bg")
+    rng = np.random.default_rng(0)
+    shape = (18, 20, 16)
+    mask = np.zeros(shape, bool)
+    mask[2:-2, 3:-3, 2:-2] = True
+    field = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    for b0 in ((0.0, 0.0, 1.0), (0.0, np.sin(0.3), np.cos(0.3))):
+        one = deepqsm(field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
+        for k in (0.1, 3.0):
+            np.testing.assert_allclose(deepqsm(k * field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path)),
+                                       k * one, rtol=1e-4, atol=1e-7 * k)
+        loc, _ = nextqsm_bgremove(field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
+        loc3, _ = nextqsm_bgremove(3 * field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
+        np.testing.assert_allclose(loc3, 3 * loc, rtol=1e-4, atol=1e-7)
+    assert np.all(deepqsm(0 * field, mask, device="cpu", model_dir=str(tmp_path)) == 0)

@@ -269,7 +269,7 @@ def test_group_level_after_participant_run(app, tmp_path):
     (out / "sub-1" / "anat" / "sub-1_desc-roi_stats.tsv").write_text(ROI_TSV)
     assert main([str(app["bids"]), str(out), "group"]) == 0
     lines = (out / "group_qc.tsv").read_text().splitlines()
-    assert lines[0].split("\t")[:4] == ["subject", "session", "acq", "run"] and len(lines) == 3
+    assert lines[0].split("\t")[:4] == ["participant_id", "session_id", "acq", "run"] and len(lines) == 3
     assert _check_self_contained(out / "group.html")
     # subject reports built afterwards link to the group report
     generate_reports(out, ["1"], bids_dir=app["bids"])

@@ -298,7 +298,11 @@ def _apply_axial_1mm(
         if not mk_a.any():
             raise ValueError("mask is too thin to survive resampling to the 1 mm B0-aligned grid")
         v_a = grid.to_aligned(v) * mk_a
-        y = grid.from_aligned(fn(v_a, mk_a))
+        # the aligned grid encloses the rotated box: predict only on the mask's own box in it
+        box_a = _bbox(mk_a, BBOX_MARGIN)
+        y_a = np.zeros(v_a.shape, dtype=np.float32)
+        y_a[box_a] = fn(np.ascontiguousarray(v_a[box_a]), mk_a[box_a])
+        y = grid.from_aligned(y_a)
     else:
         y = fn(v, mk)
     out = np.zeros(mask.shape, dtype=np.float32)
@@ -335,6 +339,17 @@ def _for_device(net: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     return net
 
 
+def _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap) -> np.ndarray:
+    """``rms * net(v / rms) * output_ppm / input_ppm`` with ``rms`` the RMS of ``v`` in ``mk``: linear in
+    the field's amplitude (as trained, :func:`qsmprep.nn.unet.rms_in_mask`)."""
+    sel = np.asarray(mk, bool)
+    rms = float(np.sqrt(np.mean(np.square(v[sel], dtype=np.float64)))) if sel.any() else 0.0
+    if not rms > 1e-9:
+        return np.zeros_like(v, dtype=np.float32)
+    y = predict_padded(net, (v / np.float32(rms)).astype(np.float32), net.multiple, dev, tile, overlap)
+    return (y * np.float32(rms * sc["output_ppm"] / sc["input_ppm"])).astype(np.float32, copy=False)
+
+
 def _scales(card: dict, key: str) -> dict:
     sc = dict(DEFAULT_SCALES[key])
     sc.update(card.get("scales") or {})
@@ -356,8 +371,8 @@ def deepqsm(
     """DeepQSM dipole inversion (Bollmann et al., NeuroImage 2019;195:373): U-Net, local field -> chi.
 
     The masked field (ppm) is cropped to the mask box, resampled to a B0-aligned 1 mm grid when needed,
-    divided by ``scales["input_ppm"]``, predicted (``tile``/``overlap``: see :func:`predict_padded`),
-    multiplied by ``scales["output_ppm"]`` and resampled back. Returns chi (ppm, float32, 0 outside
+    divided by its RMS in the mask, predicted (``tile``/``overlap``: see :func:`predict_padded`),
+    multiplied by that RMS and ``scales["output_ppm"] / scales["input_ppm"]`` and resampled back. Returns chi (ppm, float32, 0 outside
     ``mask``); not referenced. ``model``: a model name in the model directory or a path to a ``.pt``.
     """
     f, m, vs, b = _validate(local_field_ppm, mask, voxel_size_mm, b0_dir, "local_field_ppm")
@@ -367,8 +382,7 @@ def deepqsm(
     sc = _scales(card, "deepqsm")
 
     def fn(v, mk):
-        y = predict_padded(net, v / np.float32(sc["input_ppm"]), net.multiple, dev, tile, overlap)
-        return y * np.float32(sc["output_ppm"])
+        return _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap)
 
     return _apply_axial_1mm(f, m, vs, b, fn) * m
 
@@ -387,8 +401,8 @@ def nextqsm_bgremove(
 ) -> tuple[np.ndarray, np.ndarray]:
     """NeXtQSM background removal (Cognolato et al., Med Image Anal 2023): U-Net, total -> local field.
 
-    Network input: ``(f - mean_mask(f)) * mask / scales["input_ppm"]`` on the B0-aligned 1 mm grid
-    (as DeepQSM); output times ``scales["output_ppm"]``, resampled back, its mean in the mask removed.
+    Network input: ``(f - mean_mask(f)) * mask / rms`` on the B0-aligned 1 mm grid (as DeepQSM); output
+    times ``rms * scales["output_ppm"] / scales["input_ppm"]``, resampled back, its mean in the mask removed.
     Returns (local field ppm float32 0 outside ``mask``, ``mask``).
     """
     f, m, vs, b = _validate(total_field_ppm, mask, voxel_size_mm, b0_dir, "total_field_ppm")
@@ -399,8 +413,7 @@ def nextqsm_bgremove(
     f = (f - np.float32(f[m].mean(dtype=np.float64))).astype(np.float32)
 
     def fn(v, mk):
-        y = predict_padded(net, v / np.float32(sc["input_ppm"]), net.multiple, dev, tile, overlap)
-        return y * np.float32(sc["output_ppm"])
+        return _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap)
 
     local = _apply_axial_1mm(f, m, vs, b, fn)
     local -= np.float32(local[m].mean(dtype=np.float64))

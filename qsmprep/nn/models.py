@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qsmprep.nn.unet import UNet3d
+from qsmprep.nn.unet import UNet3d, rms_in_mask
 from qsmprep.nn.varnet import VarNet
 
 __all__ = [
@@ -59,7 +59,8 @@ class ModelFileError(ValueError):
 class NeXtQSM(nn.Module):
     """NeXtQSM (Cognolato et al., Med Image Anal 2023): background U-Net then VarNet.
 
-    ``forward(total_field_ppm, mask, kernel)``: ``local = bg((total - mean) * mask / s_in) * s_out``
+    ``forward(total_field_ppm, mask, kernel)``: ``local = rms * bg(x / rms) * s_out / s_in`` with
+    ``x = (total - mean) * mask`` and ``rms`` its RMS in the mask
     (means over the mask), minus its mean in the mask, then ``VarNet(local, mask, kernel)`` (the same
     preprocessing as :func:`qsmprep.nn.inference.nextqsm_bgremove`, without its resampling). ``kwargs``: ``bg`` (UNet3d kwargs),
     ``varnet`` (VarNet kwargs), ``bg_input_ppm``, ``bg_output_ppm``.
@@ -77,7 +78,9 @@ class NeXtQSM(nn.Module):
         m = mask.to(total_field_ppm.dtype)
         n = m.sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1)
         f = total_field_ppm - (total_field_ppm * m).sum(dim=(-3, -2, -1), keepdim=True) / n
-        local = self.bg(f * m / self.bg_input_ppm) * self.bg_output_ppm * m
+        x = f * m
+        s = rms_in_mask(x, m)
+        local = self.bg(x / s) * (s * self.bg_output_ppm / self.bg_input_ppm) * m
         local = local - local.sum(dim=(-3, -2, -1), keepdim=True) / n
         return self.varnet(local * m, m, kernel)
 

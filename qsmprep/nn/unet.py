@@ -109,3 +109,15 @@ class UNet3d(nn.Module):
         if self.residual:
             out = out + x[:, : self.out_channels]
         return out
+
+
+def rms_in_mask(x: torch.Tensor, mask: torch.Tensor, floor: float = 1e-9) -> torch.Tensor:
+    """Per-sample RMS of ``x`` inside ``mask`` over the spatial dims, shape (B, 1, 1, 1, 1).
+
+    The U-Nets are applied as ``rms * net(x / rms)`` (times a fixed unit ratio): the prediction is then
+    exactly proportional to the input field, as the physics (a linear inverse problem) requires, while
+    the normalisation layers would otherwise discard the input's amplitude.
+    """
+    m = mask.to(x.dtype)
+    n = m.sum(dim=(-4, -3, -2, -1), keepdim=True).clamp_min(1)
+    return ((x * x * m).sum(dim=(-4, -3, -2, -1), keepdim=True) / n).sqrt().clamp_min(floor)

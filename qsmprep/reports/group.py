@@ -3,9 +3,9 @@
 ``qsmprep BIDS_DIR OUTPUT_DIR group`` calls :func:`run_group`, which reads each series'
 ``<prefix>_desc-qc_metrics.json`` and ``<prefix>_desc-roi_stats.tsv`` (next to its Chimap) and writes
 
-- ``OUTPUT_DIR/group_qc.tsv``: one row per series: ``subject session acq run``, every numeric QC
+- ``OUTPUT_DIR/group_qc.tsv``: one row per series: ``participant_id session_id acq run``, every numeric QC
   metric (alphabetical), ``flagged`` (True/False) and ``flag_reasons`` (``; ``-separated);
-- ``OUTPUT_DIR/group_roi.tsv``: long format, one row per series x region: ``subject session acq run
+- ``OUTPUT_DIR/group_roi.tsv``: long format, one row per series x region: ``participant_id session_id acq run
   label name n_voxels mean_ppm median_ppm std_ppm``;
 - ``OUTPUT_DIR/group.html`` with ``OUTPUT_DIR/group/figures/*.png``: per-region susceptibility across
   series (box + strip plots), every QC metric across series, and the flagged series with reasons.
@@ -188,13 +188,25 @@ def _cell(v: Any) -> str:
     return text if text else "n/a"
 
 
+#: entity columns written as BIDS identifiers (``participant_id`` = ``sub-01``, as in participants.tsv)
+#: so that labels such as ``01`` stay strings when a statistics package reads the table
+TSV_ID_COLUMNS = {"subject": ("participant_id", "sub-"), "session": ("session_id", "ses-")}
+
+
 def write_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[dict]) -> Path:
-    """Atomic TSV with a header; None/NaN as ``n/a``, booleans as True/False."""
+    """Atomic TSV with a header; None/NaN as ``n/a``, booleans as True/False; ``subject``/``session``
+    as ``participant_id``/``session_id`` (``sub-<label>``/``ses-<label>``)."""
     from qsmprep.utils.derivatives import atomic_write_text
 
-    lines = ["\t".join(columns)]
+    def cell(r: dict, c: str) -> str:
+        value = r.get(c)
+        if c in TSV_ID_COLUMNS and value not in (None, ""):
+            return TSV_ID_COLUMNS[c][1] + str(value)
+        return _cell(value)
+
+    lines = ["\t".join(TSV_ID_COLUMNS.get(c, (c,))[0] for c in columns)]
     for r in rows:
-        lines.append("\t".join(_cell(r.get(c)) for c in columns))
+        lines.append("\t".join(cell(r, c) for c in columns))
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 

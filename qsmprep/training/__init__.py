@@ -9,11 +9,11 @@ and ``nextqsm-varnet``; pick one with ``--section``).
 Scaling contract with the inference side (:mod:`qsmprep.nn`), stored in the model file's ``scales``:
 
 * U-Nets (``deepqsm``, ``nextqsm-bg``): ``scales = {"input_scale": a, "output_scale": b,
-  "input_ppm": 1/a, "output_ppm": 1/b}``; the prediction in ppm is
-  ``net(field_ppm * mask * input_scale) / output_scale`` (equivalently ``net(x / input_ppm) *
-  output_ppm``). ``deepqsm``: input = local field (ppm), output = chi (ppm); ``nextqsm-bg``: input =
+  "input_ppm": 1/a, "output_ppm": 1/b}``; with ``x = field_ppm * mask`` and ``rms`` its RMS in the
+  mask, the prediction in ppm is ``rms * net(x / rms) * input_scale / output_scale`` (equivalently
+  ``rms * net(x / rms) * output_ppm / input_ppm``): linear in the field's amplitude. ``deepqsm``: input = local field (ppm), output = chi (ppm); ``nextqsm-bg``: input =
   masked total field (ppm, after the scanner-like 2nd-order shim), output = local field (ppm).
-  No other normalisation (no per-volume mean/std).
+  No other normalisation.
 * VarNet (``nextqsm-varnet``): takes and returns ppm (``VarNet(field_ppm, mask, kernel)``, its
   internal scales are its kwargs ``field_scale_ppm``/``chi_scale_ppm``); ``scales`` holds
   ``input_scale = output_scale = 1`` and those two values as ``field_ppm``/``chi_ppm``. The kernel is

@@ -196,6 +196,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def rms_in_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample RMS of ``x`` in ``mask`` (shape (B,1,1,1,1), at least 1e-9): the U-Nets see ``x / rms``
+    and their output is multiplied back, which makes the prediction linear in the field's amplitude
+    (GroupNorm alone would discard it)."""
+    from qsmprep.nn.unet import rms_in_mask as _rms
+
+    return _rms(x, mask)
+
+
 class _Runner:
     """Model forward + loss for one config (shared by training and validation)."""
 
@@ -229,7 +238,9 @@ class _Runner:
             sl = slice(i, i + 1)
             k = self.kernel(t["input"].shape[-3:], t["voxel_size_mm"][i].cpu().numpy(), t["b0_dir"][i].cpu().numpy())
             return self.model(t["input"][sl], t["mask"][sl], k)
-        return self.model(t["input"] * t["mask"] * self.in_s) / self.out_s
+        x = t["input"] * t["mask"]
+        s = rms_in_mask(x, t["mask"])
+        return self.model(x / s) * (s * self.in_s / self.out_s)
 
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training loss of one batch; VarNet: backpropagated per sample (returns the batch mean, detached)."""

@@ -1,0 +1,188 @@
+"""Accuracy of the SHIPPED neural QSM models (qsmprep/data/models) on a held-out simulated head.
+
+Case: ``make_head_phantom(downsample=2, seed=101)`` (2 mm; the networks were trained on seed 0 at
+1 mm), noise-free ``simulate_gre`` at 3 T with axial B0, cropped to a 96 x 80 x 64 mm box around the
+left basal ganglia that reaches the lateral brain surface. The fields are those of the cropped
+problem: the local field is the field of ``chi * mask`` of the crop alone (computed like the
+simulator's, 48 mm zero padding) and the background is everything else (the rest of the brain, skull,
+air, shim), i.e. ``total_field_crop - local``. DeepQSM and the background U-Net resample the 2 mm data
+to their 1 mm B0-aligned grid and back, the VarNet runs on the 2 mm grid with its true dipole kernel.
+Errors are demeaned NRMSE (%) in the crop's brain mask (:func:`qsmprep.qsm.metrics.nrmse`).
+
+The tests skip (only) when the shipped model files are absent. ``QSMPREP_TEST_MODEL_DIR`` points
+them at another model directory (to re-measure the bounds for new weights).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from qsmprep.qsm import metrics  # noqa: E402
+from qsmprep.qsm.geometry import forward_field_ppm  # noqa: E402
+from qsmprep.qsm.inversion import tkd  # noqa: E402
+from qsmprep.simulate import make_head_phantom, simulate_gre  # noqa: E402
+
+import qsmprep.nn.models as nn_models  # noqa: E402
+from qsmprep.nn.inference import deepqsm, nextqsm_bgremove, nextqsm_inversion  # noqa: E402
+
+SHIPPED_DIR = Path(nn_models.__file__).resolve().parent.parent / "data" / "models"
+MODEL_DIR = Path(os.environ.get("QSMPREP_TEST_MODEL_DIR") or SHIPPED_DIR)
+MODELS = ("deepqsm", "nextqsm-bg", "nextqsm-varnet")
+
+#: crop (2 mm voxels) of the downsample-2 head: left basal ganglia to the left lateral brain surface
+CROP = (slice(8, 56), slice(44, 84), slice(30, 62))
+
+# Bounds (NRMSE %, this case). MEASURED ON DEV CHECKPOINTS, NOT on the shipped weights: checkpoints of the
+# running training exported to a temporary directory at deepqsm 500 / nextqsm-bg 400 / nextqsm-varnet 100
+# steps. The lead must re-measure with the shipped models (QSMPREP_TEST_MODEL_DIR unset:
+# `python tests/test_nn_accuracy.py` prints the values) and set each bound to about 1.1 x the measured value.
+# Dev values on this case: TKD 43.2, DeepQSM 792 (fails: the U-Net output does not scale with its input,
+# see SCALE_RATIO_RANGE), VarNet 59.0, background net 272 (fails, same cause).
+DEEPQSM_MARGIN_PP = 2.0  # DeepQSM must beat TKD (default threshold) by at least this many points
+VARNET_MAX_NRMSE = 65.0  # dev 59.0 x 1.1
+BGNET_MAX_NRMSE = 100.0  # dev 272 (fails); 100 % = the zero estimate, a looser bound would be vacuous
+#                          (untrained random weights score 192 %)
+
+
+def _missing() -> list[str]:
+    return [m for m in MODELS if not ((MODEL_DIR / f"{m}.pt").is_file() and (MODEL_DIR / f"{m}.json").is_file())]
+
+
+@pytest.fixture(scope="module")
+def models_dir() -> str:
+    missing = _missing()
+    if missing:
+        pytest.skip(f"shipped model files absent in {MODEL_DIR}: {', '.join(missing)}")
+    return str(MODEL_DIR)
+
+
+def _make_case() -> dict:
+    ph = make_head_phantom(downsample=2, seed=101)
+    sim = simulate_gre(ph, echo_times_s=(0.004, 0.02), b0_tesla=3.0, snr=None, seed=1101)
+    chi = np.ascontiguousarray(sim.chi_ppm[CROP])
+    mask = np.ascontiguousarray(sim.brain_mask[CROP])
+    vs, b0 = tuple(sim.voxel_size_mm), tuple(sim.b0_dir)
+    pad = [int(np.ceil(48.0 / v)) for v in vs]
+    local = (forward_field_ppm(np.where(mask, chi, np.float32(0.0)), vs, b0, pad) * mask).astype(np.float32)
+    total = np.ascontiguousarray(sim.total_field_ppm[CROP])
+    return {"chi": chi, "mask": mask, "local": local, "total": total, "vs": vs, "b0": b0}
+
+
+def _run_networks(c: dict, models_dir: str) -> dict:
+    chi_d = deepqsm(c["local"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir)
+    chi_v = nextqsm_inversion(c["local"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir)
+    loc_b, mask_b = nextqsm_bgremove(c["total"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir)
+    return {"deepqsm": chi_d, "varnet": chi_v, "bg": loc_b, "bg_mask": mask_b}
+
+
+@pytest.fixture(scope="module")
+def case():
+    return _make_case()
+
+
+@pytest.fixture(scope="module")
+def outputs(case, models_dir):
+    return _run_networks(case, models_dir)
+
+
+def _errors(case, out) -> dict[str, float]:
+    m = case["mask"]
+    chi_t = tkd(case["local"], m, case["vs"], case["b0"])
+    return {
+        "tkd": metrics.nrmse(chi_t, case["chi"], m),
+        "deepqsm": metrics.nrmse(out["deepqsm"], case["chi"], m),
+        "varnet": metrics.nrmse(out["varnet"], case["chi"], m),
+        "bg": metrics.nrmse(out["bg"], case["local"], out["bg_mask"]),
+    }
+
+
+def test_case_is_meaningful(case, models_dir):
+    m = case["mask"]
+    assert 0.5 * m.size < m.sum() < m.size  # the crop holds brain and the brain surface
+    assert np.linalg.norm((case["total"] - case["local"])[m]) > 3 * np.linalg.norm(case["local"][m])
+
+
+def test_deepqsm_beats_tkd(case, outputs):
+    err = _errors(case, outputs)
+    deep, ref = err["deepqsm"], err["tkd"]
+    assert deep < ref - DEEPQSM_MARGIN_PP, f"DeepQSM {deep:.1f} % vs TKD {ref:.1f} %"
+
+
+def test_varnet_accuracy(case, outputs):
+    err = _errors(case, outputs)["varnet"]
+    assert err < VARNET_MAX_NRMSE, f"VarNet NRMSE {err:.1f} %"
+
+
+def test_background_net_accuracy(case, outputs):
+    err = _errors(case, outputs)["bg"]
+    assert err < BGNET_MAX_NRMSE, f"background net local-field NRMSE {err:.1f} %"
+    np.testing.assert_array_equal(outputs["bg_mask"], case["mask"])
+
+
+@pytest.mark.parametrize("key", ["deepqsm", "varnet", "bg"])
+def test_outputs_float32_same_shape_zero_outside_mask(case, outputs, key):
+    y = outputs[key]
+    assert y.dtype == np.float32 and y.shape == case["mask"].shape
+    assert np.all(np.isfinite(y))
+    assert not np.any(y[~case["mask"]])
+    assert np.any(y[case["mask"]])
+
+
+#: ``y(2 f) / y(f)`` (RMS in the mask, demeaned) must lie in this range: dipole inversion and background
+#: removal are linear in the field. A network that normalises its input away (e.g. bias-free convolutions
+#: with GroupNorm and no rescaling wrapper) gives 1.0 and fails.
+SCALE_RATIO_RANGE = (1.7, 2.3)
+
+
+@pytest.mark.parametrize("key", ["deepqsm", "varnet", "bg"])
+def test_outputs_scale_with_the_field(case, outputs, models_dir, key):
+    c, m = case, case["mask"]
+    if key == "deepqsm":
+        y2 = deepqsm(2 * c["local"], m, c["vs"], c["b0"], device="cpu", model_dir=models_dir)
+    elif key == "varnet":
+        y2 = nextqsm_inversion(2 * c["local"], m, c["vs"], c["b0"], device="cpu", model_dir=models_dir)
+    else:
+        y2 = nextqsm_bgremove(2 * c["total"], m, c["vs"], c["b0"], device="cpu", model_dir=models_dir)[0]
+    y1 = outputs[key]
+    ratio = float(np.std(y2[m]) / np.std(y1[m]))
+    assert SCALE_RATIO_RANGE[0] < ratio < SCALE_RATIO_RANGE[1], f"{key}: output RMS ratio {ratio:.3f} for 2x the input"
+
+
+def test_deterministic_on_cpu(case, outputs, models_dir):
+    c = case
+    again = {
+        "deepqsm": deepqsm(c["local"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir),
+        "varnet": nextqsm_inversion(c["local"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir),
+        "bg": nextqsm_bgremove(c["total"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir)[0],
+    }
+    for key, y in again.items():
+        np.testing.assert_array_equal(y, outputs[key], err_msg=key)
+
+
+if __name__ == "__main__":  # print the measured values (to set the bounds above)
+    import time
+
+    if _missing():
+        raise SystemExit(f"model files absent in {MODEL_DIR}: {_missing()}")
+    t0 = time.perf_counter()
+    c = _make_case()
+    t1 = time.perf_counter()
+    o = _run_networks(c, str(MODEL_DIR))
+    t2 = time.perf_counter()
+    print(f"model dir {MODEL_DIR}; case {t1 - t0:.1f} s, networks {t2 - t1:.1f} s")
+    for k, v in _errors(c, o).items():
+        print(f"{k:8s} NRMSE {v:6.1f} %")
+    m, d = c["mask"], str(MODEL_DIR)
+    twice = {
+        "deepqsm": deepqsm(2 * c["local"], m, c["vs"], c["b0"], device="cpu", model_dir=d),
+        "varnet": nextqsm_inversion(2 * c["local"], m, c["vs"], c["b0"], device="cpu", model_dir=d),
+        "bg": nextqsm_bgremove(2 * c["total"], m, c["vs"], c["b0"], device="cpu", model_dir=d)[0],
+    }
+    for k, y in twice.items():
+        print(f"{k:8s} output RMS ratio for 2x the input {np.std(y[m]) / np.std(o[k][m]):.3f}")
