@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 #: How to fix a missing or altered model file (quoted in :class:`ModelFileError` messages).
-FIX_HINT = "reinstall qsmprep (its wheel ships the trained models) or retrain it with `qsmprep-train`"
+FIX_HINT = ("this release ships only the models that beat the classical methods on held-out data (docs/neural.md); "
+            "train it with `qsmprep-train` and set QSMPREP_MODEL_DIR, or reinstall qsmprep if a shipped file is gone")
 
 #: Input/output scalings (ppm) used by the inference functions: network input = field / input_ppm,
 #: result (ppm) = network output * output_ppm. The VarNet keeps its scales in its own kwargs.
