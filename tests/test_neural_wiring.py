@@ -132,3 +132,32 @@ def test_unet_methods_are_linear_in_the_field_amplitude(tmp_path):
         loc3, _ = nextqsm_bgremove(3 * field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
         np.testing.assert_allclose(loc3, 3 * loc, rtol=1e-4, atol=1e-7)
     assert np.all(deepqsm(0 * field, mask, device="cpu", model_dir=str(tmp_path)) == 0)
+
+
+def test_bids_app_with_the_shipped_varnet_records_the_model(tmp_path):
+    """``--inversion nextqsm`` end to end (Linear plugin, small shapes dataset): Chimap written, its sidecar
+    names the model and its sha256, the boilerplate cites NeXtQSM."""
+    import json
+
+    from qsmprep.nn.models import model_dir, read_card
+    from qsmprep.simulate import make_shapes_phantom, simulate_gre, write_bids_dataset
+
+    if not (model_dir() / "nextqsm-varnet.pt").is_file():
+        pytest.skip("nextqsm-varnet is not shipped")
+    card = read_card("nextqsm-varnet")[0]
+    ph = make_shapes_phantom(shape=(40, 40, 40), voxel_size_mm=(1.2, 1.2, 1.2), seed=1)
+    sim = simulate_gre(ph, echo_times_s=(0.004, 0.008, 0.012, 0.016), b0_tesla=3.0, snr=100, seed=1)
+    write_bids_dataset(tmp_path / "bids", sim, subjects=["01"])
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "bids"), str(out), "participant", "-w", str(tmp_path / "w"), "--nprocs", "1",
+               "--skip-bids-validation", "--inversion", "nextqsm", "--device", "cpu"])
+    assert rc == 0
+    chimap = out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz"
+    chi = nib.load(chimap).get_fdata()
+    assert chi.shape == (40, 40, 40) and np.isfinite(chi).all() and np.abs(chi).max() > 0
+    sidecar = json.loads(chimap.with_name("sub-01_Chimap.json").read_text())
+    assert card["sha256"] in json.dumps(sidecar) and "nextqsm-varnet" in json.dumps(sidecar)
+    qc = json.loads((out / "sub-01" / "anat" / "sub-01_desc-qc_metrics.json").read_text())
+    assert qc.get("model_name") == "nextqsm-varnet" and qc.get("model_checksum") == card["sha256"], qc
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "NeXtQSM" in citation and "Cognolato" in citation
