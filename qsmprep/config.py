@@ -34,6 +34,8 @@ class QsmprepConfig:
     resource_monitor: bool = False
     skip_bids_validation: bool = False
     device: str = "auto"
+    #: uQSM test-time refinement steps of the learned inversion (0: off)
+    self_supervised_steps: int = 0
     verbose: int = 0
     # methods (names are registry keys in qsmprep.qsm.registry)
     masking: str = "phase"

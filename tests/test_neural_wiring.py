@@ -161,3 +161,22 @@ def test_bids_app_with_the_shipped_varnet_records_the_model(tmp_path):
     assert qc.get("model_name") == "nextqsm-varnet" and qc.get("model_checksum") == card["sha256"], qc
     citation = (out / "logs" / "CITATION.md").read_text()
     assert "NeXtQSM" in citation and "Cognolato" in citation
+
+
+def test_self_supervised_steps_option(tmp_path, capsys):
+    from qsmprep.cli.run import parse_config
+    from qsmprep.workflows.qsm import _inversion_params
+
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    rc = main([str(bids), str(tmp_path / "out"), "participant", "--self-supervised-steps", "5",
+               "--skip-bids-validation"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 64 and err.count("\n") == 0 and "applies to --inversion nextqsm, not rts" in err, err
+    rc = main([str(bids), str(tmp_path / "out"), "participant", "--self-supervised-steps", "-1"])
+    assert rc == 64 and "must be >= 0" in capsys.readouterr().err
+    cfg = parse_config([str(bids), str(tmp_path / "out"), "participant", "--inversion", "nextqsm",
+                        "--self-supervised-steps", "7"])
+    assert cfg.self_supervised_steps == 7 and _inversion_params(cfg) == {"self_supervised_steps": 7}
+    cfg = parse_config([str(bids), str(tmp_path / "out"), "participant"])
+    assert cfg.self_supervised_steps == 0 and _inversion_params(cfg) == {}

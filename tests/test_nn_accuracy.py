@@ -199,3 +199,31 @@ if __name__ == "__main__":  # print the measured values (to set the bounds above
     twice.pop("bg_mask", None)
     for k, y in twice.items():
         print(f"{k:8s} output RMS ratio for 2x the input {np.std(y[m]) / np.std(o[k][m]):.3f}")
+
+
+#: uQSM test-time refinement of the VarNet on this case (20 Adam steps, lr 1e-3): measured NRMSE 64.5 -> 41.2 %,
+#: data-consistency residual 0.458 -> 0.132 (TKD: 43.2 %).
+SELF_SUPERVISED_STEPS = 20
+SELF_SUPERVISED_MAX_NRMSE = 46.0  # 41.2 x 1.1
+
+
+def test_self_supervised_refinement_fits_the_field_and_improves_accuracy(case, outputs, models_dir):
+    _need("varnet")
+    from qsmprep.qsm.geometry import forward_field_ppm
+
+    c, m = case, case["mask"]
+
+    def residual(chi):
+        r = (forward_field_ppm(chi * m, c["vs"], c["b0"], 16) - c["local"])[m]
+        return np.linalg.norm(r - r.mean()) / np.linalg.norm(c["local"][m])
+
+    tuned = nextqsm_inversion(c["local"], m, c["vs"], c["b0"], device="cpu", model_dir=models_dir,
+                              self_supervised_steps=SELF_SUPERVISED_STEPS)
+    assert residual(tuned) < 0.6 * residual(outputs["varnet"])
+    err = metrics.nrmse(tuned, c["chi"], m)
+    assert err < SELF_SUPERVISED_MAX_NRMSE, f"refined VarNet NRMSE {err:.1f} %"
+    again = nextqsm_inversion(c["local"], m, c["vs"], c["b0"], device="cpu", model_dir=models_dir,
+                              self_supervised_steps=SELF_SUPERVISED_STEPS)
+    np.testing.assert_array_equal(again, tuned)  # deterministic on the CPU
+    with pytest.raises(ValueError, match="self_supervised_steps"):
+        nextqsm_inversion(c["local"], m, c["vs"], c["b0"], device="cpu", model_dir=models_dir, self_supervised_steps=-1)

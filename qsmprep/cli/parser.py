@@ -43,6 +43,16 @@ LEARNED_METHODS: dict[str, tuple[str, ...]] = {"bgremove": ("nextqsm",), "invers
 REFERENCE_EXTRA = ("none",)
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def method_choices(stage: str) -> list[str]:
     """Registered names of a pipeline stage (importing its module), or built-in names if none are.
 
@@ -245,6 +255,13 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
         "--device",
         choices=["auto", "cuda", "cpu"],
         help=f"device of the neural-network steps: auto uses a CUDA GPU when present (default: {d.device})",
+    )
+    g.add_argument(
+        "--self-supervised-steps",
+        type=_non_negative_int,
+        metavar="N",
+        help="uQSM-style test-time refinement of the learned inversion (--inversion nextqsm): fine-tune the "
+        f"network on each subject's own field for N steps (default: {d.self_supervised_steps}: off)",
     )
 
     g = p.add_argument_group("Reports and regions")

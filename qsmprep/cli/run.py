@@ -288,6 +288,7 @@ def parse_config(argv: Sequence[str] | None = None) -> QsmprepConfig:
         "resource_monitor",
         "skip_bids_validation",
         "device",
+        "self_supervised_steps",
         "masking",
         "unwrapping",
         "bgremove",
@@ -651,6 +652,9 @@ def _check_learned_methods(cfg: QsmprepConfig) -> None:
     from qsmprep.qsm.registry import BGREMOVE, INVERSION
     from qsmprep.utils.boilerplate import canonical_method, method_params
 
+    if cfg.self_supervised_steps and canonical_method("inversion", cfg.inversion) != "nextqsm":
+        raise InputError("--self-supervised-steps", f"applies to --inversion nextqsm, not {cfg.inversion}",
+                         "add --inversion nextqsm or drop the option", code=EX_USAGE)
     for stage, registry in (("bgremove", BGREMOVE), ("inversion", INVERSION)):
         name = canonical_method(stage, getattr(cfg, stage))
         if name not in registry:

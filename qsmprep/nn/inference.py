@@ -438,6 +438,9 @@ def nextqsm_inversion(
     model: str = "nextqsm-varnet",
     pad_voxels: int = VARNET_PAD_VOXELS,
     model_dir: str | None = None,
+    self_supervised_steps: int = 0,
+    self_supervised_lr: float = 1e-3,
+    self_supervised_tv: float = 0.0,
 ) -> np.ndarray:
     """NeXtQSM variational-network dipole inversion (Cognolato et al., Med Image Anal 2023).
 
@@ -445,8 +448,16 @@ def nextqsm_inversion(
     size that is a multiple of the net's ``multiple``), inverted with the true dipole kernel for
     ``voxel_size_mm`` and ``b0_dir`` (no resampling), cropped back. Returns chi (ppm, float32, 0
     outside ``mask``); not referenced.
+
+    ``self_supervised_steps`` > 0: uQSM-style test-time refinement (Liu & Koch): a copy of the network is
+    fine-tuned on this field alone for that many Adam steps (learning rate ``self_supervised_lr``) with
+    the nonlinear data-consistency loss ``|exp(i phi(D chi)) - exp(i phi(f))|^2`` (phase at 3 T, TE 20 ms)
+    plus ``self_supervised_tv`` * TV(chi), then applied. Deterministic on the CPU.
     """
     f, m, vs, b = _validate(local_field_ppm, mask, voxel_size_mm, b0_dir, "local_field_ppm")
+    n_ss = int(self_supervised_steps)
+    if n_ss < 0 or n_ss != self_supervised_steps:
+        raise ValueError(f"self_supervised_steps must be a non-negative integer, got {self_supervised_steps!r}")
     pad = int(pad_voxels)
     if pad < 0 or pad != pad_voxels:
         raise ValueError(f"pad_voxels must be a non-negative integer, got {pad_voxels!r}")
@@ -459,14 +470,35 @@ def nextqsm_inversion(
     fp, crop = _fft.pad_volume(fc, shape)
     mp, _ = _fft.pad_volume(m[box].astype(np.float32), shape)
     torch.backends.cudnn.benchmark = False
-    with _torch_threads(), torch.inference_mode():
+    with _torch_threads():
         kernel = dipole_kernel_torch(shape, vs, b, device=dev)
         ft = torch.from_numpy(fp[None, None]).to(dev)
         mt = torch.from_numpy(mp[None, None]).to(dev)
-        chi = net(ft, mt, kernel)[0, 0].to(device="cpu", dtype=torch.float32).numpy()
+        if n_ss:
+            net = _self_supervised_refine(net, ft, mt, kernel, n_ss, float(self_supervised_lr),
+                                          float(self_supervised_tv))
+        with torch.inference_mode():
+            chi = net(ft, mt, kernel)[0, 0].to(device="cpu", dtype=torch.float32).numpy()
     out = np.zeros(m.shape, dtype=np.float32)
     out[box] = chi[crop]
     return out * m
+
+
+def _self_supervised_refine(net, field, mask, kernel, steps: int, lr: float, tv: float):
+    """A copy of ``net`` fine-tuned on one subject with the uQSM loss (see :func:`nextqsm_inversion`)."""
+    import copy
+
+    from qsmprep.nn.losses import uqsm_loss
+
+    torch.manual_seed(0)
+    tuned = copy.deepcopy(net).train()
+    opt = torch.optim.Adam(tuned.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = uqsm_loss(tuned(field, mask, kernel), field, mask, kernel, tv_weight=tv)
+        loss.backward()
+        opt.step()
+    return tuned.eval()
 
 
 def model_provenance(name: str, model_dir: str | None = None) -> dict:

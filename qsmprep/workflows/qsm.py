@@ -127,6 +127,15 @@ def _check_run(run: Any, config: Any) -> None:
         )
 
 
+def _inversion_params(config) -> dict:
+    """User parameters of the inversion, plus ``self_supervised_steps`` for the learned VarNet."""
+    params = method_params(config, "inversion")
+    steps = int(getattr(config, "self_supervised_steps", 0) or 0)
+    if steps and canonical_method("inversion", config.inversion) == "nextqsm":
+        params.setdefault("self_supervised_steps", steps)
+    return params
+
+
 def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
     """QSM of one :class:`~qsmprep.utils.bids.QsmRun`: load -> offset -> mask -> unwrap -> B0 ->
     background removal -> inversion -> referencing, plus output sinks when ``config.output_dir`` is set.
@@ -214,7 +223,7 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
     )
     inversion = pe.Node(
         DipoleInversion(method=canonical_method("inversion", config.inversion),
-                        method_params=method_params(config, "inversion"), num_threads=nthreads,
+                        method_params=_inversion_params(config), num_threads=nthreads,
                         device=getattr(config, "device", "auto")),
         name="inversion",
         n_procs=nthreads,
