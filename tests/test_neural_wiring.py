@@ -180,3 +180,19 @@ def test_self_supervised_steps_option(tmp_path, capsys):
     assert cfg.self_supervised_steps == 7 and _inversion_params(cfg) == {"self_supervised_steps": 7}
     cfg = parse_config([str(bids), str(tmp_path / "out"), "participant"])
     assert cfg.self_supervised_steps == 0 and _inversion_params(cfg) == {}
+
+
+def test_missing_model_check_runs_in_a_fresh_process(tmp_path):
+    """The learned methods are registered on demand: a fresh ``qsmprep`` process (nothing imported
+    qsmprep.nn before) still refuses a missing model before looking at the data."""
+    import os
+    import subprocess
+    import sys
+
+    empty = tmp_path / "models"
+    empty.mkdir()
+    env = dict(os.environ, QSMPREP_MODEL_DIR=str(empty), NIPYPE_NO_ET="1")
+    proc = subprocess.run([sys.executable, "-m", "qsmprep.cli.run", str(tmp_path / "no_bids"), str(tmp_path / "out"),
+                           "participant", "--inversion", "nextqsm"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 64, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "nextqsm-varnet.pt not found" in proc.stderr

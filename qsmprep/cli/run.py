@@ -444,7 +444,6 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
     _check_methods(cfg)
     _check_plugin(cfg)
-    _check_device(cfg)
     log_dir = cfg.output_dir / "logs"
     _configure_nipype(cfg, log_dir)
     try:
@@ -646,35 +645,29 @@ def _run_group(cfg: QsmprepConfig) -> int:
 
 def _check_learned_methods(cfg: QsmprepConfig) -> None:
     """Fail before any work when a learned method's model file is missing or corrupt, or when
-    ``--device cuda`` is asked for a learned method without a usable GPU."""
+    ``--self-supervised-steps`` is given without the learned inversion."""
     import inspect
 
-    from qsmprep.qsm.registry import BGREMOVE, INVERSION
-    from qsmprep.utils.boilerplate import canonical_method, method_params
+    from qsmprep.utils.boilerplate import canonical_method, method_function, method_params
 
     if cfg.self_supervised_steps and canonical_method("inversion", cfg.inversion) != "nextqsm":
         raise InputError("--self-supervised-steps", f"applies to --inversion nextqsm, not {cfg.inversion}",
                          "add --inversion nextqsm or drop the option", code=EX_USAGE)
-    for stage, registry in (("bgremove", BGREMOVE), ("inversion", INVERSION)):
-        name = canonical_method(stage, getattr(cfg, stage))
-        if name not in registry:
-            continue
-        params = inspect.signature(registry.get(name)).parameters
+    for stage in ("bgremove", "inversion"):
+        try:
+            name, func = method_function(stage, getattr(cfg, stage))
+        except ValueError:
+            continue  # an unknown name is reported by _check_methods
+        params = inspect.signature(func).parameters
         if "model" not in params:
             continue
-        from qsmprep.nn.inference import resolve_device
         from qsmprep.nn.models import ModelFileError, load_model
 
         user = method_params(cfg, stage)
-        model = user.get("model", params["model"].default)
         try:
-            load_model(model, device="cpu", directory=user.get("model_dir"))
+            load_model(user.get("model", params["model"].default), device="cpu", directory=user.get("model_dir"))
         except ModelFileError as exc:
-            raise InputError(f"--{stage} {name}", str(exc), "see docs/neural.md", code=EX_USAGE) from None
-        try:
-            resolve_device(cfg.device)
-        except ValueError as exc:
-            raise InputError(f"--device {cfg.device}", str(exc), "use --device auto or cpu", code=EX_USAGE) from None
+            raise InputError(f"--{stage} {name}", str(exc), f"or choose another --{stage} method", code=EX_USAGE) from None
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -688,6 +681,7 @@ def _main(argv: Sequence[str] | None) -> int:
     _check_segmentation_dir(cfg)
     if cfg.reports_only:
         return _reports_only(cfg)
+    _check_device(cfg)
     _check_learned_methods(cfg)
     runs = validate_inputs(cfg)
     LOGGER.log(

@@ -30,7 +30,7 @@ from nipype.interfaces.base import (
 
 from qsmprep.__about__ import __version__
 from qsmprep.interfaces._nifti import jsonable, load_float, load_mask, resolve_params, save_like, set_threads
-from qsmprep.utils.boilerplate import canonical_method
+from qsmprep.utils.boilerplate import method_function
 
 __all__ = [
     "LoadEchoes",
@@ -291,11 +291,9 @@ class Mask(SimpleInterface):
 
     def _run_interface(self, runtime):
         from qsmprep.qsm import masking
-        from qsmprep.qsm.registry import MASKING
 
         set_threads(self.inputs.num_threads)
-        method = canonical_method("masking", self.inputs.method)
-        func = MASKING.get(method)
+        method, func = method_function("masking", self.inputs.method)
         phase, ref = load_float(self.inputs.phase)
         mag = load_float(self.inputs.magnitude)[0] if isdefined(self.inputs.magnitude) else None
         kw = dict(self.inputs.method_params)
@@ -393,11 +391,9 @@ class Unwrap(SimpleInterface):
 
     def _run_interface(self, runtime):
         from qsmprep.qsm import unwrap as _unwrap
-        from qsmprep.qsm.registry import UNWRAP
 
         set_threads(self.inputs.num_threads)
-        method = canonical_method("unwrapping", self.inputs.method)
-        func = UNWRAP.get(method)
+        method, func = method_function("unwrapping", self.inputs.method)
         phase, ref = load_float(self.inputs.phase)
         mag = load_float(self.inputs.magnitude)[0] if isdefined(self.inputs.magnitude) else None
         mask = load_mask(self.inputs.mask) if isdefined(self.inputs.mask) else None
@@ -518,12 +514,8 @@ class BackgroundRemoval(SimpleInterface):
     output_spec = _BgOutputSpec
 
     def _run_interface(self, runtime):
-        import qsmprep.nn  # noqa: F401  (registers the learned methods)
-        from qsmprep.qsm.registry import BGREMOVE
-
         set_threads(self.inputs.num_threads)
-        method = canonical_method("bgremove", self.inputs.method)
-        func = BGREMOVE.get(method)
+        method, func = method_function("bgremove", self.inputs.method)
         field, ref = load_float(self.inputs.total_field)
         mask = load_mask(self.inputs.mask)
         kw = _learned_method_kwargs(func, dict(self.inputs.method_params), self.inputs.device)
@@ -565,12 +557,8 @@ class DipoleInversion(SimpleInterface):
     output_spec = _InvOutputSpec
 
     def _run_interface(self, runtime):
-        import qsmprep.nn  # noqa: F401  (registers the learned methods)
-        from qsmprep.qsm.registry import INVERSION
-
         set_threads(self.inputs.num_threads)
-        method = canonical_method("inversion", self.inputs.method)
-        func = INVERSION.get(method)
+        method, func = method_function("inversion", self.inputs.method)
         field, ref = load_float(self.inputs.local_field)
         mask = load_mask(self.inputs.mask)
         kw = _learned_method_kwargs(func, dict(self.inputs.method_params), self.inputs.device)
@@ -654,11 +642,9 @@ class Reference(SimpleInterface):
 
     def _run_interface(self, runtime):
         from qsmprep.qsm.reference import csf_mask_from_r2star, reference_csf
-        from qsmprep.qsm.registry import REFERENCE
 
         set_threads(self.inputs.num_threads)
-        method = canonical_method("reference", self.inputs.method)
-        func = REFERENCE.get(method)
+        method, func = method_function("reference", self.inputs.method)
         chi, ref = load_float(self.inputs.chi)
         mask = load_mask(self.inputs.mask)
         kw = dict(self.inputs.method_params)

@@ -350,6 +350,16 @@ def _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap) -> np.ndarray:
     return (y * np.float32(rms * sc["output_ppm"] / sc["input_ppm"])).astype(np.float32, copy=False)
 
 
+def _apply_unet(f, m, vs, b, device, model, model_dir, kind: str, tile, overlap) -> np.ndarray:
+    """Load the U-Net ``model`` (scales of ``kind``) and apply it, RMS-normalised, on the B0-aligned
+    1 mm grid (:func:`_apply_axial_1mm`); the result is not yet masked."""
+    dev = resolve_device(device)
+    net, card = load_model(model, dev, model_dir)
+    net = _for_device(_unet_of(net, card, model, "unet"), dev)
+    sc = _scales(card, kind)
+    return _apply_axial_1mm(f, m, vs, b, lambda v, mk: _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap))
+
+
 def _scales(card: dict, key: str) -> dict:
     sc = dict(DEFAULT_SCALES[key])
     sc.update(card.get("scales") or {})
@@ -376,15 +386,7 @@ def deepqsm(
     ``mask``); not referenced. ``model``: a model name in the model directory or a path to a ``.pt``.
     """
     f, m, vs, b = _validate(local_field_ppm, mask, voxel_size_mm, b0_dir, "local_field_ppm")
-    dev = resolve_device(device)
-    net, card = load_model(model, dev, model_dir)
-    net = _for_device(_unet_of(net, card, model, "unet"), dev)
-    sc = _scales(card, "deepqsm")
-
-    def fn(v, mk):
-        return _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap)
-
-    return _apply_axial_1mm(f, m, vs, b, fn) * m
+    return _apply_unet(f, m, vs, b, device, model, model_dir, "deepqsm", tile, overlap) * m
 
 
 @BGREMOVE.register("nextqsm")
@@ -406,16 +408,8 @@ def nextqsm_bgremove(
     Returns (local field ppm float32 0 outside ``mask``, ``mask``).
     """
     f, m, vs, b = _validate(total_field_ppm, mask, voxel_size_mm, b0_dir, "total_field_ppm")
-    dev = resolve_device(device)
-    net, card = load_model(model, dev, model_dir)
-    net = _for_device(_unet_of(net, card, model, "unet"), dev)
-    sc = _scales(card, "nextqsm-bg")
     f = (f - np.float32(f[m].mean(dtype=np.float64))).astype(np.float32)
-
-    def fn(v, mk):
-        return _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap)
-
-    local = _apply_axial_1mm(f, m, vs, b, fn)
+    local = _apply_unet(f, m, vs, b, device, model, model_dir, "nextqsm-bg", tile, overlap)
     local -= np.float32(local[m].mean(dtype=np.float64))
     return (local * m).astype(np.float32, copy=False), m
 

@@ -251,6 +251,21 @@ def canonical_method(stage: str, name: str) -> str:
     return ALIASES.get(_stage(stage), {}).get(key, key)
 
 
+def method_function(stage: str, name: str):
+    """``(registry name, function)`` of a method. The learned methods of :mod:`qsmprep.nn` are registered
+    (importing PyTorch) only when a name is not among the classical ones; unknown names raise the
+    registry's ValueError listing the choices."""
+    from qsmprep.qsm import registry
+
+    stage = _stage(stage)
+    table = {"masking": registry.MASKING, "unwrapping": registry.UNWRAP, "bgremove": registry.BGREMOVE,
+             "inversion": registry.INVERSION, "reference": registry.REFERENCE}[stage]
+    key = canonical_method(stage, name)
+    if key not in table and stage in ("bgremove", "inversion"):
+        import qsmprep.nn  # noqa: F401  (registers the learned methods)
+    return key, table.get(key)
+
+
 def method_label(stage: str, name: str) -> str:
     """Display name of a method (``"V-SHARP"``); the name itself when not catalogued."""
     key = canonical_method(stage, name)
