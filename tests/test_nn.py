@@ -333,12 +333,12 @@ def test_deepqsm_and_bg_with_identity_nets(tmp_path):
     _save_small_unet(tmp_path, "nextqsm-bg", {"input_ppm": 1.0, "output_ppm": 1.0}, _identity_unet(), kw)
     m, chi = _field_case()
     f = (forward_field_ppm(chi, pad_voxels=8) * m).astype(np.float32)
-    out = qnn.deepqsm(f, m, device="cpu", model_dir=tmp_path)
+    out = qnn.deepqsm(f, m, device="cpu", model_dir=tmp_path, data_consistency_mu=0)
     assert out.dtype == np.float32 and out.shape == m.shape
     np.testing.assert_allclose(out, f, atol=1e-7)
     # oblique, anisotropic: resampled to 1 mm and back; equal to the input away from the mask edge
     vs, b = (1.0, 1.0, 1.2), _oblique(20.0)
-    out_o = qnn.deepqsm(f + 0.01 * m, m, vs, b, device="cpu", model_dir=tmp_path)
+    out_o = qnn.deepqsm(f + 0.01 * m, m, vs, b, device="cpu", model_dir=tmp_path, data_consistency_mu=0)
     assert np.all(out_o[~m] == 0)
     inner = ndimage.binary_erosion(m, iterations=3)
     assert np.abs(out_o - f - 0.01)[inner].mean() < 0.2 * np.abs(f[inner]).mean()
@@ -369,3 +369,97 @@ def test_nextqsm_inversion_reduces_to_tkd(tmp_path):
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < 1e-4, err
     assert np.all(got[~m] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# exact data consistency (VarNet) and the TKD-primed DeepQSM input
+# ------------------------------------------------------------------------------------------------
+
+
+def _zero_regularisers(net):
+    with torch.no_grad():
+        for psi in net.psi:
+            psi[-1].weight.zero_()
+            psi[-1].bias.zero_()
+    return net
+
+
+def test_varnet_exact_data_term_contracts_towards_the_inverse():
+    """With Psi = 0 and M = 1 each exact step is X <- (D F f + mu X) / (D^2 + mu): the k-space error
+    shrinks by mu / (D^2 + mu) per step, so the error falls with every step and matches that formula."""
+    shape = (24, 24, 24)
+    rng = np.random.default_rng(2)
+    chi = torch.from_numpy(ndimage.gaussian_filter(rng.standard_normal(shape), 1.5).astype(np.float32))[None, None]
+    k = qnn.dipole_kernel_torch(shape, (1, 1, 1), _oblique(15.0))
+    f = qnn.dipole_convolve(chi, k)
+    m = torch.ones_like(f)
+    errs = []
+    for steps in (1, 2, 4):
+        net = _zero_regularisers(qnn.VarNet(steps=steps, width=2, depth=0, data_term="exact", init_mu=0.05)).eval()
+        with torch.no_grad():
+            y = net(f, m, k)
+        errs.append(float((y - chi).norm() / chi.norm()))
+        # analytic: X_s = X* + (mu / (D^2 + mu))^s (X_0 - X*) with X_0 = TKD
+        x0k = torch.fft.rfftn(qnn.varnet.tkd_start(f, m, k), dim=(-3, -2, -1))
+        ck = torch.fft.rfftn(chi, dim=(-3, -2, -1))
+        r = 0.05 / (k * k + 0.05)
+        ref = torch.fft.irfftn(ck + r**steps * (x0k - ck), s=shape, dim=(-3, -2, -1))
+        ref = ref - ref.mean() + y.mean()  # the k = 0 term is undetermined (D(0) = 0)
+        assert float((y - ref).norm() / ref.norm()) < 1e-4
+    assert errs[0] > errs[1] > errs[2], errs
+    with pytest.raises(ValueError, match="data_term"):
+        qnn.VarNet(data_term="prox")
+
+
+def test_varnet_exact_gradients_reach_mu_and_regularisers():
+    torch.manual_seed(0)
+    net = qnn.VarNet(steps=2, width=4, depth=0, data_term="exact")
+    m = torch.from_numpy(_ellipsoid((8, 8, 8), (3, 3.5, 3))[None, None].astype(np.float32))
+    f = torch.randn(1, 1, 8, 8, 8) * 0.05 * m
+    chi = net(f, m, qnn.dipole_kernel_torch((8, 8, 8), (1, 1, 1), _oblique()))
+    assert torch.all(chi[m == 0] == 0)
+    ((chi - 0.1 * m) ** 2).mean().backward()
+    assert not hasattr(net, "step_raw")
+    assert torch.all(net.mu_raw.grad != 0) and torch.allclose(net.dc_weights(), torch.full((2,), 0.05), atol=1e-6)
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.all(torch.isfinite(p.grad)), name
+
+
+def test_tkd_padded_matches_classical_tkd():
+    m, chi = _field_case()
+    f = (forward_field_ppm(chi, pad_voxels=8) * m).astype(np.float32)
+    got = qnn.dipole.tkd_padded(torch.from_numpy(f)[None, None], torch.from_numpy(m.astype(np.float32))[None, None],
+                                delta=0.15, pad=16)[0, 0].numpy()
+    ref = tkd(f, m, delta=0.15, pad_voxels=16)
+    assert np.all(got[~m] == 0)
+    err = np.linalg.norm((got - ref)[m]) / np.linalg.norm(ref[m])
+    assert err < 0.05, err
+
+
+def test_tkd_primed_deepqsm_with_zero_correction_is_tkd(tmp_path):
+    """A residual 2-channel U-Net with a zero head returns its TKD channel: deepqsm() must then give TKD of the
+    field in ppm (the gain and RMS scalings cancel), also after the oblique resampling path."""
+    kw = {"in_channels": 2, "out_channels": 1, "width": 4, "depth": 2, "residual": True}
+    net = qnn.UNet3d(**kw)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    _save_small_unet(tmp_path, "deepqsm", {"input_ppm": 0.05, "output_ppm": 0.2, "tkd_delta": 0.15}, net.eval(), kw)
+    m, chi = _field_case()
+    f = (forward_field_ppm(chi, pad_voxels=8) * m).astype(np.float32)
+    out = qnn.deepqsm(f, m, device="cpu", model_dir=tmp_path, data_consistency_mu=0)
+    ref = tkd(f, m, delta=0.15, pad_voxels=16)
+    assert out.dtype == np.float32 and np.all(out[~m] == 0)
+    assert np.linalg.norm((out - ref)[m]) / np.linalg.norm(ref[m]) < 0.05
+    # linear in the field (RMS normalisation), as the physics requires
+    np.testing.assert_allclose(qnn.deepqsm(3 * f, m, device="cpu", model_dir=tmp_path, data_consistency_mu=0), 3 * out,
+                               rtol=1e-4, atol=1e-7)
+    # default: the network output is the prior of one exact data-consistency step
+    from qsmprep.qsm.inversion import data_consistency
+
+    dc = qnn.deepqsm(f, m, device="cpu", model_dir=tmp_path)
+    np.testing.assert_allclose(dc, data_consistency(out, f, m, mu=inf.DEEPQSM_DC_MU), atol=1e-6)
+    with pytest.raises(ValueError, match="data_consistency_mu"):
+        qnn.deepqsm(f, m, device="cpu", model_dir=tmp_path, data_consistency_mu=-1)
+    with pytest.raises(ValueError, match="1 .field. or 2"):
+        qnn.unet.unet_input(torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 1, 8, 8, 8), 3)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import scipy.fft as sfft
 import torch
 
 from qsmprep.qsm.geometry import dipole_kernel
 
-__all__ = ["dipole_kernel_torch", "dipole_convolve"]
+__all__ = ["dipole_kernel_torch", "dipole_convolve", "tkd_inverse_kernel", "tkd_padded"]
 
 
 def dipole_kernel_torch(
@@ -47,3 +48,38 @@ def dipole_convolve(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         )
     xk = torch.fft.rfftn(x, dim=(-3, -2, -1))
     return torch.fft.irfftn(xk * kernel, s=spatial, dim=(-3, -2, -1))
+
+
+def tkd_inverse_kernel(kernel: torch.Tensor, delta: float = 0.15) -> torch.Tensor:
+    """Truncated inverse of the dipole kernel (Shmueli et al., MRM 2009): ``1/D`` where ``|D| > delta``,
+    ``sign(D)/delta`` elsewhere, 0 at ``k = 0`` (same layout as ``kernel``)."""
+    sign = torch.where(kernel < 0, -1.0, 1.0).to(kernel.dtype)
+    inv = torch.where(kernel.abs() > delta, 1.0 / torch.where(kernel == 0, 1.0, kernel), sign / delta)
+    inv = inv.clone()
+    inv[..., 0, 0, 0] = 0.0
+    return inv
+
+
+def tkd_padded(
+    field_ppm: torch.Tensor,
+    mask: torch.Tensor,
+    delta: float = 0.15,
+    pad: int = 16,
+    voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    b0_dir: Sequence[float] = (0.0, 0.0, 1.0),
+) -> torch.Tensor:
+    """TKD of ``field_ppm * mask`` (``(B, C, X, Y, Z)``, ppm) zero-padded by ``pad`` voxels per side to a
+    fast FFT size (no wrap-around), cropped back and masked: chi in ppm. The fixed first layer of the
+    TKD-primed DeepQSM U-Net (:func:`qsmprep.nn.inference.deepqsm`)."""
+    spatial = tuple(int(n) for n in field_ppm.shape[-3:])
+    shape = tuple(sfft.next_fast_len(n + 2 * int(pad), real=True) for n in spatial)
+    m = mask.to(field_ppm.dtype)
+    before = [(t - n) // 2 for t, n in zip(shape, spatial)]
+    widths = []
+    for b, t, n in zip(reversed(before), reversed(shape), reversed(spatial)):
+        widths += [b, t - n - b]
+    x = torch.nn.functional.pad(field_ppm * m, widths)
+    inv = tkd_inverse_kernel(dipole_kernel_torch(shape, voxel_size_mm, b0_dir, field_ppm.device), delta)
+    y = dipole_convolve(x, inv)
+    crop = tuple(slice(b, b + n) for b, n in zip(before, spatial))
+    return y[(..., *crop)] * m

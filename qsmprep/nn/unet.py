@@ -12,7 +12,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["UNet3d"]
+from qsmprep.nn.dipole import tkd_padded
+
+__all__ = ["UNet3d", "rms_in_mask", "unet_input"]
 
 NORMS = ("group", "instance", "batch", "none")
 
@@ -121,3 +123,19 @@ def rms_in_mask(x: torch.Tensor, mask: torch.Tensor, floor: float = 1e-9) -> tor
     m = mask.to(x.dtype)
     n = m.sum(dim=(-4, -3, -2, -1), keepdim=True).clamp_min(1)
     return ((x * x * m).sum(dim=(-4, -3, -2, -1), keepdim=True) / n).sqrt().clamp_min(floor)
+
+
+def unet_input(x: torch.Tensor, mask: torch.Tensor, in_channels: int, tkd_gain: float = 1.0,
+               tkd_delta: float = 0.15) -> torch.Tensor:
+    """The U-Net input for an RMS-normalised field ``x`` (``(B, 1, X, Y, Z)``, axial B0, 1 mm).
+
+    One channel: ``x`` itself (DeepQSM, background net). Two channels (the TKD-primed DeepQSM):
+    ``[tkd_gain * TKD(x), x]`` with :func:`qsmprep.nn.dipole.tkd_padded` (threshold ``tkd_delta``);
+    ``tkd_gain`` converts chi per unit field into the network's output units, so that a residual
+    U-Net predicts a correction of TKD.
+    """
+    if int(in_channels) == 1:
+        return x
+    if int(in_channels) != 2:
+        raise ValueError(f"a field U-Net takes 1 (field) or 2 (TKD, field) input channels, got {in_channels}")
+    return torch.cat([tkd_padded(x, mask, delta=float(tkd_delta)) * float(tkd_gain), x], dim=1)

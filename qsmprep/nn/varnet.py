@@ -6,6 +6,12 @@ with ``Phi`` the dipole convolution for the scan's true B0 direction and voxel s
 anisotropic supported), ``Psi_i`` a small CNN per step and ``lambda_i = softplus(p_i) > 0`` learned.
 Fields and chi are in ppm; ``Psi_i`` sees ``chi / chi_scale_ppm`` (O(1) numbers). Since
 ``||Phi^T M Phi|| <= 4/9``, ``lambda_i`` near 1 is a stable gradient step.
+
+``data_term="exact"`` (MoDL: Aggarwal et al., IEEE TMI 2019; MoDL-QSM: Feng et al., NeuroImage 2021)
+replaces the gradient step by an exact data-consistency step: ``z = chi - s_chi Psi_i(chi / s_chi)``,
+``chi <- M F^-1[(D F f + mu_i F z) / (D^2 + mu_i)]`` with learned ``mu_i = softplus(q_i) > 0`` (the field
+outside the mask taken as 0), which keeps the well-conditioned k-space (away from the magic-angle
+cone) tied to the measured field and so preserves the contrast of large structures.
 """
 
 from __future__ import annotations
@@ -16,21 +22,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qsmprep.nn.dipole import dipole_convolve
+from qsmprep.nn.dipole import dipole_convolve, tkd_inverse_kernel
 from qsmprep.nn.unet import UNet3d
 
 __all__ = ["VarNet", "tkd_start"]
 
 INITS = ("tkd", "zeros")
+DATA_TERMS = ("gradient", "exact")
 
 
 def tkd_start(field_ppm: torch.Tensor, mask: torch.Tensor, kernel: torch.Tensor, delta: float = 0.15) -> torch.Tensor:
     """Truncated k-space division (Shmueli et al., MRM 2009) of the masked field, times ``mask`` (ppm)."""
-    sign = torch.where(kernel < 0, -1.0, 1.0).to(kernel.dtype)
-    inv = torch.where(kernel.abs() > delta, 1.0 / torch.where(kernel == 0, 1.0, kernel), sign / delta)
-    inv = inv.clone()
-    inv[..., 0, 0, 0] = 0.0
-    return dipole_convolve(field_ppm * mask, inv) * mask
+    return dipole_convolve(field_ppm * mask, tkd_inverse_kernel(kernel, delta)) * mask
 
 
 class _SmallCNN(nn.Sequential):
@@ -55,7 +58,9 @@ class VarNet(nn.Module):
     ``init_step``: initial ``lambda_i``. ``init``: starting point ``x0`` when none is given:
     ``"tkd"`` (default; TKD with ``tkd_delta``, masked) or ``"zeros"``. ``field_scale_ppm`` and
     ``chi_scale_ppm`` are the fixed scales (typical local field ~0.05 ppm, chi ~0.2 ppm) that make the
-    regulariser inputs O(1). Spatial sizes must be multiples of :attr:`multiple`.
+    regulariser inputs O(1). ``data_term``: ``"gradient"`` (default) or ``"exact"`` (closed-form
+    data consistency with learned prior weights ``mu_i``, initially ``init_mu``; see the module
+    docstring). Spatial sizes must be multiples of :attr:`multiple`.
     """
 
     def __init__(
@@ -69,16 +74,22 @@ class VarNet(nn.Module):
         field_scale_ppm: float = 0.05,
         chi_scale_ppm: float = 0.2,
         norm: str = "group",
+        data_term: str = "gradient",
+        init_mu: float = 0.05,
     ):
         super().__init__()
         if int(steps) < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if not init_step > 0:
             raise ValueError(f"init_step must be positive, got {init_step}")
+        if data_term not in DATA_TERMS:
+            raise ValueError(f"data_term must be one of {DATA_TERMS}, got {data_term!r}")
+        if not init_mu > 0:
+            raise ValueError(f"init_mu must be positive, got {init_mu}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.steps, self.width, self.depth = int(steps), int(width), int(depth)
-        self.init, self.tkd_delta = init, float(tkd_delta)
+        self.init, self.tkd_delta, self.data_term = init, float(tkd_delta), data_term
         self.field_scale_ppm, self.chi_scale_ppm = float(field_scale_ppm), float(chi_scale_ppm)
         if self.depth >= 1:
             self.psi = nn.ModuleList([UNet3d(1, 1, self.width, self.depth, norm=norm) for _ in range(self.steps)])
@@ -88,11 +99,19 @@ class VarNet(nn.Module):
             self.multiple = 1
         # softplus^-1(init_step)
         raw = float(init_step) + math.log(-math.expm1(-float(init_step)))
-        self.step_raw = nn.Parameter(torch.full((self.steps,), raw, dtype=torch.float32))
+        if data_term == "gradient":
+            self.step_raw = nn.Parameter(torch.full((self.steps,), raw, dtype=torch.float32))
+        else:
+            raw_mu = float(init_mu) + math.log(-math.expm1(-float(init_mu)))
+            self.mu_raw = nn.Parameter(torch.full((self.steps,), raw_mu, dtype=torch.float32))
 
     def step_sizes(self) -> torch.Tensor:
-        """The positive step sizes ``lambda_i = softplus(p_i)``."""
+        """The positive step sizes ``lambda_i = softplus(p_i)`` (gradient data term)."""
         return F.softplus(self.step_raw)
+
+    def dc_weights(self) -> torch.Tensor:
+        """The positive prior weights ``mu_i = softplus(q_i)`` of the exact data-consistency steps."""
+        return F.softplus(self.mu_raw)
 
     def forward(
         self, field_ppm: torch.Tensor, mask: torch.Tensor, kernel: torch.Tensor, x0: torch.Tensor | None = None
@@ -110,8 +129,18 @@ class VarNet(nn.Module):
             x = tkd_start(f, m, kernel, self.tkd_delta)
         else:
             x = torch.zeros_like(f)
-        lam = self.step_sizes()
         s = self.chi_scale_ppm
+        if self.data_term == "exact":
+            dims = (-3, -2, -1)
+            fk = torch.fft.rfftn(f, dim=dims) * kernel
+            d2 = kernel * kernel
+            mu = self.dc_weights()
+            for i in range(self.steps):
+                z = x - s * self.psi[i](x / s)
+                xk = (fk + mu[i] * torch.fft.rfftn(z, dim=dims)) / (d2 + mu[i])
+                x = torch.fft.irfftn(xk, s=tuple(f.shape[-3:]), dim=dims) * m
+            return x
+        lam = self.step_sizes()
         for i in range(self.steps):
             grad = dipole_convolve(m * (dipole_convolve(x, kernel) - f), kernel)  # Phi^T = Phi (D real, even)
             x = (x - lam[i] * grad - s * self.psi[i](x / s)) * m

@@ -221,6 +221,32 @@ def _direct(local_field_ppm, mask, voxel_size_mm, b0_dir, pad_voxels, inv_kernel
     return _finish(x, grid)
 
 
+def data_consistency(
+    chi_prior_ppm,
+    local_field_ppm,
+    mask,
+    voxel_size_mm=(1.0, 1.0, 1.0),
+    b0_dir=(0.0, 0.0, 1.0),
+    mu: float = 0.03,
+    pad_voxels: int | Sequence[int] = DEFAULT_PAD_VOXELS,
+) -> np.ndarray:
+    """Exact data-consistency step towards a prior estimate (the data-consistency block of MoDL:
+    Aggarwal et al., IEEE TMI 2019;38:394): ``argmin |D chi - f|^2 + mu |chi - chi_prior|^2``, i.e.
+    ``X = (D F f + mu F chi_prior) / (D^2 + mu)``. Where ``D^2 >> mu`` (away from the magic-angle cone)
+    the measured field decides, on the cone the prior does. Returns chi (ppm, float32, 0 outside ``mask``).
+    """
+    mu = _check_positive("mu", mu)
+    fp, grid = _setup(local_field_ppm, mask, voxel_size_mm, b0_dir, pad_voxels)
+    prior = as_float_volume(chi_prior_ppm, "chi_prior_ppm")
+    if prior.shape != grid.full_shape:
+        raise ValueError(f"chi_prior_ppm has shape {prior.shape}, the field {grid.full_shape}")
+    pp, _ = _fft.pad_volume(np.where(grid.mask[grid.bbox], prior[grid.bbox], np.float32(0.0)).astype(np.float32),
+                            grid.shape)
+    d = dipole_kernel(grid.shape, grid.voxel_size, grid.b0_dir)
+    xk = (d * _fft.rfftn(fp) + np.float32(mu) * _fft.rfftn(pp)) / (d * d + np.float32(mu))
+    return _finish(_fft.irfftn(xk, grid.shape), grid)
+
+
 @INVERSION.register("tkd")
 def tkd(
     local_field_ppm,

@@ -407,8 +407,18 @@ def hybrid_brain_sample(
 def sample(kind: str, rng: np.random.Generator, patch: int, **options) -> dict[str, np.ndarray]:
     """One sample of ``kind`` (see :data:`KINDS`) with keys ``input`` (network input field, ppm),
     ``target`` (ppm), ``mask``, ``b0_dir``, ``voxel_size_mm`` and ``field_ppm`` (the local field for
-    the dipole kinds, used by the uQSM loss). ``options`` go to the generator."""
+    the dipole kinds, used by the uQSM loss). ``options`` go to the generator; for ``"deepqsm"``,
+    ``brain_prob`` (default 0) is the fraction of samples drawn as hybrid brains (axial, 1 mm) instead
+    of shapes, with the :func:`hybrid_brain_sample` options in ``brain``."""
     if kind == "deepqsm":
+        options = dict(options)
+        brain_prob, brain = float(options.pop("brain_prob", 0.0)), dict(options.pop("brain", {}))
+        if brain_prob > 0 and rng.random() < brain_prob:
+            # hybrid brain on DeepQSM's own grid: axial B0, 1 mm (the inference resamples to it)
+            brain.update(voxel_sizes_mm=((1.0, 1.0, 1.0),), max_tilt_deg=0.0)
+            h = hybrid_brain_sample(rng, patch, target="chi", **brain)
+            return {"input": h["local_field_ppm"], "target": h["chi_ppm"], "mask": h["mask"],
+                    "field_ppm": h["local_field_ppm"], "b0_dir": h["b0_dir"], "voxel_size_mm": h["voxel_size_mm"]}
         s = deepqsm_shapes_sample(rng, patch, **options)
         return {"input": s["field_ppm"], "target": s["chi_ppm"], "mask": s["mask"], "field_ppm": s["field_ppm"],
                 "b0_dir": s["b0_dir"], "voxel_size_mm": s["voxel_size_mm"]}

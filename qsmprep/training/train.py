@@ -110,6 +110,9 @@ class TrainConfig:
         if self.patch % mult:
             raise ConfigError(f"patch {self.patch} must be a multiple of 2**depth = {mult}")
         if self.arch == "unet3d":
+            cin = int(self.model.get("in_channels", 1))
+            if cin not in (1, 2) or (cin == 2 and self.kind != "deepqsm"):
+                raise ConfigError(f"model.in_channels must be 1 (or 2 = TKD + field, deepqsm only), got {cin}")
             for k in ("input_scale", "output_scale"):
                 if not float(self.scales.get(k, 0)) > 0:
                     raise ConfigError(f"[scales] needs a positive {k} for a U-Net")
@@ -238,9 +241,13 @@ class _Runner:
             sl = slice(i, i + 1)
             k = self.kernel(t["input"].shape[-3:], t["voxel_size_mm"][i].cpu().numpy(), t["b0_dir"][i].cpu().numpy())
             return self.model(t["input"][sl], t["mask"][sl], k)
+        from qsmprep.nn.unet import unet_input
+
         x = t["input"] * t["mask"]
         s = rms_in_mask(x, t["mask"])
-        return self.model(x / s) * (s * self.in_s / self.out_s)
+        xin = unet_input(x / s, t["mask"], self.model.in_channels, self.out_s / self.in_s,
+                         float(self.cfg.scales.get("tkd_delta", 0.15)))
+        return self.model(xin) * (s * self.in_s / self.out_s)
 
     def loss(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training loss of one batch; VarNet: backpropagated per sample (returns the batch mean, detached)."""
@@ -475,6 +482,8 @@ def export(
     else:
         a, b = float(cfg.scales["input_scale"]), float(cfg.scales["output_scale"])
         scales = {"input_scale": a, "output_scale": b, "input_ppm": 1.0 / a, "output_ppm": 1.0 / b}
+        if "tkd_delta" in cfg.scales:
+            scales["tkd_delta"] = float(cfg.scales["tkd_delta"])
     version = cfg.version or __about__.__version__
     threads = int(cfg.num_threads)
     card = {

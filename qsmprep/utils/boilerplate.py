@@ -89,6 +89,11 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "quantitative susceptibility mapping trained with hybrid data. Med Image Anal. 2023;84:102700.",
         "10.1016/j.media.2022.102700",
     ),
+    "aggarwal2019": (
+        "Aggarwal HK, Mani MP, Jacob M. MoDL: Model-based deep learning architecture for inverse problems. "
+        "IEEE Trans Med Imaging. 2019;38:394-405.",
+        "10.1109/TMI.2018.2865356",
+    ),
     "jung2020": (
         "Jung W, Yoon J, Ji S, et al. Exploring linearity of deep neural network trained QSM: QSMnet+. "
         "NeuroImage. 2020;211:116619.",
@@ -202,12 +207,14 @@ METHODS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "tkd": ("TKD", "truncated k-space division (TKD)", ("shmueli2009",)),
         "tsvd": ("TSVD", "truncated singular value decomposition in k-space (TSVD)", ("wharton2010",)),
         "tikhonov": ("Tikhonov", "closed-form L2 (Tikhonov) regularised dipole inversion", ("bilgic2014l2",)),
-        "deepqsm": ("DeepQSM", "a DeepQSM-style 3D U-Net trained by qsmprep on simulated random shapes with "
-                    "QSMnet+ range augmentation (field resampled to a B0-aligned 1 mm grid and back)",
-                    ("bollmann2019", "jung2020")),
-        "nextqsm": ("NeXtQSM VarNet", "a NeXtQSM-style variational network (unrolled gradient steps on the dipole "
-                    "data term with learned CNN regularisers) trained by qsmprep on simulated hybrid brains",
-                    ("cognolato2023", "jung2020")),
+        "deepqsm": ("DeepQSM", "a DeepQSM-style 3D U-Net primed with truncated k-space division (it sees the "
+                    "local field and its TKD estimate and predicts a correction of TKD), trained by qsmprep on "
+                    "simulated random shapes and hybrid brains with QSMnet+ range augmentation (field resampled "
+                    "to a B0-aligned 1 mm grid and back), followed by one exact dipole data-consistency step",
+                    ("bollmann2019", "jung2020", "shmueli2009", "aggarwal2019")),
+        "nextqsm": ("NeXtQSM VarNet", "a NeXtQSM-style variational network (unrolled steps of learned CNN "
+                    "regularisers, each followed by an exact dipole data-consistency solve) trained by qsmprep on "
+                    "simulated hybrid brains", ("cognolato2023", "aggarwal2019", "jung2020")),
     },
     "reference": {
         "mean": ("whole-brain mean", "the mean susceptibility within the final brain mask", ("consensus2024",)),
