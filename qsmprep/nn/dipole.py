@@ -7,6 +7,7 @@ torch and numpy forward models agree to float32 precision.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import scipy.fft as sfft
@@ -60,6 +61,12 @@ def tkd_inverse_kernel(kernel: torch.Tensor, delta: float = 0.15) -> torch.Tenso
     return inv
 
 
+@functools.lru_cache(maxsize=8)
+def _tkd_inverse_kernel_cpu(shape, voxel_size_mm, b0_dir, delta) -> torch.Tensor:
+    """Cached TKD inverse kernel (training calls :func:`tkd_padded` on one patch shape every step)."""
+    return tkd_inverse_kernel(dipole_kernel_torch(shape, voxel_size_mm, b0_dir), delta)
+
+
 def tkd_padded(
     field_ppm: torch.Tensor,
     mask: torch.Tensor,
@@ -79,7 +86,8 @@ def tkd_padded(
     for b, t, n in zip(reversed(before), reversed(shape), reversed(spatial)):
         widths += [b, t - n - b]
     x = torch.nn.functional.pad(field_ppm * m, widths)
-    inv = tkd_inverse_kernel(dipole_kernel_torch(shape, voxel_size_mm, b0_dir, field_ppm.device), delta)
+    key = (shape, tuple(float(v) for v in voxel_size_mm), tuple(float(v) for v in b0_dir), float(delta))
+    inv = _tkd_inverse_kernel_cpu(*key).to(field_ppm.device)
     y = dipole_convolve(x, inv)
     crop = tuple(slice(b, b + n) for b, n in zip(before, spatial))
     return y[(..., *crop)] * m
