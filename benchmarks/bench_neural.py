@@ -31,8 +31,10 @@ total field plus the same noise, with the true brain mask.
 
 Metrics (as in tests/test_head_acceptance.py): demeaned NRMSE (%) and HFEN (%) from
 :mod:`qsmprep.qsm.metrics` against the true chi; for inversions from the local field in the true
-brain mask and in V-SHARP's eroded mask of the same case; for the two chains in the intersection of
-both chains' output masks. Lesion linearity (case d): per-lesion means of the estimate and of the true
+brain mask and in V-SHARP's eroded mask of the same case; for the chains (V-SHARP + RTS, PDF + RTS,
+V-SHARP + VarNet = the learned chain without its background net, NeXtQSM background net + VarNet) in
+the intersection of all chains' output masks (= V-SHARP's eroded mask), and for a chain with a larger
+output mask (the background net's is the whole brain) also in that mask. Lesion linearity (case d): per-lesion means of the estimate and of the true
 chi, both demeaned in the evaluation mask, regressed (slope, intercept) with the RMSE of the lesion
 means (ppm). Deep-GM slope: :func:`qsmprep.qsm.metrics.dgm_slope` over labels 1-7 (caudate, pallidum,
 putamen, red nucleus, dentate, substantia nigra, thalamus). Wall times are warm (each method is run
@@ -78,11 +80,15 @@ CASES = {
 }
 INVERSIONS = ("tkd", "rts", "deepqsm", "varnet")
 INV_LABEL = {"tkd": "TKD", "rts": "RTS", "deepqsm": "DeepQSM", "varnet": "NeXtQSM-VarNet"}
-CHAINS = ("vsharp+rts", "nextqsm")
-CHAIN_LABEL = {"vsharp+rts": "V-SHARP + RTS", "nextqsm": "NeXtQSM bg + VarNet"}
+#: chain -> (background removal, inversion); "vsharp+varnet" is the learned chain without the background
+#: net (what the net adds), "pdf+rts" the strongest classical chain here
+CHAINS = {"vsharp+rts": ("vsharp", "rts"), "pdf+rts": ("pdf", "rts"), "vsharp+varnet": ("vsharp", "varnet"),
+          "nextqsm": ("nextqsm", "varnet")}
+CHAIN_LABEL = {"vsharp+rts": "V-SHARP + RTS", "pdf+rts": "PDF + RTS", "vsharp+varnet": "V-SHARP + VarNet",
+               "nextqsm": "NeXtQSM bg + VarNet"}
 #: model files each method needs
 NEEDS = {"deepqsm": ("deepqsm",), "varnet": ("nextqsm-varnet",), "nextqsm": ("nextqsm-bg", "nextqsm-varnet"),
-         "nextqsm-bg": ("nextqsm-bg",)}
+         "nextqsm-bg": ("nextqsm-bg",), "vsharp+varnet": ("nextqsm-varnet",)}
 #: what the resource subprocesses run
 RESOURCE_METHODS = ("deepqsm", "nextqsm-bg", "varnet", "rts")
 
@@ -260,10 +266,10 @@ def inversion_fn(method: str, device: str, model_dir: str | None):
 
 
 def bgremove_fn(method: str, device: str, model_dir: str | None):
-    if method == "vsharp":
-        from qsmprep.qsm.bgremove import vsharp
+    if method in ("vsharp", "pdf"):
+        from qsmprep.qsm.registry import BGREMOVE
 
-        return vsharp
+        return BGREMOVE.get(method)
     from qsmprep.nn import inference as nn_inf
 
     return lambda f, m, vs, b: nn_inf.nextqsm_bgremove(f, m, vs, b, device=device, model_dir=model_dir)
@@ -326,8 +332,8 @@ def warm_up(methods, device: str, model_dir: str | None) -> float:
         try:
             if meth in INVERSIONS:
                 inversion_fn(meth, device, model_dir)(f, m, (1, 1, 1), (0, 0, 1))
-            elif meth in ("vsharp", "nextqsm-bg"):
-                bgremove_fn("vsharp" if meth == "vsharp" else "nextqsm", device, model_dir)(f, m, (1, 1, 1), (0, 0, 1))
+            elif meth in ("vsharp", "pdf", "nextqsm-bg"):
+                bgremove_fn("nextqsm" if meth == "nextqsm-bg" else meth, device, model_dir)(f, m, (1, 1, 1), (0, 0, 1))
         except Exception as exc:  # noqa: BLE001 - reported when the method runs for real
             print(f"  warm-up of {meth} failed: {type(exc).__name__}: {exc}", flush=True)
     return time.perf_counter() - t0
@@ -356,15 +362,16 @@ def run_case(case: Case, models: dict, device: str, model_dir: str | None) -> di
         res["inversion"][meth] = r
         del chi
     # chains from the total field with the true brain mask
-    outs = {}
-    chi_v, t_iv = timed(inversion_fn("rts", device, model_dir), loc_v, m_v, vs, b)
-    outs["vsharp+rts"] = (loc_v, m_v, chi_v, t_bv, t_iv)
-    if available("nextqsm", models):
-        (loc_n, m_n), t_bn = timed(bgremove_fn("nextqsm", device, model_dir), case.total, case.mask, vs, b)
-        chi_n, t_in = timed(inversion_fn("varnet", device, model_dir), loc_n, m_n, vs, b)
-        outs["nextqsm"] = (loc_n, m_n, chi_n, t_bn, t_in)
-    else:
-        res["skipped"].append("nextqsm chain")
+    outs, bfr = {}, {"vsharp": ((loc_v, m_v), t_bv)}
+    for name, (bg, inv) in CHAINS.items():
+        if name in NEEDS and not available(name, models):
+            res["skipped"].append(f"{name} chain")
+            continue
+        if bg not in bfr:
+            bfr[bg] = timed(bgremove_fn(bg, device, model_dir), case.total, case.mask, vs, b)
+        (loc, m), tb = bfr[bg]
+        chi, ti = timed(inversion_fn(inv, device, model_dir), loc, m, vs, b)
+        outs[name] = (loc, m, chi, tb, ti)
     common = np.logical_and.reduce([o[1] for o in outs.values()])
     res["chain_mask_voxels"] = int(common.sum())
     for name, (loc, m, chi, tb, ti) in outs.items():
@@ -372,6 +379,8 @@ def run_case(case: Case, models: dict, device: str, model_dir: str | None) -> di
         r["bfr_nrmse"] = metrics.nrmse(loc, case.local_true, common)
         r["bfr_seconds"], r["inversion_seconds"], r["seconds"] = tb, ti, tb + ti
         r["mask_voxels"] = int(m.sum())
+        if m.sum() > common.sum():  # also in the chain's own (larger) output mask, e.g. the whole brain
+            r["own"] = {"bfr_nrmse": metrics.nrmse(loc, case.local_true, m), **scores(chi, case, {"own": m})}
         res["chain"][name] = r
     return res
 
@@ -509,7 +518,18 @@ def case_tables(key: str, r: dict) -> str:
              f"output masks ({r['chain_mask_voxels']} voxels):\n")
     s.append(table(["chain", "local field NRMSE %", "chi NRMSE %", "chi HFEN %", "DGM slope", "BFR s", "inversion s",
                     "total s"], rows))
+    own = [(n, r["chain"][n]) for n in CHAINS if "own" in r["chain"].get(n, {})]
+    if own:
+        s.append("\nChains whose output mask is larger, in their own output mask:\n")
+        s.append(table(["chain", "mask voxels", "local field NRMSE %", "chi NRMSE %", "chi HFEN %"],
+                       [[CHAIN_LABEL[n], v["mask_voxels"], _f(v["own"]["bfr_nrmse"]), _f(v["own"]["nrmse_own"]),
+                         _f(v["own"]["hfen_own"])] for n, v in own]))
     return "\n".join(s) + "\n"
+
+
+def _mean(values):
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if len(v) == len(values) and v else None
 
 
 def summary_tables(results: dict) -> str:
@@ -520,12 +540,14 @@ def summary_tables(results: dict) -> str:
         rows.append([INV_LABEL[meth]] + [_f(results["cases"][k]["inversion"].get(meth, {}).get("nrmse_brain"))
                                          for k in keys])
     out.append(table(["method"] + keys, rows))
-    out.append("\n## Summary: chi NRMSE % of the chains (intersection of output masks)\n")
-    rows = []
-    for name in CHAINS:
-        rows.append([CHAIN_LABEL[name]] + [_f(results["cases"][k]["chain"].get(name, {}).get("nrmse_common"))
-                                           for k in keys])
-    out.append(table(["chain"] + keys, rows))
+    for metric, what in (("nrmse_common", "chi NRMSE %"), ("hfen_common", "chi HFEN %"),
+                         ("bfr_nrmse", "local-field NRMSE %")):
+        out.append(f"\n## Summary: {what} of the chains (intersection of output masks)\n")
+        rows = []
+        for name in CHAINS:
+            vals = [results["cases"][k]["chain"].get(name, {}).get(metric) for k in keys]
+            rows.append([CHAIN_LABEL[name]] + [_f(v) for v in vals] + [_f(_mean(vals))])
+        out.append(table(["chain"] + keys + ["mean"], rows))
     lin_case = next((k for k in keys if "lesions" in CASES[k] or
                      any("lesions" in v for v in results["cases"][k]["inversion"].values())), None)
     if lin_case:
@@ -615,7 +637,7 @@ def main(argv=None) -> int:
         else:
             print(f"- model {name}: {card['model_file']} ({card['steps']} steps, sha256 {card['sha256'][:12]}, "
                   f"validation NRMSE {_f(card['val_nrmse_percent'])} %)", flush=True)
-    methods = [m for m in ("tkd", "rts", "vsharp", "deepqsm", "varnet", "nextqsm-bg")
+    methods = [m for m in ("tkd", "rts", "vsharp", "pdf", "deepqsm", "varnet", "nextqsm-bg")
                if m not in NEEDS or available(m, models)]
     print(f"\nwarm-up {warm_up(methods, args.device, args.model_dir):.1f} s\n", flush=True)
     results = {"config": {"downsample": args.downsample, "cases": keys, "threads": args.threads, "device": args.device,

@@ -463,3 +463,36 @@ def test_tkd_primed_deepqsm_with_zero_correction_is_tkd(tmp_path):
         qnn.deepqsm(f, m, device="cpu", model_dir=tmp_path, data_consistency_mu=-1)
     with pytest.raises(ValueError, match="1 .field. or 2"):
         qnn.unet.unet_input(torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 1, 8, 8, 8), 3)
+
+
+def test_prior_guided_bg_net_with_zero_correction_is_its_prior(tmp_path):
+    """A residual 3-channel background U-Net with a zero head returns its V-SHARP channel: nextqsm_bgremove()
+    must then give V-SHARP's local field (demeaned in the whole mask, 0 in V-SHARP's eroded rim), in ppm,
+    linear in the field; its output mask is the whole brain mask."""
+    from qsmprep.qsm.bgremove import vsharp
+
+    kw = {"in_channels": 3, "out_channels": 1, "width": 4, "depth": 2, "residual": True}
+    net = qnn.UNet3d(**kw)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    qnn.save_model(net.eval(), tmp_path / "nextqsm-bg.pt", "unet3d", kw, {"licence": "test", "seed": 0, "prior": "vsharp"},
+                   {"input_ppm": 1.0, "output_ppm": 1.0}, "0.0-test")
+    shape = (40, 44, 36)
+    m = _ellipsoid(shape, (16, 18, 14))
+    rng = np.random.default_rng(2)
+    chi = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0).astype(np.float32) * m * 0.1
+    g = np.indices(shape).astype(np.float32)
+    total = (forward_field_ppm(chi, pad_voxels=8) + 0.3 + 0.02 * g[0] - 0.01 * g[2]).astype(np.float32)  # + harmonic
+    local, m_out = qnn.nextqsm_bgremove(total, m, device="cpu", model_dir=tmp_path)
+    ref, m_v = vsharp(total, m)
+    ref = np.where(m_v, ref, 0)
+    ref = (ref - ref[m].mean()) * m
+    assert local.dtype == np.float32 and np.array_equal(m_out, m) and np.all(local[~m] == 0)
+    np.testing.assert_allclose(local, ref, atol=1e-4 * np.abs(ref).max())
+    np.testing.assert_allclose(qnn.nextqsm_bgremove(2.5 * total, m, device="cpu", model_dir=tmp_path)[0], 2.5 * local,
+                               atol=1e-4 * np.abs(local).max())
+    stack = inf.bg_prior_stack(total, m, (1, 1, 1), (0, 0, 1))
+    assert stack.shape == (3,) + shape and np.array_equal(stack[2] > 0, m_v)
+    with pytest.raises(ValueError, match=r"\(B, 3, X, Y, Z\)"):
+        qnn.unet.bg_unet_input(torch.zeros(1, 2, 8, 8, 8), torch.ones(1, 1, 8, 8, 8))

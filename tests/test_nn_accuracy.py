@@ -45,8 +45,10 @@ CROP_1MM = tuple(slice(2 * c.start, 2 * c.stop) for c in CROP)
 # data consistency, 1500 steps) 51.8. 1 mm crop (the networks' training resolution): TKD 45.1, DeepQSM 33.8,
 # VarNet 47.1 (on the full-size held-out heads of benchmarks/bench_neural.py the VarNet beats TKD by ~8
 # points; on this crop, whose brain is cut by the box, it does not). Deep-GM slopes on the 1 mm crop: DeepQSM
-# 1.03, VarNet 1.03. The background net (1700 steps: 178.7 %, worse than the zero estimate) is NOT shipped;
-# its test runs when a model file is present (QSMPREP_TEST_MODEL_DIR or a future release).
+# 1.03, VarNet 1.03. The background net is NOT shipped: the V-SHARP-guided one (1600 steps) scored 52.9 % in the
+# whole mask and 37.8 % in V-SHARP's mask, where V-SHARP itself scores 33.0 % (the earlier plain U-Net, 1700
+# steps: 178.7 %). Its test runs when a model file is present (QSMPREP_TEST_MODEL_DIR or a future release) and
+# asks what shipping needs: beat V-SHARP where V-SHARP has an answer.
 DEEPQSM_MARGIN_PP = 2.0  # DeepQSM must beat TKD (default threshold) by at least this many points
 VARNET_MAX_NRMSE = 57.0  # measured 51.8 x 1.1
 BGNET_MAX_NRMSE = 100.0  # 100 % = the zero estimate, a looser bound would be vacuous
@@ -120,7 +122,12 @@ def _errors(case, out) -> dict[str, float]:
         if key in out:
             err[key] = metrics.nrmse(out[key], case["chi"], m)
     if "bg" in out:
+        from qsmprep.qsm.bgremove import vsharp
+
+        local_v, m_v = vsharp(case["total"], m, case["vs"])
         err["bg"] = metrics.nrmse(out["bg"], case["local"], out["bg_mask"])
+        err["bg_in_vsharp_mask"] = metrics.nrmse(out["bg"], case["local"], m_v)
+        err["vsharp"] = metrics.nrmse(local_v, case["local"], m_v)
     return err
 
 
@@ -172,8 +179,10 @@ def test_varnet_accuracy(case, outputs):
 
 def test_background_net_accuracy(case, outputs):
     _need("bg")
-    err = _errors(case, outputs)["bg"]
-    assert err < BGNET_MAX_NRMSE, f"background net local-field NRMSE {err:.1f} %"
+    err = _errors(case, outputs)
+    assert err["bg"] < BGNET_MAX_NRMSE, f"background net local-field NRMSE {err['bg']:.1f} %"
+    assert err["bg_in_vsharp_mask"] < err["vsharp"], (
+        f"background net {err['bg_in_vsharp_mask']:.1f} % vs V-SHARP {err['vsharp']:.1f} % in V-SHARP's mask")
     np.testing.assert_array_equal(outputs["bg_mask"], case["mask"])
 
 

@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from qsmprep.nn.dipole import dipole_kernel_torch
 from qsmprep.nn.models import DEFAULT_SCALES, NeXtQSM, load_model, read_card
-from qsmprep.nn.unet import UNet3d, unet_input
+from qsmprep.nn.unet import BG_PRIOR_CHANNELS, UNet3d, bg_unet_input, unet_input
 from qsmprep.nn.varnet import VarNet
 from qsmprep.qsm import fft as _fft
 from qsmprep.qsm._validate import as_b0_dir, as_float_volume, as_mask, as_voxel_size
@@ -290,23 +290,27 @@ def _apply_axial_1mm(
 ) -> np.ndarray:
     """Apply ``fn(masked_volume, mask)`` (both on a B0-aligned 1 mm grid) to a masked volume.
 
-    The volume is cropped to the mask bounding box (+ :data:`BBOX_MARGIN`), resampled (trilinear) to
-    the B0-aligned 1 mm grid when the data are oblique or not 1 mm, passed to ``fn`` and resampled back;
-    returns the result on the input grid, 0 outside the mask bounding box (not yet masked).
+    The volume (3D, or channels-first 4D: every channel is treated alike) is cropped to the mask
+    bounding box (+ :data:`BBOX_MARGIN`), resampled (trilinear) to the B0-aligned 1 mm grid when the
+    data are oblique or not 1 mm, passed to ``fn`` and resampled back; returns the (3D) result on the
+    input grid, 0 outside the mask bounding box (not yet masked).
     """
     box = _bbox(mask, BBOX_MARGIN)
-    v = np.where(mask[box], vol_ppm[box], np.float32(0.0)).astype(np.float32, copy=False)
     mk = mask[box]
+    if vol_ppm.ndim == 4:
+        v = np.stack([np.where(mk, c[box], np.float32(0.0)) for c in vol_ppm]).astype(np.float32, copy=False)
+    else:
+        v = np.where(mk, vol_ppm[box], np.float32(0.0)).astype(np.float32, copy=False)
     if _needs_resampling(voxel_size_mm, b0_dir):
-        grid = _AlignedGrid(v.shape, voxel_size_mm, b0_dir)
+        grid = _AlignedGrid(mk.shape, voxel_size_mm, b0_dir)
         mk_a = grid.to_aligned(mk.astype(np.float32)) > 0.5
         if not mk_a.any():
             raise ValueError("mask is too thin to survive resampling to the 1 mm B0-aligned grid")
-        v_a = grid.to_aligned(v) * mk_a
+        v_a = (np.stack([grid.to_aligned(c) for c in v]) if v.ndim == 4 else grid.to_aligned(v)) * mk_a
         # the aligned grid encloses the rotated box: predict only on the mask's own box in it
         box_a = _bbox(mk_a, BBOX_MARGIN)
-        y_a = np.zeros(v_a.shape, dtype=np.float32)
-        y_a[box_a] = fn(np.ascontiguousarray(v_a[box_a]), mk_a[box_a])
+        y_a = np.zeros(mk_a.shape, dtype=np.float32)
+        y_a[box_a] = fn(np.ascontiguousarray(v_a[(Ellipsis,) + box_a]), mk_a[box_a])
         y = grid.from_aligned(y_a)
     else:
         y = fn(v, mk)
@@ -326,15 +330,19 @@ def _validate(field, mask, voxel_size_mm, b0_dir, name):
     return f, m, as_voxel_size(voxel_size_mm), as_b0_dir(b0_dir)
 
 
+#: U-Net input channels each role accepts: field; TKD + field (DeepQSM); prior + total field + prior mask (bg).
+_UNET_CHANNELS = {"deepqsm": (1, 2), "nextqsm-bg": (1, BG_PRIOR_CHANNELS)}
+
+
 def _unet_of(model, card, name: str, role: str) -> UNet3d:
     if isinstance(model, NeXtQSM):
         model = model.varnet if role == "varnet" else model.bg
     want = VarNet if role == "varnet" else UNet3d
     if not isinstance(model, want):
         raise ValueError(f"model {name!r} is a {card.get('architecture')!r} network, not a {want.__name__}")
-    if want is UNet3d and (model.in_channels not in (1, 2) or model.out_channels != 1):
-        raise ValueError(f"model {name!r} must map a field (1 channel, or TKD + field) to 1 channel, "
-                         f"has {model.in_channels}->{model.out_channels}")
+    if want is UNet3d and (model.in_channels not in _UNET_CHANNELS[role] or model.out_channels != 1):
+        raise ValueError(f"model {name!r} maps {model.in_channels} -> {model.out_channels} channels; a {role} U-Net "
+                         f"takes {' or '.join(map(str, _UNET_CHANNELS[role]))} input channels and returns 1")
     return model
 
 
@@ -348,6 +356,14 @@ def _for_device(net: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
 def _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap) -> np.ndarray:
     """``rms * net(v / rms) * output_ppm / input_ppm`` with ``rms`` the RMS of ``v`` in ``mk``: linear in
     the field's amplitude (as trained, :func:`qsmprep.nn.unet.rms_in_mask`)."""
+    if net.in_channels == BG_PRIOR_CHANNELS:  # prior-guided background net: [prior, total, prior mask]
+        v = v.copy()
+        v[2] = v[2] > 0.5  # the prior's mask after resampling
+        with _torch_threads(), torch.inference_mode():
+            xt, s = bg_unet_input(torch.from_numpy(np.ascontiguousarray(v))[None],
+                                  torch.from_numpy(np.asarray(mk, np.float32))[None, None])
+        y = predict_padded(net, xt[0].numpy(), net.multiple, dev, tile, overlap)
+        return (y * np.float32(float(s) * sc["output_ppm"] / sc["input_ppm"])).astype(np.float32, copy=False)
     sel = np.asarray(mk, bool)
     rms = float(np.sqrt(np.mean(np.square(v[sel], dtype=np.float64)))) if sel.any() else 0.0
     if not rms > 1e-9:
@@ -367,9 +383,22 @@ def _apply_unet(f, m, vs, b, device, model, model_dir, kind: str, tile, overlap)
     1 mm grid (:func:`_apply_axial_1mm`); the result is not yet masked."""
     dev = resolve_device(device)
     net, card = load_model(model, dev, model_dir)
-    net = _for_device(_unet_of(net, card, model, "unet"), dev)
+    net = _for_device(_unet_of(net, card, model, kind), dev)
     sc = _scales(card, kind)
+    if net.in_channels == BG_PRIOR_CHANNELS:  # prior-guided background net: the classical prior on the input grid
+        f = bg_prior_stack(f, m, vs, b, str(card.get("prior", "vsharp")))
     return _apply_axial_1mm(f, m, vs, b, lambda v, mk: _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap))
+
+
+def bg_prior_stack(total_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, b0_dir, prior: str = "vsharp") -> np.ndarray:
+    """Input of a prior-guided background net, ``(3, X, Y, Z)`` float32: [local field of the classical
+    background removal ``prior`` (``BGREMOVE[prior]`` with its defaults, 0 outside its mask), total field
+    demeaned in ``mask``, the prior's mask]; training builds the same stack
+    (:func:`qsmprep.training.data.background_prior_sample`)."""
+    local, pm = BGREMOVE.get(prior)(total_ppm, mask, voxel_size_mm, b0_dir)
+    sel = np.asarray(mask, bool)
+    t = np.where(sel, total_ppm - np.float32(total_ppm[sel].mean(dtype=np.float64)), np.float32(0.0))
+    return np.stack([np.where(pm, local, np.float32(0.0)), t, pm.astype(np.float32)]).astype(np.float32, copy=False)
 
 
 def _scales(card: dict, key: str) -> dict:
@@ -424,8 +453,12 @@ def nextqsm_bgremove(
 ) -> tuple[np.ndarray, np.ndarray]:
     """NeXtQSM background removal (Cognolato et al., Med Image Anal 2023): U-Net, total -> local field.
 
-    Network input: ``(f - mean_mask(f)) * mask / rms`` on the B0-aligned 1 mm grid (as DeepQSM); output
-    times ``rms * scales["output_ppm"] / scales["input_ppm"]``, resampled back, its mean in the mask removed.
+    One-channel model: input ``(f - mean_mask(f)) * mask / rms`` on the B0-aligned 1 mm grid (as DeepQSM);
+    output times ``rms * scales["output_ppm"] / scales["input_ppm"]``. Prior-guided model (3 channels,
+    the card's ``prior``, V-SHARP): the classical removal runs on the input grid first
+    (:func:`bg_prior_stack`), and the residual U-Net corrects its local field and fills its eroded rim
+    (:func:`qsmprep.nn.unet.bg_unet_input`), so the result covers the whole ``mask``. Either way the
+    output is resampled back and its mean in the mask removed.
     Returns (local field ppm float32 0 outside ``mask``, ``mask``).
     """
     f, m, vs, b = _validate(total_field_ppm, mask, voxel_size_mm, b0_dir, "total_field_ppm")

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from qsmprep.nn.dipole import tkd_padded
 
-__all__ = ["UNet3d", "rms_in_mask", "unet_input"]
+__all__ = ["UNet3d", "bg_unet_input", "rms_in_mask", "unet_input"]
 
 NORMS = ("group", "instance", "batch", "none")
 
@@ -139,3 +139,26 @@ def unet_input(x: torch.Tensor, mask: torch.Tensor, in_channels: int, tkd_gain: 
     if int(in_channels) != 2:
         raise ValueError(f"a field U-Net takes 1 (field) or 2 (TKD, field) input channels, got {in_channels}")
     return torch.cat([tkd_padded(x, mask, delta=float(tkd_delta)) * float(tkd_gain), x], dim=1)
+
+
+#: Input channels of the prior-guided background network: [prior local field, total field, prior mask].
+BG_PRIOR_CHANNELS = 3
+
+
+def bg_unet_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input of the prior-guided background U-Net and the scale of its output.
+
+    ``x``: ``(B, 3, X, Y, Z)`` = [prior local field (ppm, e.g. V-SHARP, 0 outside its eroded mask),
+    total field (ppm, demeaned in ``mask``), prior mask (0/1)]; ``mask``: ``(B, 1, X, Y, Z)`` brain mask.
+    Returns ``([prior / s, total / s_t, prior mask], s)`` with ``s`` and ``s_t`` the RMS of the prior and
+    of the total field in ``mask`` (:func:`rms_in_mask`): a residual U-Net then predicts a correction of
+    the prior (and the field in the prior's eroded rim), in units of ``s``, and ``s * net(...)`` scales
+    with the fields as a linear background removal must.
+    """
+    if x.ndim != 5 or x.shape[1] != BG_PRIOR_CHANNELS:
+        raise ValueError(f"the background U-Net input must be (B, {BG_PRIOR_CHANNELS}, X, Y, Z), got {tuple(x.shape)}")
+    m = mask.to(x.dtype)
+    prior, total, prior_mask = x[:, 0:1] * m, x[:, 1:2] * m, x[:, 2:3] * m
+    s = rms_in_mask(prior, m)
+    s_t = rms_in_mask(total, m)
+    return torch.cat([prior / s, total / s_t, prior_mask], dim=1), s

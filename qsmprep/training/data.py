@@ -1,6 +1,6 @@
 """Seeded synthetic training data for the neural QSM stages (numpy float32; torch conversion in train).
 
-Two recipes, both on patches of ``patch`` voxels per edge:
+Recipes, all on patches of ``patch`` voxels per edge:
 
 * :func:`deepqsm_shapes_sample` -- DeepQSM (Bollmann S et al., NeuroImage 2019;195:373): random
   overlapping cubes, spheres, ellipsoids and cylinders with random susceptibility, plus the QSMnet+
@@ -14,9 +14,15 @@ Two recipes, both on patches of ``patch`` voxels per edge:
   (-1.4..1.4 ppm, QSMnet+), random crop overlapping the brain. Local field of ``chi * mask`` on a
   padded grid; background field = the phantom's precomputed full-head background field (air, bone,
   tissue outside the brain; air +9.4 ppm; 2nd-order shim removed in the brain), resampled with the
-  same transform (a rotated harmonic field stays harmonic), randomly scaled, plus random external
+  rigid part of the same transform (rotation, isotropic scale: a harmonic field stays harmonic; the
+  anisotropic scaling and elastic deformation of the labels would make it non-harmonic, i.e. not a
+  background field any method could remove), and so is the brain mask (deformed labels inside it, those
+  outside the brain set to CSF, so no background source lies in the mask), randomly scaled, plus random external
   ellipsoid sources outside the brain and a random low-order harmonic (shim residual) term.
   Optional random B0 direction (tilt up to ``max_tilt_deg``) and voxel size.
+* :func:`background_prior_sample` -- for the prior-guided background net: a hybrid brain on a larger
+  context box, V-SHARP on the whole box, the central patch as [V-SHARP local field, total field,
+  V-SHARP mask] with the true local field as target.
 
 All returned arrays are float32 (masks float32 0/1); fields and chi in ppm, ``b0_dir`` unit vector in
 the voxel frame, ``voxel_size_mm`` float32 3-vector.
@@ -271,8 +277,12 @@ def head_source(downsample: int = 1, seed: int = 0) -> HeadSource:
     return HeadSource(downsample, seed)
 
 
-def _sample_coords(rng, src: HeadSource, patch: int, vs_out, max_rot_deg, scale_pct, elastic_mm):
-    """Phantom index coordinates (3, p, p, p) for a randomly transformed, deformed patch."""
+def _sample_coords(rng, src: HeadSource, patch: int, vs_out, max_rot_deg, scale_pct, elastic_mm, rigid: bool = False):
+    """Phantom index coordinates (3, p, p, p) for a randomly transformed, deformed patch.
+
+    ``rigid``: also return the coordinates of the same rotation and centre with the isotropic (geometric
+    mean) scale and no elastic deformation: a harmonic field resampled through them stays harmonic, which
+    an anisotropic scaling or an elastic deformation would break (same random draws either way)."""
     p = patch
     vs_in = src.voxel_size_mm
     # centre: a random brain voxel, jittered so the patch may overhang the brain edge
@@ -286,15 +296,23 @@ def _sample_coords(rng, src: HeadSource, patch: int, vs_out, max_rot_deg, scale_
     m = (rot * s[None, :]) * np.asarray(vs_out, dtype=np.float64)[None, :]
     m = m / vs_in[:, None]
     g = (np.arange(p, dtype=np.float32) - (p - 1) / 2.0)
-    coords = np.empty((3, p, p, p), np.float32)
-    for i in range(3):
-        coords[i] = (m[i, 0] * g[:, None, None] + m[i, 1] * g[None, :, None] + m[i, 2] * g[None, None, :] + c[i])
+
+    def grid(mat):
+        out = np.empty((3, p, p, p), np.float32)
+        for i in range(3):
+            out[i] = (mat[i, 0] * g[:, None, None] + mat[i, 1] * g[None, :, None] + mat[i, 2] * g[None, None, :] + c[i])
+        return out
+
+    coords = grid(m)
     if elastic_mm > 0:
         n_ctrl = 5
         for i in range(3):
             d = rng.standard_normal((n_ctrl,) * 3).astype(np.float32) * np.float32(elastic_mm / vs_in[i])
             coords[i] += ndi.zoom(d, p / n_ctrl, order=3, mode="nearest")[:p, :p, :p]
-    return coords
+    if not rigid:
+        return coords
+    iso = float(np.prod(s)) ** (1.0 / 3.0)
+    return coords, grid(rot * iso * np.asarray(vs_out, dtype=np.float64)[None, :] / vs_in[:, None])
 
 
 def hybrid_brain_sample(
@@ -336,8 +354,11 @@ def hybrid_brain_sample(
         else np.ones(3)
     b0 = random_b0_dir(rng, max_tilt_deg) if target == "chi" else np.array([0.0, 0.0, 1.0], np.float32)
     for _ in range(20):
-        coords = _sample_coords(rng, source, p, vs, max_rot_deg, scale_pct, elastic_mm)
-        mask = ndi.map_coordinates(source.brain_mask, coords, order=0, mode="constant", cval=0).astype(np.float32)
+        coords = _sample_coords(rng, source, p, vs, max_rot_deg, scale_pct, elastic_mm, rigid=target == "local")
+        if target == "local":  # mask and background from the rigid transform: the background stays harmonic in it
+            coords, coords_bg = coords
+        mask = ndi.map_coordinates(source.brain_mask, coords_bg if target == "local" else coords, order=0,
+                                   mode="constant", cval=0).astype(np.float32)
         if mask.mean() >= min_mask_fraction:
             break
     labels = ndi.map_coordinates(source.labels, coords, order=0, mode="constant", cval=0)
@@ -347,6 +368,10 @@ def hybrid_brain_sample(
         if name in HYBRID_CHI_PPM and lab < len(table):
             mu, sd = HYBRID_CHI_PPM[name]
             table[lab] = rng.uniform(-0.3, 0.3) if rng.random() < WIDE_PROB else mu + sd * rng.standard_normal()
+    if target == "local":  # deformed labels in the rigid mask: labels outside the brain (bone, air) become CSF
+        brain_labels = np.zeros(len(table), bool)
+        brain_labels[[lab for lab, name in source.label_names.items() if name in HYBRID_CHI_PPM and lab < len(table)]] = True
+        table = np.where(brain_labels, table, np.float32(HYBRID_CHI_PPM["csf"][0])).astype(np.float32)
     chi = table[labels].astype(np.float32)
     del labels
     # partial volume + smooth texture (+-0.01 ppm scale)
@@ -375,7 +400,7 @@ def hybrid_brain_sample(
         out["local_field_ppm"] = (noisy * mask).astype(np.float32)
         return out
     # background: resampled head background field, scaled, + external sources + harmonic residual
-    bg = ndi.map_coordinates(source.background_field_ppm, coords, order=1, mode="nearest")
+    bg = ndi.map_coordinates(source.background_field_ppm, coords_bg, order=1, mode="nearest")
     bg *= np.float32(rng.uniform(*bg_scale))
     ext = np.zeros((p, p, p), np.float32)
     outside = mask < 0.5
@@ -401,6 +426,71 @@ def hybrid_brain_sample(
 
 
 # ---------------------------------------------------------------------------------------------------
+# background removal with a classical prior
+
+#: Classical background removals a prior-guided background network can be trained on.
+BG_PRIORS = ("vsharp",)
+
+
+def bg_prior(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, prior: str = "vsharp"):
+    """The classical local-field estimate a prior-guided background net corrects: (local ppm, its mask).
+
+    ``"vsharp"``: :func:`qsmprep.qsm.bgremove.vsharp` with its defaults (12 mm down to 2 voxels), the
+    same registry call as at inference (:func:`qsmprep.nn.inference.bg_prior_stack`). Returns float32 (local field, mask 0/1).
+    """
+    if prior not in BG_PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(BG_PRIORS)}, got {prior!r}")
+    from qsmprep.qsm.registry import BGREMOVE
+
+    local, m = BGREMOVE.get(prior)(total_field_ppm, np.asarray(mask) > 0.5, voxel_size_mm)
+    return np.where(m, local, np.float32(0.0)).astype(np.float32), m.astype(np.float32)
+
+
+def background_prior_sample(
+    rng: np.random.Generator, patch: int = 48, prior: str = "vsharp", context_mm: float = 12.0,
+    min_prior_fraction: float = 0.05, **options,
+) -> dict[str, np.ndarray]:
+    """One training patch for the prior-guided background network.
+
+    A hybrid brain (``target="local"``, :func:`hybrid_brain_sample` with ``options``) is drawn on a
+    context box ``context_mm`` (1 mm voxels) larger than the patch on every side, the prior
+    (:func:`bg_prior`) is computed on that whole box and the central ``patch`` is kept: the prior then
+    erodes only at the brain's own boundary, as it does on a whole head (V-SHARP's largest sphere is
+    12 mm), not at the patch faces. Redrawn until the prior's mask covers ``min_prior_fraction`` of
+    the patch. Returns ``input`` (3, p, p, p) = [prior local field, total field demeaned in the mask,
+    prior mask], ``target`` (true local field demeaned in the mask), ``mask`` and the usual keys.
+    """
+    p = _check_patch(patch)
+    if prior not in BG_PRIORS:
+        raise ValueError(f"prior must be one of {', '.join(BG_PRIORS)}, got {prior!r}")
+    margin = int(np.ceil(float(context_mm)))
+    crop = (slice(margin, margin + p),) * 3
+    local_p = None
+    for _ in range(20):
+        s = hybrid_brain_sample(rng, p + 2 * margin, target="local", **options)
+        try:
+            local_p, mask_p = bg_prior(s["total_field_ppm"], s["mask"], s["voxel_size_mm"], prior)
+        except ValueError:  # the box's brain is too thin for the smallest sphere
+            local_p = None
+            continue
+        if mask_p[crop].mean() >= min_prior_fraction:
+            break
+    if local_p is None:
+        raise RuntimeError(f"no {prior} prior in 20 draws of a {p + 2 * margin}^3 box: the phantom's brain is too thin")
+    mask = np.ascontiguousarray(s["mask"][crop])
+    sel = mask > 0
+
+    def demeaned(v):
+        v = np.ascontiguousarray(v[crop])
+        return ((v - np.float32(v[sel].mean(dtype=np.float64) if sel.any() else 0.0)) * mask).astype(np.float32)
+
+    target = demeaned(s["local_field_ppm"])
+    return {"input": np.stack([local_p[crop] * mask_p[crop], demeaned(s["total_field_ppm"]), mask_p[crop]]),
+            "target": target, "mask": mask, "field_ppm": target, "b0_dir": s["b0_dir"],
+            "voxel_size_mm": s["voxel_size_mm"]}
+
+
+# ---------------------------------------------------------------------------------------------------
 # batches
 
 
@@ -409,7 +499,8 @@ def sample(kind: str, rng: np.random.Generator, patch: int, **options) -> dict[s
     ``target`` (ppm), ``mask``, ``b0_dir``, ``voxel_size_mm`` and ``field_ppm`` (the local field for
     the dipole kinds, used by the uQSM loss). ``options`` go to the generator; for ``"deepqsm"``,
     ``brain_prob`` (default 0) is the fraction of samples drawn as hybrid brains (axial, 1 mm) instead
-    of shapes, with the :func:`hybrid_brain_sample` options in ``brain``."""
+    of shapes, with the :func:`hybrid_brain_sample` options in ``brain``. For ``"nextqsm-bg"``,
+    ``prior="vsharp"`` makes prior-guided samples (:func:`background_prior_sample`, 3-channel input)."""
     if kind == "deepqsm":
         options = dict(options)
         brain_prob, brain = float(options.pop("brain_prob", 0.0)), dict(options.pop("brain", {}))
@@ -423,6 +514,11 @@ def sample(kind: str, rng: np.random.Generator, patch: int, **options) -> dict[s
         return {"input": s["field_ppm"], "target": s["chi_ppm"], "mask": s["mask"], "field_ppm": s["field_ppm"],
                 "b0_dir": s["b0_dir"], "voxel_size_mm": s["voxel_size_mm"]}
     if kind == "nextqsm-bg":
+        options = dict(options)
+        if options.get("prior", "none") != "none":
+            return background_prior_sample(rng, patch, **options)
+        options.pop("prior", None)
+        options.pop("context_mm", None)
         s = hybrid_brain_sample(rng, patch, target="local", **options)
         return {"input": s["total_field_ppm"], "target": s["local_field_ppm"], "mask": s["mask"],
                 "field_ppm": s["local_field_ppm"], "b0_dir": s["b0_dir"], "voxel_size_mm": s["voxel_size_mm"]}

@@ -111,8 +111,15 @@ class TrainConfig:
             raise ConfigError(f"patch {self.patch} must be a multiple of 2**depth = {mult}")
         if self.arch == "unet3d":
             cin = int(self.model.get("in_channels", 1))
-            if cin not in (1, 2) or (cin == 2 and self.kind != "deepqsm"):
-                raise ConfigError(f"model.in_channels must be 1 (or 2 = TKD + field, deepqsm only), got {cin}")
+            prior = str(self.data.get("prior", "none")) if self.kind == "nextqsm-bg" else "none"
+            want = 3 if prior != "none" else (cin if self.kind == "deepqsm" and cin in (1, 2) else 1)
+            if cin != want:
+                raise ConfigError(
+                    f"model.in_channels must be {want} for kind {self.kind!r}"
+                    + (f" with data.prior={prior!r} (prior, total field, prior mask)" if prior != "none" else "")
+                    + (" (deepqsm: 1 = field, 2 = TKD + field)" if self.kind == "deepqsm" else "") + f", got {cin}")
+            if prior != "none" and not self.model.get("residual", False):
+                raise ConfigError("a prior-guided background net (data.prior) must set model.residual = true")
             for k in ("input_scale", "output_scale"):
                 if not float(self.scales.get(k, 0)) > 0:
                     raise ConfigError(f"[scales] needs a positive {k} for a U-Net")
@@ -241,8 +248,14 @@ class _Runner:
             sl = slice(i, i + 1)
             k = self.kernel(t["input"].shape[-3:], t["voxel_size_mm"][i].cpu().numpy(), t["b0_dir"][i].cpu().numpy())
             return self.model(t["input"][sl], t["mask"][sl], k)
-        from qsmprep.nn.unet import unet_input
+        from qsmprep.nn.unet import BG_PRIOR_CHANNELS, bg_unet_input, unet_input
 
+        if t["input"].shape[1] == BG_PRIOR_CHANNELS:  # prior-guided background net, output demeaned in the mask
+            xin, s = bg_unet_input(t["input"], t["mask"])
+            y = self.model(xin) * (s * self.in_s / self.out_s)
+            m = t["mask"]
+            mean = (y * m).sum(dim=(-3, -2, -1), keepdim=True) / m.sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1)
+            return (y - mean) * m
         x = t["input"] * t["mask"]
         s = rms_in_mask(x, t["mask"])
         xin = unet_input(x / s, t["mask"], self.model.in_channels, self.out_s / self.in_s,
@@ -484,12 +497,16 @@ def export(
         scales = {"input_scale": a, "output_scale": b, "input_ppm": 1.0 / a, "output_ppm": 1.0 / b}
         if "tkd_delta" in cfg.scales:
             scales["tkd_delta"] = float(cfg.scales["tkd_delta"])
+    prior = str(cfg.data.get("prior", "none")) if cfg.kind == "nextqsm-bg" else "none"
     version = cfg.version or __about__.__version__
     threads = int(cfg.num_threads)
     card = {
         "description": {
             "deepqsm": "DeepQSM-style U-Net dipole inversion: local field (ppm) -> susceptibility (ppm), axial B0, 1 mm",
-            "nextqsm-bg": "NeXtQSM background-field U-Net: masked total field (ppm) -> local field (ppm), axial B0",
+            "nextqsm-bg": ("NeXtQSM background-field U-Net: masked total field (ppm) -> local field (ppm), axial B0"
+                           if prior == "none" else
+                           f"NeXtQSM-style background-field U-Net guided by {prior}: [{prior} local field, masked total "
+                           "field, eroded mask] (ppm) -> correction of the local field in the whole mask (ppm), 1 mm"),
             "nextqsm-varnet": "NeXtQSM variational network: local field (ppm) + mask + dipole kernel -> susceptibility (ppm)",
         }[cfg.kind],
         "task": cfg.kind,
@@ -510,11 +527,14 @@ def export(
         "references": {
             "deepqsm": ["Bollmann S et al., NeuroImage 2019;195:373 (DeepQSM)",
                         "Jung W et al., NeuroImage 2020;211:116619 (QSMnet+)"],
-            "nextqsm-bg": ["Cognolato F et al., Med Image Anal 2023;84:102700 (NeXtQSM)"],
+            "nextqsm-bg": ["Cognolato F et al., Med Image Anal 2023;84:102700 (NeXtQSM)"]
+            + (["Wu B et al., MRM 2012;67:137 (V-SHARP)"] if prior == "vsharp" else []),
             "nextqsm-varnet": ["Cognolato F et al., Med Image Anal 2023;84:102700 (NeXtQSM)",
                                "Hammernik K et al., MRM 2018;79:3055 (variational network)"],
         }[cfg.kind],
     }
+    if prior != "none":
+        card["prior"] = prior
     card.update(card_extra or {})
     directory = Path(export_dir) if export_dir is not None else model_dir()
     return save_model(model, directory / f"{name}.pt", cfg.arch, cfg.model_kwargs, card, scales, version)

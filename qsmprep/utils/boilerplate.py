@@ -198,8 +198,10 @@ METHODS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "ismv": ("iSMV", "the iterative spherical mean value method (iSMV)", ("wen2014",)),
         "lbv": ("LBV", "the Laplacian boundary value method (LBV)", ("zhou2014",)),
         "nextqsm": ("NeXtQSM background U-Net",
-                    "a NeXtQSM-style 3D U-Net trained by qsmprep on simulated hybrid brains (masked total field "
-                    "to local field)", ("cognolato2023",)),
+                    "a NeXtQSM-style 3D U-Net guided by V-SHARP (it sees the masked total field, the V-SHARP local "
+                    "field and V-SHARP's eroded mask, and predicts a correction of V-SHARP in the whole brain mask, "
+                    "including the eroded rim), trained by qsmprep on simulated hybrid brains",
+                    ("cognolato2023", "wu2012")),
     },
     "inversion": {
         "rts": ("RTS", "rapid two-step dipole inversion (RTS)", ("kames2018",)),
