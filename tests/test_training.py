@@ -371,6 +371,9 @@ def test_background_prior_samples_and_training(tmp_path):
     with pytest.raises(ConfigError, match="in_channels must be 3"):
         _tiny_cfg(kind="nextqsm-bg", model=dict(arch="unet3d", in_channels=1, width=4, depth=2, residual=True),
                   data=opts, scales=dict(input_scale=1.0, output_scale=1.0))
+    with pytest.raises(ConfigError, match="data.prior must be"):
+        _tiny_cfg(kind="nextqsm-bg", model=dict(arch="unet3d", in_channels=3, width=4, depth=2, residual=True),
+                  data=dict(opts, prior="pdf"), scales=dict(input_scale=1.0, output_scale=1.0))
     with pytest.raises(ConfigError, match="residual"):
         _tiny_cfg(kind="nextqsm-bg", model=dict(arch="unet3d", in_channels=3, width=4, depth=2),
                   data=opts, scales=dict(input_scale=1.0, output_scale=1.0))

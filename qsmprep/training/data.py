@@ -485,7 +485,7 @@ def background_prior_sample(
         return ((v - np.float32(v[sel].mean(dtype=np.float64) if sel.any() else 0.0)) * mask).astype(np.float32)
 
     target = demeaned(s["local_field_ppm"])
-    return {"input": np.stack([local_p[crop] * mask_p[crop], demeaned(s["total_field_ppm"]), mask_p[crop]]),
+    return {"input": np.stack([local_p[crop], demeaned(s["total_field_ppm"]), mask_p[crop]]),
             "target": target, "mask": mask, "field_ppm": target, "b0_dir": s["b0_dir"],
             "voxel_size_mm": s["voxel_size_mm"]}
 

@@ -83,6 +83,11 @@ class TrainConfig:
     section: str | None = None
 
     @property
+    def bg_prior(self) -> str:
+        """The classical prior a ``nextqsm-bg`` net corrects (``data.prior``), ``"none"`` otherwise."""
+        return str(self.data.get("prior", "none")) if self.kind == "nextqsm-bg" else "none"
+
+    @property
     def arch(self) -> str:
         return str(self.model.get("arch", KIND_ARCH.get(self.kind, "")))
 
@@ -111,7 +116,9 @@ class TrainConfig:
             raise ConfigError(f"patch {self.patch} must be a multiple of 2**depth = {mult}")
         if self.arch == "unet3d":
             cin = int(self.model.get("in_channels", 1))
-            prior = str(self.data.get("prior", "none")) if self.kind == "nextqsm-bg" else "none"
+            prior = self.bg_prior
+            if prior not in ("none",) + _data.BG_PRIORS:
+                raise ConfigError(f"data.prior must be 'none' or one of {', '.join(_data.BG_PRIORS)}, got {prior!r}")
             want = 3 if prior != "none" else (cin if self.kind == "deepqsm" and cin in (1, 2) else 1)
             if cin != want:
                 raise ConfigError(
@@ -497,7 +504,7 @@ def export(
         scales = {"input_scale": a, "output_scale": b, "input_ppm": 1.0 / a, "output_ppm": 1.0 / b}
         if "tkd_delta" in cfg.scales:
             scales["tkd_delta"] = float(cfg.scales["tkd_delta"])
-    prior = str(cfg.data.get("prior", "none")) if cfg.kind == "nextqsm-bg" else "none"
+    prior = cfg.bg_prior
     version = cfg.version or __about__.__version__
     threads = int(cfg.num_threads)
     card = {
