@@ -32,7 +32,8 @@ total field plus the same noise, with the true brain mask.
 Metrics (as in tests/test_head_acceptance.py): demeaned NRMSE (%) and HFEN (%) from
 :mod:`qsmprep.qsm.metrics` against the true chi; for inversions from the local field in the true
 brain mask and in V-SHARP's eroded mask of the same case; for the chains (V-SHARP + RTS, PDF + RTS,
-V-SHARP + VarNet = the learned chain without its background net, NeXtQSM background net + VarNet) in
+V-SHARP + VarNet, PDF + VarNet = the learned chain without its PDF-guided background net, NeXtQSM
+background net + VarNet) in
 the intersection of all chains' output masks (= V-SHARP's eroded mask), and for a chain with a larger
 output mask (the background net's is the whole brain) also in that mask. Lesion linearity (case d): per-lesion means of the estimate and of the true
 chi, both demeaned in the evaluation mask, regressed (slope, intercept) with the RMSE of the lesion
@@ -80,15 +81,15 @@ CASES = {
 }
 INVERSIONS = ("tkd", "rts", "deepqsm", "varnet")
 INV_LABEL = {"tkd": "TKD", "rts": "RTS", "deepqsm": "DeepQSM", "varnet": "NeXtQSM-VarNet"}
-#: chain -> (background removal, inversion); "vsharp+varnet" is the learned chain without the background
-#: net (what the net adds), "pdf+rts" the strongest classical chain here
+#: chain -> (background removal, inversion); "pdf+varnet" is the learned chain without its (PDF-guided)
+#: background net, i.e. what the net adds; "pdf+rts" the strongest classical chain here
 CHAINS = {"vsharp+rts": ("vsharp", "rts"), "pdf+rts": ("pdf", "rts"), "vsharp+varnet": ("vsharp", "varnet"),
-          "nextqsm": ("nextqsm", "varnet")}
+          "pdf+varnet": ("pdf", "varnet"), "nextqsm": ("nextqsm", "varnet")}
 CHAIN_LABEL = {"vsharp+rts": "V-SHARP + RTS", "pdf+rts": "PDF + RTS", "vsharp+varnet": "V-SHARP + VarNet",
-               "nextqsm": "NeXtQSM bg + VarNet"}
+               "pdf+varnet": "PDF + VarNet", "nextqsm": "NeXtQSM bg + VarNet"}
 #: model files each method needs
 NEEDS = {"deepqsm": ("deepqsm",), "varnet": ("nextqsm-varnet",), "nextqsm": ("nextqsm-bg", "nextqsm-varnet"),
-         "nextqsm-bg": ("nextqsm-bg",), "vsharp+varnet": ("nextqsm-varnet",)}
+         "nextqsm-bg": ("nextqsm-bg",), "vsharp+varnet": ("nextqsm-varnet",), "pdf+varnet": ("nextqsm-varnet",)}
 #: what the resource subprocesses run
 RESOURCE_METHODS = ("deepqsm", "nextqsm-bg", "varnet", "rts")
 

@@ -496,3 +496,35 @@ def test_prior_guided_bg_net_with_zero_correction_is_its_prior(tmp_path):
     assert stack.shape == (3,) + shape and np.array_equal(stack[2] > 0, m_v)
     with pytest.raises(ValueError, match=r"\(B, 3, X, Y, Z\)"):
         qnn.unet.bg_unet_input(torch.zeros(1, 2, 8, 8, 8), torch.ones(1, 1, 8, 8, 8))
+
+
+def test_coarse_pdf_guided_bg_net_with_zero_correction_is_pdf(tmp_path):
+    """The shipped kind of background net (card prior "pdf", grid_mm): its correction is predicted on a coarse
+    B0-aligned grid and added to PDF on the input grid, so a zero-correction net returns PDF itself (whole
+    mask, demeaned), also for oblique B0 and anisotropic voxels, and linear in the field."""
+    from qsmprep.qsm.bgremove import pdf
+
+    kw = {"in_channels": 3, "out_channels": 1, "width": 4, "depth": 2, "residual": True}
+    net = qnn.UNet3d(**kw)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    qnn.save_model(net.eval(), tmp_path / "nextqsm-bg.pt", "unet3d", kw,
+                   {"licence": "test", "seed": 0, "prior": "pdf", "grid_mm": 2.0}, {"input_ppm": 1.0, "output_ppm": 1.0},
+                   "0.0-test")
+    shape = (40, 44, 36)
+    m = _ellipsoid(shape, (16, 18, 14))
+    rng = np.random.default_rng(2)
+    chi = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0).astype(np.float32) * m * 0.1
+    g = np.indices(shape).astype(np.float32)
+    for vs, b0 in (((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)), ((1.0, 1.0, 1.5), (0.2, 0.1, 0.97))):
+        b0 = tuple(np.asarray(b0) / np.linalg.norm(b0))
+        total = (forward_field_ppm(chi, vs, b0, pad_voxels=8) + 0.3 + 0.02 * g[0] - 0.01 * g[2]).astype(np.float32)
+        local, m_out = qnn.nextqsm_bgremove(total, m, vs, b0, device="cpu", model_dir=tmp_path)
+        ref, _ = pdf(total - total[m].mean(), m, vs, b0)  # nextqsm_bgremove demeans the total field first
+        ref = (ref - ref[m].mean()) * m
+        assert local.dtype == np.float32 and np.array_equal(m_out, m) and np.all(local[~m] == 0)
+        np.testing.assert_allclose(local, ref, atol=1e-3 * np.abs(ref).max())  # float32 rounding of s * (prior / s)
+        y = qnn.nextqsm_bgremove(2.5 * total, m, vs, b0, device="cpu", model_dir=tmp_path)[0]
+        # linear up to PDF's own stopping rule (relative tolerance: float32 rounding may change its iteration count)
+        assert np.linalg.norm(y - 2.5 * local) < 1e-2 * np.linalg.norm(2.5 * local)

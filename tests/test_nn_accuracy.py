@@ -45,14 +45,17 @@ CROP_1MM = tuple(slice(2 * c.start, 2 * c.stop) for c in CROP)
 # data consistency, 1500 steps) 51.8. 1 mm crop (the networks' training resolution): TKD 45.1, DeepQSM 33.8,
 # VarNet 47.1 (on the full-size held-out heads of benchmarks/bench_neural.py the VarNet beats TKD by ~8
 # points; on this crop, whose brain is cut by the box, it does not). Deep-GM slopes on the 1 mm crop: DeepQSM
-# 1.03, VarNet 1.03. The background net is NOT shipped: the V-SHARP-guided one (1600 steps) scored 52.9 % in the
-# whole mask and 37.8 % in V-SHARP's mask, where V-SHARP itself scores 33.0 % (the earlier plain U-Net, 1700
-# steps: 178.7 %). Its test runs when a model file is present (QSMPREP_TEST_MODEL_DIR or a future release) and
-# asks what shipping needs: beat V-SHARP where V-SHARP has an answer.
+# 1.03, VarNet 1.03. The background net is PDF-guided and trained on whole brains (2 mm), so its accuracy is
+# measured on the whole held-out head at 2 mm (BGNET_MARGIN_PP below); on the crop, whose brain is cut by the
+# box, only its plumbing (dtype, mask, linearity, determinism) is tested.
 DEEPQSM_MARGIN_PP = 2.0  # DeepQSM must beat TKD (default threshold) by at least this many points
 VARNET_MAX_NRMSE = 57.0  # measured 51.8 x 1.1
 BGNET_MAX_NRMSE = 100.0  # 100 % = the zero estimate, a looser bound would be vacuous
 #                          (untrained random weights score 192 %)
+#: whole held-out head (seed 101, 2 mm, noise-free): the background net must beat its own classical prior
+#: (the card's ``prior``, PDF) by this many points in the prior's mask. The PDF-guided net trained here
+#: (600 steps, not shipped) fails it: 53.5 % against PDF's 52.8 %.
+BGNET_MARGIN_PP = 2.0
 #: 1 mm crop: DeepQSM must beat TKD by this many points (measured 11.3); the VarNet must stay within its
 #: regression bound (measured 47.1 x 1.1)
 DEEPQSM_MARGIN_1MM_PP = 5.0
@@ -122,12 +125,7 @@ def _errors(case, out) -> dict[str, float]:
         if key in out:
             err[key] = metrics.nrmse(out[key], case["chi"], m)
     if "bg" in out:
-        from qsmprep.qsm.bgremove import vsharp
-
-        local_v, m_v = vsharp(case["total"], m, case["vs"])
         err["bg"] = metrics.nrmse(out["bg"], case["local"], out["bg_mask"])
-        err["bg_in_vsharp_mask"] = metrics.nrmse(out["bg"], case["local"], m_v)
-        err["vsharp"] = metrics.nrmse(local_v, case["local"], m_v)
     return err
 
 
@@ -177,13 +175,33 @@ def test_varnet_accuracy(case, outputs):
     assert err < VARNET_MAX_NRMSE, f"VarNet NRMSE {err:.1f} %"
 
 
-def test_background_net_accuracy(case, outputs):
+def _head_bg_errors(models_dir: str) -> dict[str, float]:
+    """Local-field NRMSE (%) of the background net and of its classical prior on the whole held-out head
+    (seed 101, 2 mm grid, noise-free), in the prior's mask."""
+    from qsmprep.nn.models import read_card
+    from qsmprep.qsm.registry import BGREMOVE
+
+    prior = read_card("nextqsm-bg", models_dir)[0].get("prior", "vsharp")
+    sim = simulate_gre(make_head_phantom(downsample=2, seed=101), echo_times_s=(0.004, 0.02), b0_tesla=3.0,
+                       snr=None, seed=1101)
+    m, vs, b0 = sim.brain_mask, tuple(sim.voxel_size_mm), tuple(sim.b0_dir)
+    local_p, m_p = BGREMOVE.get(prior)(sim.total_field_ppm, m, vs, b0)
+    local_n, m_n = nextqsm_bgremove(sim.total_field_ppm, m, vs, b0, device="cpu", model_dir=models_dir)
+    np.testing.assert_array_equal(m_n, m)
+    return {"prior": metrics.nrmse(local_p, sim.local_field_ppm, m_p),
+            "bg": metrics.nrmse(local_n, sim.local_field_ppm, m_p),
+            "bg_whole_mask": metrics.nrmse(local_n, sim.local_field_ppm, m)}
+
+
+def test_background_net_accuracy(case, outputs, models_dir):
+    """The background net beats its own classical prior on a whole held-out head (what shipping needs)."""
     _need("bg")
     err = _errors(case, outputs)
-    assert err["bg"] < BGNET_MAX_NRMSE, f"background net local-field NRMSE {err['bg']:.1f} %"
-    assert err["bg_in_vsharp_mask"] < err["vsharp"], (
-        f"background net {err['bg_in_vsharp_mask']:.1f} % vs V-SHARP {err['vsharp']:.1f} % in V-SHARP's mask")
+    assert err["bg"] < BGNET_MAX_NRMSE, f"background net local-field NRMSE on the crop {err['bg']:.1f} %"
     np.testing.assert_array_equal(outputs["bg_mask"], case["mask"])
+    head = _head_bg_errors(models_dir)
+    assert head["bg"] < head["prior"] - BGNET_MARGIN_PP, (
+        f"background net {head['bg']:.1f} % vs its prior {head['prior']:.1f} % on the whole held-out head")
 
 
 @pytest.mark.parametrize("key", ["deepqsm", "varnet", "bg"])
@@ -241,6 +259,9 @@ if __name__ == "__main__":  # print the measured values (to set the bounds above
     print(f"model dir {MODEL_DIR}; case {t1 - t0:.1f} s, networks {t2 - t1:.1f} s")
     for k, v in _errors(c, o).items():
         print(f"{k:8s} NRMSE {v:6.1f} %")
+    if "bg" in o:
+        for k, v in _head_bg_errors(str(MODEL_DIR)).items():
+            print(f"whole head, background: {k:14s} NRMSE {v:6.1f} %")
     m, d = c["mask"], str(MODEL_DIR)
     twice = _run_networks({**c, "local": 2 * c["local"], "total": 2 * c["total"]}, d)
     twice.pop("bg_mask", None)

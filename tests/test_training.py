@@ -361,7 +361,7 @@ def test_background_prior_samples_and_training(tmp_path):
         assert np.linalg.norm(prior[i][sel] - t[sel] + t[sel].mean() - prior[i][sel].mean()) < 0.5 * np.linalg.norm(
             total[i][sel] - total[i][sel].mean() - t[sel] + t[sel].mean())
     with pytest.raises(ValueError, match="prior must be one of"):
-        D.make_batch("nextqsm-bg", np.random.default_rng(3), 1, 16, **dict(HYB, prior="pdf"))
+        D.make_batch("nextqsm-bg", np.random.default_rng(3), 1, 16, **dict(HYB, prior="lbv"))
     cfg = _tiny_cfg(kind="nextqsm-bg", model=dict(arch="unet3d", in_channels=3, width=4, depth=2, residual=True),
                     steps=2, n_val=1, validate_every=2, data=opts, scales=dict(input_scale=1.0, output_scale=1.0))
     s = train(cfg, tmp_path / "bg", progress=False)
@@ -373,16 +373,38 @@ def test_background_prior_samples_and_training(tmp_path):
                   data=opts, scales=dict(input_scale=1.0, output_scale=1.0))
     with pytest.raises(ConfigError, match="data.prior must be"):
         _tiny_cfg(kind="nextqsm-bg", model=dict(arch="unet3d", in_channels=3, width=4, depth=2, residual=True),
-                  data=dict(opts, prior="pdf"), scales=dict(input_scale=1.0, output_scale=1.0))
+                  data=dict(opts, prior="lbv"), scales=dict(input_scale=1.0, output_scale=1.0))
     with pytest.raises(ConfigError, match="residual"):
         _tiny_cfg(kind="nextqsm-bg", model=dict(arch="unet3d", in_channels=3, width=4, depth=2),
                   data=opts, scales=dict(input_scale=1.0, output_scale=1.0))
 
 
+def test_pdf_prior_whole_brain_samples_and_card(tmp_path):
+    """PDF-guided samples: whole-brain boxes (centred on the brain, coarse voxels), PDF on the whole box, so
+    its mask is the brain mask; the exported card records the prior and the coarse grid the inference uses."""
+    opts = dict(HYB, prior="pdf", context_mm=0.0, local_voxel_mm=4.0, centre_jitter_mm=4.0)
+    a = D.make_batch("nextqsm-bg", np.random.default_rng(4), 1, 48, **opts)
+    b = D.make_batch("nextqsm-bg", np.random.default_rng(4), 1, 48, **opts)
+    np.testing.assert_array_equal(a["input"], b["input"])
+    assert a["input"].shape == (1, 3, 48, 48, 48)
+    np.testing.assert_allclose(a["voxel_size_mm"][0], [4.0, 4.0, 4.0])
+    prior, total, pmask, m = a["input"][0, 0], a["input"][0, 1], a["input"][0, 2], a["mask"][0, 0]
+    np.testing.assert_array_equal(pmask, m)
+    sel, t = m > 0, a["target"][0, 0]
+    assert 0.1 < sel.mean() < 0.9  # the whole brain with room around it
+    assert np.linalg.norm((prior - t)[sel]) < 0.5 * np.linalg.norm((total - t)[sel])
+    cfg = _tiny_cfg(kind="nextqsm-bg", model=dict(arch="unet3d", in_channels=3, width=4, depth=2, residual=True),
+                    patch=48, steps=1, n_val=0, data=opts, scales=dict(input_scale=1.0, output_scale=1.0))
+    train(cfg, tmp_path / "bg", progress=False)
+    card = export(tmp_path / "bg", "bg", tmp_path / "models")
+    assert card["prior"] == "pdf" and card["grid_mm"] == 4.0 and "PDF" in " ".join(card["references"])
+
+
 def test_hybrid_background_is_harmonic_in_the_mask():
     """The background of a background-removal sample must be a background field: harmonic in the brain mask,
-    so that V-SHARP removes nearly all of it. Measured: 2.8 % of its SD left on average (resampling it through
-    the labels' anisotropic scaling and elastic deformation, as an earlier recipe did, left 8.0 %)."""
+    so that V-SHARP removes nearly all of it. Measured: 1.0 % of its SD left on average. Resampling it through
+    the labels' anisotropic scaling and elastic deformation, as an earlier recipe did, left 8.0 %; a
+    nearest-neighbour mask whose rim voxels interpolate the field next to the skull's sources left 2.8 %."""
     from qsmprep.qsm.bgremove import vsharp
 
     rng = np.random.default_rng(5)
@@ -392,4 +414,4 @@ def test_hybrid_background_is_harmonic_in_the_mask():
         m = s["mask"] > 0.5
         left, m_v = vsharp(s["background_field_ppm"], m)
         ratios.append(np.std(left[m_v]) / np.std(s["background_field_ppm"][m_v]))
-    assert np.mean(ratios) < 0.05, ratios
+    assert np.mean(ratios) < 0.02, ratios

@@ -6,7 +6,8 @@ Registered methods (import :mod:`qsmprep.nn` to register them; :mod:`qsmprep.qsm
   the local field to chi, trained on synthetic shapes with axial B0 at 1 mm. Oblique or non-1 mm data
   are resampled to a B0-aligned 1 mm grid and back ("RotPrior", Kiersnowski et al., MRM 2023).
 - ``BGREMOVE["nextqsm"]``: NeXtQSM's background network (Cognolato M et al., Med Image Anal 2023),
-  a U-Net mapping the masked total field to the local field (same resampling as DeepQSM).
+  a U-Net mapping the masked total field to the local field (same resampling as DeepQSM); the shipped
+  net is PDF-guided and corrects PDF on a coarse whole-brain grid (:func:`_coarse_prior_correction`).
 - ``INVERSION["nextqsm"]``: NeXtQSM's variational network, using the true dipole kernel (oblique and
   anisotropic voxels) on the zero-padded volume; no resampling.
 
@@ -380,14 +381,48 @@ def _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap) -> np.ndarray:
 
 def _apply_unet(f, m, vs, b, device, model, model_dir, kind: str, tile, overlap) -> np.ndarray:
     """Load the U-Net ``model`` (scales of ``kind``) and apply it, RMS-normalised, on the B0-aligned
-    1 mm grid (:func:`_apply_axial_1mm`); the result is not yet masked."""
+    1 mm grid (:func:`_apply_axial_1mm`), or for a background net with a card ``grid_mm`` as a coarse
+    correction of its prior (:func:`_coarse_prior_correction`); the result is not yet masked."""
     dev = resolve_device(device)
     net, card = load_model(model, dev, model_dir)
     net = _for_device(_unet_of(net, card, model, kind), dev)
     sc = _scales(card, kind)
+    predict = lambda v, mk: _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap)  # noqa: E731
+    if net.in_channels == BG_PRIOR_CHANNELS and card.get("grid_mm"):
+        return _coarse_prior_correction(f, m, vs, b, str(card["prior"]), float(card["grid_mm"]), predict)
     if net.in_channels == BG_PRIOR_CHANNELS:  # prior-guided background net: the classical prior on the input grid
         f = bg_prior_stack(f, m, vs, b, str(card.get("prior", "vsharp")))
-    return _apply_axial_1mm(f, m, vs, b, lambda v, mk: _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap))
+    return _apply_axial_1mm(f, m, vs, b, predict)
+
+
+def _coarse_prior_correction(f, m, vs, b, prior: str, grid_mm: float,
+                             predict: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """Prior-guided background net trained on whole brains on a coarse grid (e.g. PDF, 2 mm).
+
+    The prior runs on the input grid (true kernel, the scan's resolution). The masked total field and the
+    mask are resampled (trilinear) to a B0-aligned ``grid_mm`` grid, where the prior runs again and the
+    net predicts the local field from :func:`bg_prior_stack`; its correction (prediction minus the coarse
+    prior), continued outside the coarse mask by its nearest value, is interpolated back and added to the
+    fine prior. A net that predicts no correction returns the prior itself. Not yet masked.
+    """
+    fine, _ = BGREMOVE.get(prior)(f, m, vs, b)
+    box = _bbox(m, BBOX_MARGIN)
+    mk = m[box]
+    grid = _AlignedGrid(mk.shape, vs, b, spacing_mm=grid_mm)
+    mk_a = grid.to_aligned(mk.astype(np.float32)) > 0.5
+    if not mk_a.any():
+        raise ValueError(f"mask is too thin to survive resampling to the {grid_mm:g} mm B0-aligned grid")
+    t_a = grid.to_aligned(np.where(mk, f[box], np.float32(0.0))) * mk_a
+    box_a = _bbox(mk_a, BBOX_MARGIN)
+    stack = bg_prior_stack(np.ascontiguousarray(t_a[box_a]), mk_a[box_a], (grid_mm,) * 3, (0.0, 0.0, 1.0), prior)
+    corr = np.zeros(mk_a.shape, np.float32)
+    corr[box_a] = predict(stack, mk_a[box_a]) - stack[0]
+    corr[~mk_a] = 0.0
+    idx = ndimage.distance_transform_edt(~mk_a, return_distances=False, return_indices=True)
+    corr = corr[tuple(idx)]  # nearest in-mask value outside the coarse mask, so the rim is not pulled to 0
+    out = np.zeros(m.shape, np.float32)
+    out[box] = grid.from_aligned(corr)
+    return np.where(m, fine + out, np.float32(0.0)).astype(np.float32, copy=False)
 
 
 def bg_prior_stack(total_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, b0_dir, prior: str = "vsharp") -> np.ndarray:
@@ -455,10 +490,12 @@ def nextqsm_bgremove(
 
     One-channel model: input ``(f - mean_mask(f)) * mask / rms`` on the B0-aligned 1 mm grid (as DeepQSM);
     output times ``rms * scales["output_ppm"] / scales["input_ppm"]``. Prior-guided model (3 channels,
-    the card's ``prior``, V-SHARP): the classical removal runs on the input grid first
-    (:func:`bg_prior_stack`), and the residual U-Net corrects its local field and fills its eroded rim
-    (:func:`qsmprep.nn.unet.bg_unet_input`), so the result covers the whole ``mask``. Either way the
-    output is resampled back and its mean in the mask removed.
+    the card's ``prior``): the classical removal runs on the input grid first (:func:`bg_prior_stack`)
+    and the residual U-Net corrects its local field (:func:`qsmprep.nn.unet.bg_unet_input`), so the
+    result covers the whole ``mask``: with a card ``grid_mm`` (the shipped PDF-guided net, 2 mm) the
+    correction is predicted on a coarse B0-aligned grid of the whole brain and interpolated
+    (:func:`_coarse_prior_correction`); without, on the 1 mm grid (V-SHARP-guided: it also fills V-SHARP's
+    eroded rim). The output is resampled back and its mean in the mask removed.
     Returns (local field ppm float32 0 outside ``mask``, ``mask``).
     """
     f, m, vs, b = _validate(total_field_ppm, mask, voxel_size_mm, b0_dir, "total_field_ppm")

@@ -16,8 +16,9 @@ Recipes, all on patches of ``patch`` voxels per edge:
   tissue outside the brain; air +9.4 ppm; 2nd-order shim removed in the brain), resampled with the
   rigid part of the same transform (rotation, isotropic scale: a harmonic field stays harmonic; the
   anisotropic scaling and elastic deformation of the labels would make it non-harmonic, i.e. not a
-  background field any method could remove), and so is the brain mask (deformed labels inside it, those
-  outside the brain set to CSF, so no background source lies in the mask), randomly scaled, plus random external
+  background field any method could remove), and so is the brain mask (only voxels whose whole trilinear
+  stencil lies in the phantom's brain, where the interpolated background is harmonic; deformed labels inside
+  it, those outside the brain set to CSF, so no background source lies in the mask), randomly scaled, plus random external
   ellipsoid sources outside the brain and a random low-order harmonic (shim residual) term.
   Optional random B0 direction (tilt up to ``max_tilt_deg``) and voxel size.
 * :func:`background_prior_sample` -- for the prior-guided background net: a hybrid brain on a larger
@@ -277,8 +278,12 @@ def head_source(downsample: int = 1, seed: int = 0) -> HeadSource:
     return HeadSource(downsample, seed)
 
 
-def _sample_coords(rng, src: HeadSource, patch: int, vs_out, max_rot_deg, scale_pct, elastic_mm, rigid: bool = False):
+def _sample_coords(rng, src: HeadSource, patch: int, vs_out, max_rot_deg, scale_pct, elastic_mm, rigid: bool = False,
+                   centre_jitter_mm: float | None = None):
     """Phantom index coordinates (3, p, p, p) for a randomly transformed, deformed patch.
+
+    The patch is centred on a random brain voxel, or with ``centre_jitter_mm`` on the brain's centroid
+    plus a uniform jitter of up to that many mm per axis (whole-brain boxes).
 
     ``rigid``: also return the coordinates of the same rotation and centre with the isotropic (geometric
     mean) scale and no elastic deformation: a harmonic field resampled through them stays harmonic, which
@@ -286,7 +291,10 @@ def _sample_coords(rng, src: HeadSource, patch: int, vs_out, max_rot_deg, scale_
     p = patch
     vs_in = src.voxel_size_mm
     # centre: a random brain voxel, jittered so the patch may overhang the brain edge
-    c = src.brain_index[int(rng.integers(len(src.brain_index)))].astype(np.float64)
+    if centre_jitter_mm is None:
+        c = src.brain_index[int(rng.integers(len(src.brain_index)))].astype(np.float64)
+    else:
+        c = src.brain_index.mean(axis=0) + rng.uniform(-1.0, 1.0, 3) * float(centre_jitter_mm) / vs_in
     rot = np.eye(3)
     if max_rot_deg > 0:
         ax = rng.standard_normal(3)
@@ -333,6 +341,8 @@ def hybrid_brain_sample(
     bg_scale: tuple[float, float] = (0.5, 1.5),
     snr_range: tuple[float, float] | None = (10.0, 100.0),
     min_mask_fraction: float = 0.15,
+    local_voxel_mm: float = 1.0,
+    centre_jitter_mm: float | None = None,
 ) -> dict[str, np.ndarray]:
     """One NeXtQSM-style hybrid-brain patch (see the module docstring for the recipe).
 
@@ -342,7 +352,9 @@ def hybrid_brain_sample(
     removal: axial B0, and a total field is made). Returns float32 ``chi_ppm``, ``mask``,
     ``local_field_ppm`` (noisy for ``"chi"``, clean for ``"local"``; zero outside the mask),
     ``local_field_clean_ppm``, ``b0_dir``, ``voxel_size_mm`` and for ``"local"`` also
-    ``total_field_ppm`` (noisy, masked) and ``background_field_ppm`` (masked).
+    ``total_field_ppm`` (noisy, masked) and ``background_field_ppm`` (masked). ``local_voxel_mm``: the
+    isotropic voxel size of ``"local"`` patches (e.g. 2 mm whole-brain boxes from a ``phantom_downsample=2``
+    phantom); ``centre_jitter_mm``: see :func:`_sample_coords`.
     """
     p = _check_patch(patch)
     if target not in ("chi", "local"):
@@ -351,14 +363,21 @@ def hybrid_brain_sample(
         seed = int(phantom_seeds[int(rng.integers(len(phantom_seeds)))])
         source = head_source(int(phantom_downsample), seed)
     vs = np.asarray(voxel_sizes_mm[int(rng.integers(len(voxel_sizes_mm)))], dtype=np.float64) if target == "chi" \
-        else np.ones(3)
+        else np.full(3, float(local_voxel_mm))
     b0 = random_b0_dir(rng, max_tilt_deg) if target == "chi" else np.array([0.0, 0.0, 1.0], np.float32)
     for _ in range(20):
-        coords = _sample_coords(rng, source, p, vs, max_rot_deg, scale_pct, elastic_mm, rigid=target == "local")
+        coords = _sample_coords(rng, source, p, vs, max_rot_deg, scale_pct, elastic_mm, rigid=target == "local",
+                                centre_jitter_mm=centre_jitter_mm)
         if target == "local":  # mask and background from the rigid transform: the background stays harmonic in it
             coords, coords_bg = coords
-        mask = ndi.map_coordinates(source.brain_mask, coords_bg if target == "local" else coords, order=0,
-                                   mode="constant", cval=0).astype(np.float32)
+        if target == "local":
+            # voxels whose whole trilinear stencil lies in the phantom's brain: the background field, interpolated
+            # below, is harmonic there; nearest-neighbour mask voxels at the rim would pick up the field next to
+            # the skull's sources (non-harmonic, a leak no background removal can remove)
+            mask = (ndi.map_coordinates(source.brain_mask.astype(np.float32), coords_bg, order=1, mode="constant",
+                                        cval=0.0) > np.float32(0.999)).astype(np.float32)
+        else:
+            mask = ndi.map_coordinates(source.brain_mask, coords, order=0, mode="constant", cval=0).astype(np.float32)
         if mask.mean() >= min_mask_fraction:
             break
     labels = ndi.map_coordinates(source.labels, coords, order=0, mode="constant", cval=0)
@@ -429,14 +448,15 @@ def hybrid_brain_sample(
 # background removal with a classical prior
 
 #: Classical background removals a prior-guided background network can be trained on.
-BG_PRIORS = ("vsharp",)
+BG_PRIORS = ("vsharp", "pdf")
 
 
 def bg_prior(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, prior: str = "vsharp"):
     """The classical local-field estimate a prior-guided background net corrects: (local ppm, its mask).
 
-    ``"vsharp"``: :func:`qsmprep.qsm.bgremove.vsharp` with its defaults (12 mm down to 2 voxels), the
-    same registry call as at inference (:func:`qsmprep.nn.inference.bg_prior_stack`). Returns float32 (local field, mask 0/1).
+    ``"vsharp"``: :func:`qsmprep.qsm.bgremove.vsharp` with its defaults (12 mm down to 2 voxels);
+    ``"pdf"``: :func:`qsmprep.qsm.bgremove.pdf` with its defaults (whole mask). The same registry call as at
+    inference (:func:`qsmprep.nn.inference.bg_prior_stack`). Returns float32 (local field, mask 0/1).
     """
     if prior not in BG_PRIORS:
         raise ValueError(f"prior must be one of {', '.join(BG_PRIORS)}, got {prior!r}")
@@ -448,26 +468,28 @@ def bg_prior(total_field_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, prior
 
 def background_prior_sample(
     rng: np.random.Generator, patch: int = 48, prior: str = "vsharp", context_mm: float = 12.0,
-    min_prior_fraction: float = 0.05, **options,
+    min_prior_fraction: float = 0.05, local_voxel_mm: float = 1.0, **options,
 ) -> dict[str, np.ndarray]:
     """One training patch for the prior-guided background network.
 
-    A hybrid brain (``target="local"``, :func:`hybrid_brain_sample` with ``options``) is drawn on a
-    context box ``context_mm`` (1 mm voxels) larger than the patch on every side, the prior
+    A hybrid brain (``target="local"``, :func:`hybrid_brain_sample` with ``options``, voxels of
+    ``local_voxel_mm``) is drawn on a context box ``context_mm`` larger than the patch on every side, the prior
     (:func:`bg_prior`) is computed on that whole box and the central ``patch`` is kept: the prior then
     erodes only at the brain's own boundary, as it does on a whole head (V-SHARP's largest sphere is
     12 mm), not at the patch faces. Redrawn until the prior's mask covers ``min_prior_fraction`` of
     the patch. Returns ``input`` (3, p, p, p) = [prior local field, total field demeaned in the mask,
     prior mask], ``target`` (true local field demeaned in the mask), ``mask`` and the usual keys.
+    PDF is global: its samples are whole-brain boxes (``context_mm = 0``, a coarse grid such as
+    ``local_voxel_mm = 2`` and ``centre_jitter_mm``), whose net corrects PDF at that resolution.
     """
     p = _check_patch(patch)
     if prior not in BG_PRIORS:
         raise ValueError(f"prior must be one of {', '.join(BG_PRIORS)}, got {prior!r}")
-    margin = int(np.ceil(float(context_mm)))
+    margin = int(np.ceil(float(context_mm) / float(local_voxel_mm)))
     crop = (slice(margin, margin + p),) * 3
     local_p = None
     for _ in range(20):
-        s = hybrid_brain_sample(rng, p + 2 * margin, target="local", **options)
+        s = hybrid_brain_sample(rng, p + 2 * margin, target="local", local_voxel_mm=local_voxel_mm, **options)
         try:
             local_p, mask_p = bg_prior(s["total_field_ppm"], s["mask"], s["voxel_size_mm"], prior)
         except ValueError:  # the box's brain is too thin for the smallest sphere

@@ -513,7 +513,9 @@ def export(
             "nextqsm-bg": ("NeXtQSM background-field U-Net: masked total field (ppm) -> local field (ppm), axial B0"
                            if prior == "none" else
                            f"NeXtQSM-style background-field U-Net guided by {prior}: [{prior} local field, masked total "
-                           "field, eroded mask] (ppm) -> correction of the local field in the whole mask (ppm), 1 mm"),
+                           f"field, {prior} mask] (ppm) -> correction of the local field in the whole mask (ppm), "
+                           f"{float(cfg.data.get('local_voxel_mm', 1.0)):g} mm"
+                           + (" whole-brain grid, added to the scan-resolution prior" if prior == "pdf" else "")),
             "nextqsm-varnet": "NeXtQSM variational network: local field (ppm) + mask + dipole kernel -> susceptibility (ppm)",
         }[cfg.kind],
         "task": cfg.kind,
@@ -535,13 +537,16 @@ def export(
             "deepqsm": ["Bollmann S et al., NeuroImage 2019;195:373 (DeepQSM)",
                         "Jung W et al., NeuroImage 2020;211:116619 (QSMnet+)"],
             "nextqsm-bg": ["Cognolato F et al., Med Image Anal 2023;84:102700 (NeXtQSM)"]
-            + (["Wu B et al., MRM 2012;67:137 (V-SHARP)"] if prior == "vsharp" else []),
+            + {"vsharp": ["Wu B et al., MRM 2012;67:137 (V-SHARP)"],
+               "pdf": ["Liu T et al., NMR Biomed 2011;24:1129 (PDF)"]}.get(prior, []),
             "nextqsm-varnet": ["Cognolato F et al., Med Image Anal 2023;84:102700 (NeXtQSM)",
                                "Hammernik K et al., MRM 2018;79:3055 (variational network)"],
         }[cfg.kind],
     }
     if prior != "none":
         card["prior"] = prior
+        if prior == "pdf":  # whole-brain coarse-grid correction (qsmprep.nn.inference._coarse_prior_correction)
+            card["grid_mm"] = float(cfg.data.get("local_voxel_mm", 1.0))
     card.update(card_extra or {})
     directory = Path(export_dir) if export_dir is not None else model_dir()
     return save_model(model, directory / f"{name}.pt", cfg.arch, cfg.model_kwargs, card, scales, version)

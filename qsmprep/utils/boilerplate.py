@@ -198,10 +198,11 @@ METHODS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "ismv": ("iSMV", "the iterative spherical mean value method (iSMV)", ("wen2014",)),
         "lbv": ("LBV", "the Laplacian boundary value method (LBV)", ("zhou2014",)),
         "nextqsm": ("NeXtQSM background U-Net",
-                    "a NeXtQSM-style 3D U-Net guided by V-SHARP (it sees the masked total field, the V-SHARP local "
-                    "field and V-SHARP's eroded mask, and predicts a correction of V-SHARP in the whole brain mask, "
-                    "including the eroded rim), trained by qsmprep on simulated hybrid brains",
-                    ("cognolato2023", "wu2012")),
+                    "a NeXtQSM-style 3D U-Net guided by projection onto dipole fields (PDF): it sees the masked "
+                    "total field, the PDF local field and the brain mask of the whole brain on a B0-aligned 2 mm "
+                    "grid and predicts a smooth correction of PDF, which is interpolated and added to PDF computed "
+                    "at the scan's resolution; trained by qsmprep on simulated whole-brain hybrid brains",
+                    ("cognolato2023", "liu2011")),
     },
     "inversion": {
         "rts": ("RTS", "rapid two-step dipole inversion (RTS)", ("kames2018",)),
