@@ -465,25 +465,36 @@ def test_tkd_primed_deepqsm_with_zero_correction_is_tkd(tmp_path):
         qnn.unet.unet_input(torch.zeros(1, 1, 8, 8, 8), torch.ones(1, 1, 8, 8, 8), 3)
 
 
+def _zero_correction_bg_net(directory, card: dict) -> None:
+    """Save a residual 3-channel background U-Net with a zero head (it returns its prior channel)."""
+    kw = {"in_channels": 3, "out_channels": 1, "width": 4, "depth": 2, "residual": True}
+    net = qnn.UNet3d(**kw)
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+    qnn.save_model(net.eval(), directory / "nextqsm-bg.pt", "unet3d", kw, {"licence": "test", "seed": 0, **card},
+                   {"input_ppm": 1.0, "output_ppm": 1.0}, "0.0-test")
+
+
+def _bg_test_case(vs=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0)):
+    """(total field ppm, mask): a smooth chi in an ellipsoid plus a constant and a linear (harmonic) field."""
+    shape = (40, 44, 36)
+    m = _ellipsoid(shape, (16, 18, 14))
+    rng = np.random.default_rng(2)
+    chi = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0).astype(np.float32) * m * 0.1
+    g = np.indices(shape).astype(np.float32)
+    return (forward_field_ppm(chi, vs, b0, pad_voxels=8) + 0.3 + 0.02 * g[0] - 0.01 * g[2]).astype(np.float32), m
+
+
 def test_prior_guided_bg_net_with_zero_correction_is_its_prior(tmp_path):
     """A residual 3-channel background U-Net with a zero head returns its V-SHARP channel: nextqsm_bgremove()
     must then give V-SHARP's local field (demeaned in the whole mask, 0 in V-SHARP's eroded rim), in ppm,
     linear in the field; its output mask is the whole brain mask."""
     from qsmprep.qsm.bgremove import vsharp
 
-    kw = {"in_channels": 3, "out_channels": 1, "width": 4, "depth": 2, "residual": True}
-    net = qnn.UNet3d(**kw)
-    with torch.no_grad():
-        net.head.weight.zero_()
-        net.head.bias.zero_()
-    qnn.save_model(net.eval(), tmp_path / "nextqsm-bg.pt", "unet3d", kw, {"licence": "test", "seed": 0, "prior": "vsharp"},
-                   {"input_ppm": 1.0, "output_ppm": 1.0}, "0.0-test")
-    shape = (40, 44, 36)
-    m = _ellipsoid(shape, (16, 18, 14))
-    rng = np.random.default_rng(2)
-    chi = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0).astype(np.float32) * m * 0.1
-    g = np.indices(shape).astype(np.float32)
-    total = (forward_field_ppm(chi, pad_voxels=8) + 0.3 + 0.02 * g[0] - 0.01 * g[2]).astype(np.float32)  # + harmonic
+    _zero_correction_bg_net(tmp_path, {"prior": "vsharp"})
+    total, m = _bg_test_case()
+    shape = m.shape
     local, m_out = qnn.nextqsm_bgremove(total, m, device="cpu", model_dir=tmp_path)
     ref, m_v = vsharp(total, m)
     ref = np.where(m_v, ref, 0)
@@ -504,22 +515,10 @@ def test_coarse_pdf_guided_bg_net_with_zero_correction_is_pdf(tmp_path):
     mask, demeaned), also for oblique B0 and anisotropic voxels, and linear in the field."""
     from qsmprep.qsm.bgremove import pdf
 
-    kw = {"in_channels": 3, "out_channels": 1, "width": 4, "depth": 2, "residual": True}
-    net = qnn.UNet3d(**kw)
-    with torch.no_grad():
-        net.head.weight.zero_()
-        net.head.bias.zero_()
-    qnn.save_model(net.eval(), tmp_path / "nextqsm-bg.pt", "unet3d", kw,
-                   {"licence": "test", "seed": 0, "prior": "pdf", "grid_mm": 2.0}, {"input_ppm": 1.0, "output_ppm": 1.0},
-                   "0.0-test")
-    shape = (40, 44, 36)
-    m = _ellipsoid(shape, (16, 18, 14))
-    rng = np.random.default_rng(2)
-    chi = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0).astype(np.float32) * m * 0.1
-    g = np.indices(shape).astype(np.float32)
+    _zero_correction_bg_net(tmp_path, {"prior": "pdf", "grid_mm": 2.0})
     for vs, b0 in (((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)), ((1.0, 1.0, 1.5), (0.2, 0.1, 0.97))):
         b0 = tuple(np.asarray(b0) / np.linalg.norm(b0))
-        total = (forward_field_ppm(chi, vs, b0, pad_voxels=8) + 0.3 + 0.02 * g[0] - 0.01 * g[2]).astype(np.float32)
+        total, m = _bg_test_case(vs, b0)
         local, m_out = qnn.nextqsm_bgremove(total, m, vs, b0, device="cpu", model_dir=tmp_path)
         ref, _ = pdf(total - total[m].mean(), m, vs, b0)  # nextqsm_bgremove demeans the total field first
         ref = (ref - ref[m].mean()) * m

@@ -232,6 +232,7 @@ class HeadSource:
         self.voxel_size_mm = np.asarray(ph.voxel_size_mm, dtype=np.float64)
         self.labels = np.ascontiguousarray(ph.labels.astype(np.int16))
         self.brain_mask = np.ascontiguousarray(ph.brain_mask.astype(np.uint8))
+        self.brain_mask_f32 = self.brain_mask.astype(np.float32)  # for the trilinear stencil test of local samples
         self.label_names = dict(ph.label_names)
         self.n_labels = int(self.labels.max()) + 1
         src = ph.chi_ppm - np.float32(ph.chi_ambient_ppm)
@@ -370,11 +371,10 @@ def hybrid_brain_sample(
                                 centre_jitter_mm=centre_jitter_mm)
         if target == "local":  # mask and background from the rigid transform: the background stays harmonic in it
             coords, coords_bg = coords
-        if target == "local":
             # voxels whose whole trilinear stencil lies in the phantom's brain: the background field, interpolated
             # below, is harmonic there; nearest-neighbour mask voxels at the rim would pick up the field next to
             # the skull's sources (non-harmonic, a leak no background removal can remove)
-            mask = (ndi.map_coordinates(source.brain_mask.astype(np.float32), coords_bg, order=1, mode="constant",
+            mask = (ndi.map_coordinates(source.brain_mask_f32, coords_bg, order=1, mode="constant",
                                         cval=0.0) > np.float32(0.999)).astype(np.float32)
         else:
             mask = ndi.map_coordinates(source.brain_mask, coords, order=0, mode="constant", cval=0).astype(np.float32)
