@@ -266,14 +266,14 @@ def test_b0_rotation_and_resample_round_trip():
         assert np.all(v[~mk] == 0)
         return v
 
-    back = inf._apply_axial_1mm(smooth, m, vs, b, ident)
+    back = inf._apply_b0_aligned(smooth, m, vs, b, ident)
     assert seen["shape"] != shape  # resampled to the 1 mm B0 grid
     inner = ndimage.binary_erosion(m, iterations=3)
     rel = np.sqrt(np.mean((back - smooth)[inner] ** 2) / np.mean(smooth[inner] ** 2))
     # two trilinear interpolations of a smooth (sigma 8 mm) volume: relative RMS error below 1 %
     assert rel < 0.01, rel
     # axial 1 mm data are not resampled, and come back exactly
-    back1 = inf._apply_axial_1mm(smooth, m, np.ones(3), np.array([0, 0, -1.0]), ident)
+    back1 = inf._apply_b0_aligned(smooth, m, np.ones(3), np.array([0, 0, -1.0]), ident)
     assert seen["shape"] == tuple(s.stop - s.start for s in inf._bbox(m, inf.BBOX_MARGIN))
     np.testing.assert_array_equal(back1[m], smooth[m])
 

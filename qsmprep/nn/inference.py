@@ -247,9 +247,9 @@ def _b0_rotation(b0_dir: Sequence[float]) -> np.ndarray:
     return rotation_matrix(axis, float(np.degrees(np.arctan2(s, b[2]))))
 
 
-def _needs_resampling(voxel_size_mm: np.ndarray, b0_dir: np.ndarray) -> bool:
+def _needs_resampling(voxel_size_mm: np.ndarray, b0_dir: np.ndarray, spacing_mm: float = TRAIN_VOXEL_MM) -> bool:
     return obliquity_deg(b0_dir) > 0.01 or abs(abs(b0_dir[2]) - 1.0) > 1e-6 or not np.allclose(
-        voxel_size_mm, TRAIN_VOXEL_MM, rtol=0, atol=1e-3
+        voxel_size_mm, spacing_mm, rtol=0, atol=1e-3
     )
 
 
@@ -285,16 +285,17 @@ class _AlignedGrid:
         ).astype(np.float32, copy=False)
 
 
-def _apply_axial_1mm(
+def _apply_b0_aligned(
     vol_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm: np.ndarray, b0_dir: np.ndarray,
-    fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray], spacing_mm: float = TRAIN_VOXEL_MM,
 ) -> np.ndarray:
-    """Apply ``fn(masked_volume, mask)`` (both on a B0-aligned 1 mm grid) to a masked volume.
+    """Apply ``fn(masked_volume, mask)`` (both on a B0-aligned grid of ``spacing_mm`` voxels) to a masked volume.
 
     The volume (3D, or channels-first 4D: every channel is treated alike) is cropped to the mask
-    bounding box (+ :data:`BBOX_MARGIN`), resampled (trilinear) to the B0-aligned 1 mm grid when the
-    data are oblique or not 1 mm, passed to ``fn`` and resampled back; returns the (3D) result on the
-    input grid, 0 outside the mask bounding box (not yet masked).
+    bounding box (+ :data:`BBOX_MARGIN`), resampled (trilinear) to the B0-aligned grid when the data are
+    oblique or not of ``spacing_mm`` voxels (default 1 mm, the networks' training grid), passed to ``fn``
+    and resampled back; returns the (3D) result on the input grid, 0 outside the mask bounding box (not
+    yet masked).
     """
     box = _bbox(mask, BBOX_MARGIN)
     mk = mask[box]
@@ -302,11 +303,11 @@ def _apply_axial_1mm(
         v = np.stack([np.where(mk, c[box], np.float32(0.0)) for c in vol_ppm]).astype(np.float32, copy=False)
     else:
         v = np.where(mk, vol_ppm[box], np.float32(0.0)).astype(np.float32, copy=False)
-    if _needs_resampling(voxel_size_mm, b0_dir):
-        grid = _AlignedGrid(mk.shape, voxel_size_mm, b0_dir)
+    if _needs_resampling(voxel_size_mm, b0_dir, spacing_mm):
+        grid = _AlignedGrid(mk.shape, voxel_size_mm, b0_dir, spacing_mm=spacing_mm)
         mk_a = grid.to_aligned(mk.astype(np.float32)) > 0.5
         if not mk_a.any():
-            raise ValueError("mask is too thin to survive resampling to the 1 mm B0-aligned grid")
+            raise ValueError(f"mask is too thin to survive resampling to the {spacing_mm:g} mm B0-aligned grid")
         v_a = (np.stack([grid.to_aligned(c) for c in v]) if v.ndim == 4 else grid.to_aligned(v)) * mk_a
         # the aligned grid encloses the rotated box: predict only on the mask's own box in it
         box_a = _bbox(mk_a, BBOX_MARGIN)
@@ -363,7 +364,7 @@ def _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap) -> np.ndarray:
         with _torch_threads(), torch.inference_mode():
             xt, s = bg_unet_input(torch.from_numpy(np.ascontiguousarray(v))[None],
                                   torch.from_numpy(np.asarray(mk, np.float32))[None, None])
-        y = predict_padded(net, xt[0].numpy(), net.multiple, dev, tile, overlap)
+        y = predict_padded(net, xt[0].numpy(), net.multiple, dev, tile, overlap)[0]  # (1, X, Y, Z) -> 3D
         return (y * np.float32(float(s) * sc["output_ppm"] / sc["input_ppm"])).astype(np.float32, copy=False)
     sel = np.asarray(mk, bool)
     rms = float(np.sqrt(np.mean(np.square(v[sel], dtype=np.float64)))) if sel.any() else 0.0
@@ -381,7 +382,7 @@ def _predict_rms_normalised(net, v, mk, sc, dev, tile, overlap) -> np.ndarray:
 
 def _apply_unet(f, m, vs, b, device, model, model_dir, kind: str, tile, overlap) -> np.ndarray:
     """Load the U-Net ``model`` (scales of ``kind``) and apply it, RMS-normalised, on the B0-aligned
-    1 mm grid (:func:`_apply_axial_1mm`), or for a background net with a card ``grid_mm`` as a coarse
+    1 mm grid (:func:`_apply_b0_aligned`), or for a background net with a card ``grid_mm`` as a coarse
     correction of its prior (:func:`_coarse_prior_correction`); the result is not yet masked."""
     dev = resolve_device(device)
     net, card = load_model(model, dev, model_dir)
@@ -392,37 +393,29 @@ def _apply_unet(f, m, vs, b, device, model, model_dir, kind: str, tile, overlap)
         return _coarse_prior_correction(f, m, vs, b, str(card["prior"]), float(card["grid_mm"]), predict)
     if net.in_channels == BG_PRIOR_CHANNELS:  # prior-guided background net: the classical prior on the input grid
         f = bg_prior_stack(f, m, vs, b, str(card.get("prior", "vsharp")))
-    return _apply_axial_1mm(f, m, vs, b, predict)
+    return _apply_b0_aligned(f, m, vs, b, predict)
 
 
 def _coarse_prior_correction(f, m, vs, b, prior: str, grid_mm: float,
                              predict: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Prior-guided background net trained on whole brains on a coarse grid (e.g. PDF, 2 mm).
 
-    The prior runs on the input grid (true kernel, the scan's resolution). The masked total field and the
-    mask are resampled (trilinear) to a B0-aligned ``grid_mm`` grid, where the prior runs again and the
-    net predicts the local field from :func:`bg_prior_stack`; its correction (prediction minus the coarse
-    prior), continued outside the coarse mask by its nearest value, is interpolated back and added to the
-    fine prior. A net that predicts no correction returns the prior itself. Not yet masked.
+    The prior runs on the input grid (true kernel, the scan's resolution). On a B0-aligned ``grid_mm``
+    grid (:func:`_apply_b0_aligned`) the prior runs again and the net predicts the local field from
+    :func:`bg_prior_stack`; its correction (prediction minus the coarse prior), continued outside the
+    coarse mask by its nearest value so that the interpolation does not pull the rim towards 0, is
+    resampled back and added to the fine prior. A net that predicts no correction returns the prior
+    itself. Not yet masked.
     """
+    def correction(t: np.ndarray, mk: np.ndarray) -> np.ndarray:
+        stack = bg_prior_stack(t, mk, (grid_mm,) * 3, (0.0, 0.0, 1.0), prior)
+        corr = np.where(mk, predict(stack, mk) - stack[0], np.float32(0.0))
+        idx = ndimage.distance_transform_edt(~mk, return_distances=False, return_indices=True)
+        return corr[tuple(idx)]
+
     fine, _ = BGREMOVE.get(prior)(f, m, vs, b)
-    box = _bbox(m, BBOX_MARGIN)
-    mk = m[box]
-    grid = _AlignedGrid(mk.shape, vs, b, spacing_mm=grid_mm)
-    mk_a = grid.to_aligned(mk.astype(np.float32)) > 0.5
-    if not mk_a.any():
-        raise ValueError(f"mask is too thin to survive resampling to the {grid_mm:g} mm B0-aligned grid")
-    t_a = grid.to_aligned(np.where(mk, f[box], np.float32(0.0))) * mk_a
-    box_a = _bbox(mk_a, BBOX_MARGIN)
-    stack = bg_prior_stack(np.ascontiguousarray(t_a[box_a]), mk_a[box_a], (grid_mm,) * 3, (0.0, 0.0, 1.0), prior)
-    corr = np.zeros(mk_a.shape, np.float32)
-    corr[box_a] = predict(stack, mk_a[box_a]) - stack[0]
-    corr[~mk_a] = 0.0
-    idx = ndimage.distance_transform_edt(~mk_a, return_distances=False, return_indices=True)
-    corr = corr[tuple(idx)]  # nearest in-mask value outside the coarse mask, so the rim is not pulled to 0
-    out = np.zeros(m.shape, np.float32)
-    out[box] = grid.from_aligned(corr)
-    return np.where(m, fine + out, np.float32(0.0)).astype(np.float32, copy=False)
+    return np.where(m, fine + _apply_b0_aligned(f, m, vs, b, correction, spacing_mm=grid_mm),
+                    np.float32(0.0)).astype(np.float32, copy=False)
 
 
 def bg_prior_stack(total_ppm: np.ndarray, mask: np.ndarray, voxel_size_mm, b0_dir, prior: str = "vsharp") -> np.ndarray:

@@ -14,9 +14,9 @@ Scaling contract with the inference side (:mod:`qsmprep.nn`), stored in the mode
   ``rms * net(x / rms) * output_ppm / input_ppm``): linear in the field's amplitude. ``deepqsm``: input = local field (ppm), output = chi (ppm); ``nextqsm-bg``: input =
   masked total field (ppm, after the scanner-like 2nd-order shim), output = local field (ppm).
   No other normalisation. TKD-primed ``deepqsm`` (2 input channels): ``[TKD(x / rms) * input_scale /
-  output_scale, x / rms]``. Prior-guided ``nextqsm-bg`` (``data.prior = "vsharp"``, 3 input channels,
-  ``input_scale = output_scale = 1``): ``s * net([prior / s, total / s_t, prior mask])`` with ``s`` and
-  ``s_t`` the RMS of the prior (V-SHARP) local field and of the total field in the mask
+  output_scale, x / rms]``. Prior-guided ``nextqsm-bg`` (``data.prior = "pdf"`` or ``"vsharp"``, 3 input
+  channels, ``input_scale = output_scale = 1``): ``s * net([prior / s, total / s_t, prior mask])`` with ``s``
+  and ``s_t`` the RMS of the prior local field and of the total field in the mask
   (:func:`qsmprep.nn.unet.bg_unet_input`), a residual net, output demeaned in the mask.
 * VarNet (``nextqsm-varnet``): takes and returns ppm (``VarNet(field_ppm, mask, kernel)``, its
   internal scales are its kwargs ``field_scale_ppm``/``chi_scale_ppm``); ``scales`` holds

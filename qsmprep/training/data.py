@@ -22,8 +22,8 @@ Recipes, all on patches of ``patch`` voxels per edge:
   ellipsoid sources outside the brain and a random low-order harmonic (shim residual) term.
   Optional random B0 direction (tilt up to ``max_tilt_deg``) and voxel size.
 * :func:`background_prior_sample` -- for the prior-guided background net: a hybrid brain on a larger
-  context box, V-SHARP on the whole box, the central patch as [V-SHARP local field, total field,
-  V-SHARP mask] with the true local field as target.
+  context box (V-SHARP) or a whole-brain box on a coarse grid (PDF), the prior on the whole box, the
+  central patch as [prior local field, total field, prior mask] with the true local field as target.
 
 All returned arrays are float32 (masks float32 0/1); fields and chi in ppm, ``b0_dir`` unit vector in
 the voxel frame, ``voxel_size_mm`` float32 3-vector.
@@ -522,7 +522,7 @@ def sample(kind: str, rng: np.random.Generator, patch: int, **options) -> dict[s
     the dipole kinds, used by the uQSM loss). ``options`` go to the generator; for ``"deepqsm"``,
     ``brain_prob`` (default 0) is the fraction of samples drawn as hybrid brains (axial, 1 mm) instead
     of shapes, with the :func:`hybrid_brain_sample` options in ``brain``. For ``"nextqsm-bg"``,
-    ``prior="vsharp"`` makes prior-guided samples (:func:`background_prior_sample`, 3-channel input)."""
+    ``prior="vsharp"`` or ``"pdf"`` makes prior-guided samples (:func:`background_prior_sample`, 3-channel input)."""
     if kind == "deepqsm":
         options = dict(options)
         brain_prob, brain = float(options.pop("brain_prob", 0.0)), dict(options.pop("brain", {}))
