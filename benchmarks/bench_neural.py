@@ -32,10 +32,12 @@ total field plus the same noise, with the true brain mask.
 Metrics (as in tests/test_head_acceptance.py): demeaned NRMSE (%) and HFEN (%) from
 :mod:`qsmprep.qsm.metrics` against the true chi; for inversions from the local field in the true
 brain mask and in V-SHARP's eroded mask of the same case; for the chains (V-SHARP + RTS, PDF + RTS,
-V-SHARP + VarNet, PDF + VarNet = the learned chain without its PDF-guided background net, NeXtQSM
-background net + VarNet) in
+V-SHARP + VarNet, PDF + VarNet = the learned chain without its learned background step, NeXtQSM
+background removal (PDF whose lost local field is restored with the VarNet's prior; the default drops the
+mask's 2 mm rim, which estimated masks need, and "rim_mm=0" keeps it, which the true masks here allow)
++ VarNet) in
 the intersection of all chains' output masks (= V-SHARP's eroded mask), and for a chain with a larger
-output mask (the background net's is the whole brain) also in that mask. Lesion linearity (case d): per-lesion means of the estimate and of the true
+output mask (PDF's and the learned removal's are the whole brain) also in that mask. Lesion linearity (case d): per-lesion means of the estimate and of the true
 chi, both demeaned in the evaluation mask, regressed (slope, intercept) with the RMSE of the lesion
 means (ppm). Deep-GM slope: :func:`qsmprep.qsm.metrics.dgm_slope` over labels 1-7 (caudate, pallidum,
 putamen, red nucleus, dentate, substantia nigra, thalamus). Wall times are warm (each method is run
@@ -81,15 +83,19 @@ CASES = {
 }
 INVERSIONS = ("tkd", "rts", "deepqsm", "varnet")
 INV_LABEL = {"tkd": "TKD", "rts": "RTS", "deepqsm": "DeepQSM", "varnet": "NeXtQSM-VarNet"}
-#: chain -> (background removal, inversion); "pdf+varnet" is the learned chain without its (PDF-guided)
-#: background net, i.e. what the net adds; "pdf+rts" the strongest classical chain here
+#: chain -> (background removal, inversion); "pdf+varnet" is the learned chain without its learned
+#: background step (PDF's lost local field restored with the VarNet's prior), i.e. what that step adds;
+#: "pdf+rts" the strongest classical chain here
 CHAINS = {"vsharp+rts": ("vsharp", "rts"), "pdf+rts": ("pdf", "rts"), "vsharp+varnet": ("vsharp", "varnet"),
-          "pdf+varnet": ("pdf", "varnet"), "nextqsm": ("nextqsm", "varnet")}
+          "pdf+varnet": ("pdf", "varnet"), "nextqsm": ("nextqsm", "varnet"), "nextqsm-rim0": ("nextqsm-rim0", "varnet")}
 CHAIN_LABEL = {"vsharp+rts": "V-SHARP + RTS", "pdf+rts": "PDF + RTS", "vsharp+varnet": "V-SHARP + VarNet",
-               "pdf+varnet": "PDF + VarNet", "nextqsm": "NeXtQSM bg + VarNet"}
+               "pdf+varnet": "PDF + VarNet", "nextqsm": "NeXtQSM bg (PDF + VarNet prior) + VarNet (default)",
+               "nextqsm-rim0": "NeXtQSM bg, rim_mm=0 + VarNet"}
 #: model files each method needs
-NEEDS = {"deepqsm": ("deepqsm",), "varnet": ("nextqsm-varnet",), "nextqsm": ("nextqsm-bg", "nextqsm-varnet"),
-         "nextqsm-bg": ("nextqsm-bg",), "vsharp+varnet": ("nextqsm-varnet",), "pdf+varnet": ("nextqsm-varnet",)}
+#: (the learned background removal, "nextqsm-bg" here, uses the VarNet as its susceptibility prior)
+NEEDS = {"deepqsm": ("deepqsm",), "varnet": ("nextqsm-varnet",), "nextqsm": ("nextqsm-varnet",),
+         "nextqsm-rim0": ("nextqsm-varnet",),
+         "nextqsm-bg": ("nextqsm-varnet",), "vsharp+varnet": ("nextqsm-varnet",), "pdf+varnet": ("nextqsm-varnet",)}
 #: what the resource subprocesses run
 RESOURCE_METHODS = ("deepqsm", "nextqsm-bg", "varnet", "rts")
 
@@ -128,11 +134,11 @@ def set_threads(n: int) -> None:
 
 
 def check_models(model_dir: str | None) -> dict[str, dict]:
-    """{model name: card or {"missing": reason}} for the three networks (checksums verified)."""
+    """{model name: card or {"missing": reason}} for the shipped networks (checksums verified)."""
     from qsmprep.nn.models import ModelFileError, load_model
 
     out = {}
-    for name in ("deepqsm", "nextqsm-bg", "nextqsm-varnet"):
+    for name in ("deepqsm", "nextqsm-varnet"):
         try:
             _, card = load_model(name, "cpu", model_dir)
             out[name] = {k: card.get(k) for k in ("name", "version", "steps", "sha256", "model_file", "wall_time_s")}
@@ -273,7 +279,8 @@ def bgremove_fn(method: str, device: str, model_dir: str | None):
         return BGREMOVE.get(method)
     from qsmprep.nn import inference as nn_inf
 
-    return lambda f, m, vs, b: nn_inf.nextqsm_bgremove(f, m, vs, b, device=device, model_dir=model_dir)
+    rim = {"rim_mm": 0.0} if method == "nextqsm-rim0" else {}  # the mask's rim kept (a clean, true brain mask)
+    return lambda f, m, vs, b: nn_inf.nextqsm_bgremove(f, m, vs, b, device=device, model_dir=model_dir, **rim)
 
 
 def timed(fn, *args):

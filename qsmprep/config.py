@@ -40,8 +40,8 @@ class QsmprepConfig:
     # methods (names are registry keys in qsmprep.qsm.registry)
     masking: str = "phase"
     unwrapping: str = "romeo"
-    bgremove: str = "vsharp"
-    inversion: str = "rts"
+    bgremove: str = "nextqsm"
+    inversion: str = "nextqsm"
     reference: str = "mean"
     r2star: bool = False
     t2star: bool = False

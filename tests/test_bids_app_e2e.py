@@ -52,14 +52,15 @@ MAPS = {
     "desc-local_fieldmap": (np.float32, "ppm"),
 }
 #: Chimap NRMSE (%, demeaned, in the output brain mask) against the simulated truth. Measured with the
-#: default pipeline (phase-quality mask, MCPC-3D-S, ROMEO, B0 fit, V-SHARP, RTS, whole-brain mean) on
-#: this dataset: sub-1_ses-1 77.2, sub-1_ses-2 81.3, sub-2 (oblique, integer phase) 74.4 %. The value
-#: depends on the noise seed (70.7-81.6 % over 8 axial seeds of this phantom); most of the error comes
-#: from the few skull voxels left in the phase-quality mask (with the true brain mask instead: ~60 %).
-#: Bound = worst measured + ~9 points; a zero map scores 100 %.
+#: default pipeline (phase-quality mask, MCPC-3D-S, ROMEO, B0 fit, PDF alternated with the VarNet prior,
+#: VarNet, whole-brain mean) on this dataset: sub-1_ses-1 75.1, sub-1_ses-2 75.5, sub-2 (oblique, integer
+#: phase) 77.4 % (the classical V-SHARP + RTS chain: 77.2, 81.3, 74.4 %; 70.7-81.6 % over 8 axial noise
+#: seeds of this phantom); most of the error comes from the few skull voxels left in the phase-quality mask
+#: (with the true brain mask instead: ~60 % for V-SHARP + RTS). Bound = worst measured + ~9 points; a zero
+#: map scores 100 %.
 NRMSE_BOUND = 90.0
-#: slope of per-structure means (7 deep grey-matter labels) of the Chimap on the truth: measured 1.05,
-#: 1.04, 0.76 (oblique; 0.77 with the true brain mask). A sign error or a phase-unit scaling error moves
+#: slope of per-structure means (7 deep grey-matter labels) of the Chimap on the truth: measured 1.14,
+#: 1.13, 0.90 (oblique; V-SHARP + RTS: 1.05, 1.04, 0.76). A sign error or a phase-unit scaling error moves
 #: it far outside. (A dipole kernel along z instead of the 20 deg tilt costs only ~6 NRMSE points and
 #: ~0.03 of slope here, so the B0 direction is checked directly: sidecar and inversion-node input.)
 DGM_SLOPE_RANGE = (0.5, 1.5)

@@ -387,6 +387,9 @@ def test_boilerplate_names_the_methods_run_and_cites_them():
                    "cerebrospinal fluid", "R2* map"):
         assert needle in text, needle
     assert "V-SHARP" not in text and "RTS" not in text
-    default = build_boilerplate(QsmprepConfig())
-    assert "V-SHARP" in default and "10.1002/mrm.23000" in default and "rapid two-step" in default
+    classical = build_boilerplate(QsmprepConfig(bgremove="vsharp", inversion="rts"))
+    assert "V-SHARP" in classical and "10.1002/mrm.23000" in classical and "rapid two-step" in classical
+    default = build_boilerplate(QsmprepConfig())  # the learned chain (PDF + VarNet prior, VarNet)
+    assert "projection onto dipole fields" in default and "variational network" in default
+    assert "10.1002/nbm.1670" in default and "V-SHARP" not in default
     assert canonical_method("masking", "Phase-Quality") == "phase" and canonical_method("inversion", "rts") == "rts"

@@ -265,3 +265,22 @@ def test_masking_registry(head):
     assert MASKING.get("robust")(magnitude_4d=h["mag"]).any()
     with pytest.raises(ValueError, match="needs phase"):
         MASKING.get("phase")(magnitude_4d=h["mag"])
+
+
+def test_erode_mask_mm_is_a_physical_ball():
+    from qsmprep.qsm.masking import erode_mask, erode_mask_mm
+
+    m = np.zeros((24, 24, 24), bool)
+    m[4:-4, 4:-4, 4:-4] = True
+    # a ball of one voxel's radius is the 6-neighbour cross
+    np.testing.assert_array_equal(erode_mask_mm(m, (2.0, 2.0, 2.0), 2.0), erode_mask(m, 1))
+    np.testing.assert_array_equal(erode_mask_mm(m, (1.0, 1.0, 1.0), 2.0), erode_mask(m, 2))
+    # anisotropic: 2 mm is 2 voxels in-plane and 1 through-plane (1 mm x 1 mm x 2 mm)
+    e = erode_mask_mm(m, (1.0, 1.0, 2.0), 2.0)
+    assert e[6:-6, 6:-6, 5:-5].all() and not e[5].any() and not e[:, :, 4].any()
+    np.testing.assert_array_equal(erode_mask_mm(m, (1.0, 1.0, 1.0), 0.0), m)
+    np.testing.assert_array_equal(erode_mask_mm(m, (1.0, 1.0, 1.0), 0.5), m)
+    # the array border counts as outside
+    assert not erode_mask_mm(np.ones((5, 5, 5), bool), (1, 1, 1), 1.0)[0].any()
+    with pytest.raises(ValueError, match="radius_mm"):
+        erode_mask_mm(m, (1, 1, 1), -1.0)

@@ -38,7 +38,8 @@ def test_learned_methods_are_cli_choices_with_references():
     assert "cognolato2023" in method_references("bgremove", "nextqsm")
 
 
-@pytest.mark.parametrize("args", [["--inversion", "deepqsm"], ["--bgremove", "nextqsm"], ["--inversion", "nextqsm"]])
+@pytest.mark.parametrize("args", [["--inversion", "deepqsm"], ["--bgremove", "nextqsm"], ["--bgremove", "nextqsm-unet"],
+                                  ["--inversion", "nextqsm"]])
 def test_missing_model_fails_before_any_work(tmp_path, monkeypatch, capsys, args):
     empty = tmp_path / "models"
     empty.mkdir()
@@ -87,7 +88,7 @@ def test_interfaces_record_model_name_version_checksum(tmp_path, monkeypatch):
     out = nib.load(inv.chi).get_fdata()
     assert out.shape == shape and np.all(out[~mask] == 0)
     bg = BackgroundRemoval(total_field=f_file, mask=m_file, voxel_size=[1.0] * 3, b0_dir=[0.0, 0.0, 1.0],
-                           method="nextqsm", device="cpu").run().outputs
+                           method="nextqsm-unet", device="cpu").run().outputs
     assert bg.params["ModelSHA256"] == card_bg["sha256"] and bg.params["MaskVoxelsOut"] == int(mask.sum())
     # a classical method records no model
     tkd = DipoleInversion(local_field=f_file, mask=m_file, voxel_size=[1.0] * 3, b0_dir=[0.0, 0.0, 1.0],
@@ -114,7 +115,7 @@ def test_device_cuda_without_gpu_is_a_usage_error(tmp_path, monkeypatch, capsys)
 def test_unet_methods_are_linear_in_the_field_amplitude(tmp_path):
     """GroupNorm discards the input's amplitude; the RMS normalisation around the U-Nets restores it, so
     that chi (and the local field) scale with the field as the linear physics requires."""
-    from qsmprep.nn.inference import deepqsm, nextqsm_bgremove
+    from qsmprep.nn.inference import deepqsm, nextqsm_unet_bgremove
 
     _save_tiny_unet(tmp_path, "deepqsm")
     _save_tiny_unet(tmp_path, "nextqsm-bg")
@@ -128,8 +129,8 @@ def test_unet_methods_are_linear_in_the_field_amplitude(tmp_path):
         for k in (0.1, 3.0):
             np.testing.assert_allclose(deepqsm(k * field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path)),
                                        k * one, rtol=1e-4, atol=1e-7 * k)
-        loc, _ = nextqsm_bgremove(field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
-        loc3, _ = nextqsm_bgremove(3 * field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
+        loc, _ = nextqsm_unet_bgremove(field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
+        loc3, _ = nextqsm_unet_bgremove(3 * field, mask, (1, 1, 1), b0, device="cpu", model_dir=str(tmp_path))
         np.testing.assert_allclose(loc3, 3 * loc, rtol=1e-4, atol=1e-7)
     assert np.all(deepqsm(0 * field, mask, device="cpu", model_dir=str(tmp_path)) == 0)
 
@@ -169,7 +170,7 @@ def test_self_supervised_steps_option(tmp_path, capsys):
 
     bids = tmp_path / "bids"
     bids.mkdir()
-    rc = main([str(bids), str(tmp_path / "out"), "participant", "--self-supervised-steps", "5",
+    rc = main([str(bids), str(tmp_path / "out"), "participant", "--inversion", "rts", "--self-supervised-steps", "5",
                "--skip-bids-validation"])
     err = capsys.readouterr().err.strip()
     assert rc == 64 and err.count("\n") == 0 and "applies to --inversion nextqsm, not rts" in err, err

@@ -293,6 +293,7 @@ def _field_case(shape=(30, 32, 26), radii=(10, 12, 8), seed=5):
 def test_registered_and_missing_model_is_a_clear_error(tmp_path):
     assert INVERSION.get("deepqsm") is qnn.deepqsm and INVERSION.get("nextqsm") is qnn.nextqsm_inversion
     assert BGREMOVE.get("nextqsm") is qnn.nextqsm_bgremove
+    assert BGREMOVE.get("nextqsm-unet") is qnn.nextqsm_unet_bgremove
     m, chi = _field_case()
     f = forward_field_ppm(chi) * m
     with pytest.raises(ModelFileError, match=r"model file .*deepqsm\.pt not found") as exc:
@@ -301,12 +302,14 @@ def test_registered_and_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelFileError, match=r"nextqsm-varnet\.pt not found"):
         qnn.nextqsm_inversion(f, m, (1, 1, 1), (0, 0, 1), device="cpu", model_dir=tmp_path)
     with pytest.raises(ModelFileError, match=r"nextqsm-bg\.pt not found"):
+        qnn.nextqsm_unet_bgremove(f, m, (1, 1, 1), (0, 0, 1), device="cpu", model_dir=tmp_path)
+    with pytest.raises(ModelFileError, match=r"nextqsm-varnet\.pt not found"):
         qnn.nextqsm_bgremove(f, m, (1, 1, 1), (0, 0, 1), device="cpu", model_dir=tmp_path)
     with pytest.raises(ModelFileError):
         qnn.model_provenance("deepqsm", model_dir=tmp_path)
 
 
-@pytest.mark.parametrize("func", [qnn.deepqsm, qnn.nextqsm_inversion, qnn.nextqsm_bgremove])
+@pytest.mark.parametrize("func", [qnn.deepqsm, qnn.nextqsm_inversion, qnn.nextqsm_bgremove, qnn.nextqsm_unet_bgremove])
 def test_bad_inputs_raise_clear_errors(func, tmp_path):
     m, chi = _field_case()
     f = forward_field_ppm(chi) * m
@@ -343,7 +346,7 @@ def test_deepqsm_and_bg_with_identity_nets(tmp_path):
     inner = ndimage.binary_erosion(m, iterations=3)
     assert np.abs(out_o - f - 0.01)[inner].mean() < 0.2 * np.abs(f[inner]).mean()
     total = f + np.float32(0.3)
-    local, m2 = qnn.nextqsm_bgremove(total, m, device="cpu", model_dir=tmp_path)
+    local, m2 = qnn.nextqsm_unet_bgremove(total, m, device="cpu", model_dir=tmp_path)
     assert m2.dtype == bool and np.array_equal(m2, m)
     np.testing.assert_allclose(local, (f - f[m].mean()) * m, atol=1e-6)
     assert abs(local[m].mean()) < 1e-7
@@ -369,6 +372,46 @@ def test_nextqsm_inversion_reduces_to_tkd(tmp_path):
     err = np.abs(got - ref).max() / np.abs(ref).max()
     assert err < 1e-4, err
     assert np.all(got[~m] == 0)
+
+
+def test_nextqsm_bgremove_is_pdf_alternated_with_the_varnet(tmp_path):
+    """The learned background removal is pdf_harmonic_restored with the VarNet as ``invert`` (here one that
+    reduces to TKD), demeaned in the mask; with no alternation it is PDF (demeaned)."""
+    from qsmprep.qsm.bgremove import pdf, pdf_harmonic_restored
+    from qsmprep.qsm.masking import erode_mask_mm
+
+    kwargs = {"steps": 2, "width": 4, "depth": 0, "init_step": 1e-6}
+    net = qnn.build_model("varnet", **kwargs)
+    with torch.no_grad():
+        for psi in net.psi:
+            psi[-1].weight.zero_()
+            psi[-1].bias.zero_()
+    qnn.save_model(net, tmp_path / "nextqsm-varnet.pt", "varnet", kwargs, {}, {}, "0.0-test")
+    vs, b = (1.0, 1.0, 1.2), _oblique(20.0)
+    total, m = _bg_test_case(vs, b)  # has an offset: the output is demeaned in the mask
+    local, m_out = qnn.nextqsm_bgremove(total, m, vs, b, device="cpu", model_dir=tmp_path, n_outer=2, rim_mm=0)
+    assert local.dtype == np.float32 and np.array_equal(m_out, m) and np.all(local[~m] == 0)
+    assert abs(float(local[m].mean())) < 1e-6
+    # by default the mask's 2 mm rim is dropped first (estimated masks hold skull voxels there)
+    loc_r, m_r = qnn.nextqsm_bgremove(total, m, vs, b, device="cpu", model_dir=tmp_path, n_outer=1)
+    np.testing.assert_array_equal(m_r, erode_mask_mm(m, vs, 2.0))
+    assert m_r.sum() < m.sum() and np.all(loc_r[~m_r] == 0)
+
+    def invert(f, mk):
+        chi = qnn.nextqsm_inversion(f, mk, vs, b, device="cpu", model_dir=tmp_path)
+        calls.append(f.dtype)
+        return chi
+
+    calls = []
+
+    ref = pdf_harmonic_restored(total - total[m].mean(), m, vs, b, invert=invert, n_outer=2,
+                                refit_max_iter=qnn.inference.NEXTQSM_BG_REFIT_ITER)[0]
+    ref = np.where(m, ref - ref[m].mean(), 0)
+    np.testing.assert_allclose(local, ref, atol=1e-6 * np.abs(ref).max())
+    assert calls == [np.float32, np.float32]
+    plain = qnn.nextqsm_bgremove(total, m, vs, b, device="cpu", model_dir=tmp_path, n_outer=0, rim_mm=0)[0]
+    p_ref = pdf(total - total[m].mean(), m, vs, b)[0]
+    np.testing.assert_allclose(plain, np.where(m, p_ref - p_ref[m].mean(), 0), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,7 +530,7 @@ def _bg_test_case(vs=(1.0, 1.0, 1.0), b0=(0.0, 0.0, 1.0)):
 
 
 def test_prior_guided_bg_net_with_zero_correction_is_its_prior(tmp_path):
-    """A residual 3-channel background U-Net with a zero head returns its V-SHARP channel: nextqsm_bgremove()
+    """A residual 3-channel background U-Net with a zero head returns its V-SHARP channel: nextqsm_unet_bgremove()
     must then give V-SHARP's local field (demeaned in the whole mask, 0 in V-SHARP's eroded rim), in ppm,
     linear in the field; its output mask is the whole brain mask."""
     from qsmprep.qsm.bgremove import vsharp
@@ -495,13 +538,13 @@ def test_prior_guided_bg_net_with_zero_correction_is_its_prior(tmp_path):
     _zero_correction_bg_net(tmp_path, {"prior": "vsharp"})
     total, m = _bg_test_case()
     shape = m.shape
-    local, m_out = qnn.nextqsm_bgremove(total, m, device="cpu", model_dir=tmp_path)
+    local, m_out = qnn.nextqsm_unet_bgremove(total, m, device="cpu", model_dir=tmp_path)
     ref, m_v = vsharp(total, m)
     ref = np.where(m_v, ref, 0)
     ref = (ref - ref[m].mean()) * m
     assert local.dtype == np.float32 and np.array_equal(m_out, m) and np.all(local[~m] == 0)
     np.testing.assert_allclose(local, ref, atol=1e-4 * np.abs(ref).max())
-    np.testing.assert_allclose(qnn.nextqsm_bgremove(2.5 * total, m, device="cpu", model_dir=tmp_path)[0], 2.5 * local,
+    np.testing.assert_allclose(qnn.nextqsm_unet_bgremove(2.5 * total, m, device="cpu", model_dir=tmp_path)[0], 2.5 * local,
                                atol=1e-4 * np.abs(local).max())
     stack = inf.bg_prior_stack(total, m, (1, 1, 1), (0, 0, 1))
     assert stack.shape == (3,) + shape and np.array_equal(stack[2] > 0, m_v)
@@ -519,11 +562,11 @@ def test_coarse_pdf_guided_bg_net_with_zero_correction_is_pdf(tmp_path):
     for vs, b0 in (((1.0, 1.0, 1.0), (0.0, 0.0, 1.0)), ((1.0, 1.0, 1.5), (0.2, 0.1, 0.97))):
         b0 = tuple(np.asarray(b0) / np.linalg.norm(b0))
         total, m = _bg_test_case(vs, b0)
-        local, m_out = qnn.nextqsm_bgremove(total, m, vs, b0, device="cpu", model_dir=tmp_path)
+        local, m_out = qnn.nextqsm_unet_bgremove(total, m, vs, b0, device="cpu", model_dir=tmp_path)
         ref, _ = pdf(total - total[m].mean(), m, vs, b0)  # nextqsm_bgremove demeans the total field first
         ref = (ref - ref[m].mean()) * m
         assert local.dtype == np.float32 and np.array_equal(m_out, m) and np.all(local[~m] == 0)
         np.testing.assert_allclose(local, ref, atol=1e-3 * np.abs(ref).max())  # float32 rounding of s * (prior / s)
-        y = qnn.nextqsm_bgremove(2.5 * total, m, vs, b0, device="cpu", model_dir=tmp_path)[0]
+        y = qnn.nextqsm_unet_bgremove(2.5 * total, m, vs, b0, device="cpu", model_dir=tmp_path)[0]
         # linear up to PDF's own stopping rule (relative tolerance: float32 rounding may change its iteration count)
         assert np.linalg.norm(y - 2.5 * local) < 1e-2 * np.linalg.norm(2.5 * local)

@@ -6,7 +6,8 @@ left basal ganglia that reaches the lateral brain surface. The fields are those 
 problem: the local field is the field of ``chi * mask`` of the crop alone (computed like the
 simulator's, 48 mm zero padding) and the background is everything else (the rest of the brain, skull,
 air, shim), i.e. ``total_field_crop - local``. DeepQSM and the background U-Net resample the 2 mm data
-to their 1 mm B0-aligned grid and back, the VarNet runs on the 2 mm grid with its true dipole kernel.
+to their 1 mm B0-aligned grid and back, the VarNet runs on the 2 mm grid with its true dipole kernel; the
+learned background removal (PDF alternated with the VarNet as its chi prior) also runs on the 2 mm grid.
 Errors are demeaned NRMSE (%) in the crop's brain mask (:func:`qsmprep.qsm.metrics.nrmse`).
 
 The tests skip (only) when the shipped model files are absent. ``QSMPREP_TEST_MODEL_DIR`` points
@@ -29,11 +30,12 @@ from qsmprep.qsm.inversion import tkd  # noqa: E402
 from qsmprep.simulate import make_head_phantom, simulate_gre  # noqa: E402
 
 import qsmprep.nn.models as nn_models  # noqa: E402
-from qsmprep.nn.inference import deepqsm, nextqsm_bgremove, nextqsm_inversion  # noqa: E402
+from qsmprep.nn.inference import NEXTQSM_BG_RIM_MM, deepqsm, nextqsm_bgremove, nextqsm_inversion  # noqa: E402
+from qsmprep.qsm.masking import erode_mask_mm  # noqa: E402
 
 SHIPPED_DIR = Path(nn_models.__file__).resolve().parent.parent / "data" / "models"
 MODEL_DIR = Path(os.environ.get("QSMPREP_TEST_MODEL_DIR") or SHIPPED_DIR)
-MODELS = ("deepqsm", "nextqsm-bg", "nextqsm-varnet")
+MODELS = ("deepqsm", "nextqsm-varnet")
 
 #: crop (2 mm voxels) of the downsample-2 head: left basal ganglia to the left lateral brain surface
 CROP = (slice(8, 56), slice(44, 84), slice(30, 62))
@@ -45,24 +47,23 @@ CROP_1MM = tuple(slice(2 * c.start, 2 * c.stop) for c in CROP)
 # data consistency, 1500 steps) 51.8. 1 mm crop (the networks' training resolution): TKD 45.1, DeepQSM 33.8,
 # VarNet 47.1 (on the full-size held-out heads of benchmarks/bench_neural.py the VarNet beats TKD by ~8
 # points; on this crop, whose brain is cut by the box, it does not). Deep-GM slopes on the 1 mm crop: DeepQSM
-# 1.03, VarNet 1.03. The background net is PDF-guided and trained on whole brains (2 mm), so its accuracy is
-# measured on the whole held-out head at 2 mm (BGNET_MARGIN_PP below); on the crop, whose brain is cut by the
-# box, only its plumbing (dtype, mask, linearity, determinism) is tested.
+# 1.03, VarNet 1.03. The learned background removal restores the smooth, brain-wide part of the local field that
+# PDF loses, so its accuracy is measured on the whole held-out head at 2 mm (BGNET_MARGIN_PP below); on the
+# crop, whose brain is cut by the box, only its plumbing (dtype, mask, linearity, determinism) is tested.
 DEEPQSM_MARGIN_PP = 2.0  # DeepQSM must beat TKD (default threshold) by at least this many points
 VARNET_MAX_NRMSE = 57.0  # measured 51.8 x 1.1
-BGNET_MAX_NRMSE = 100.0  # 100 % = the zero estimate, a looser bound would be vacuous
-#                          (untrained random weights score 192 %)
-#: whole held-out head (seed 101, 2 mm, noise-free): the background net must beat its own classical prior
-#: (the card's ``prior``, PDF) by this many points in the prior's mask. The PDF-guided net trained here
-#: (600 steps, not shipped) fails it: 53.5 % against PDF's 52.8 %.
-BGNET_MARGIN_PP = 2.0
+BGNET_MAX_NRMSE = 60.0  # learned background removal on the crop (default 2 mm rim): measured 51.5
+#: whole held-out head (seed 101, 2 mm, noise-free, true brain mask, rim kept): the learned background
+#: removal must beat PDF, its classical starting point, by this many points. Measured 33.9 % against PDF's
+#: 52.8 %. (The PDF-guided background U-Net trained here, not shipped, failed it: 53.5 %.)
+BGNET_MARGIN_PP = 10.0
 #: 1 mm crop: DeepQSM must beat TKD by this many points (measured 11.3); the VarNet must stay within its
 #: regression bound (measured 47.1 x 1.1)
 DEEPQSM_MARGIN_1MM_PP = 5.0
 VARNET_MAX_NRMSE_1MM = 52.0
 DGM_SLOPE_RANGE = (0.9, 1.1)
 #: test key -> model name
-KEYS = {"deepqsm": "deepqsm", "varnet": "nextqsm-varnet", "bg": "nextqsm-bg"}
+KEYS = {"deepqsm": "deepqsm", "varnet": "nextqsm-varnet", "bg": "nextqsm-varnet"}
 
 
 def _missing() -> list[str]:
@@ -101,7 +102,7 @@ def _run_networks(c: dict, models_dir: str) -> dict:
         out["deepqsm"] = deepqsm(c["local"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir)
     if "nextqsm-varnet" not in absent:
         out["varnet"] = nextqsm_inversion(c["local"], c["mask"], c["vs"], c["b0"], device="cpu", model_dir=models_dir)
-    if "nextqsm-bg" not in absent:
+    if "nextqsm-varnet" not in absent:  # the learned background removal uses the VarNet as its prior
         out["bg"], out["bg_mask"] = nextqsm_bgremove(c["total"], c["mask"], c["vs"], c["b0"], device="cpu",
                                                      model_dir=models_dir)
     return out
@@ -176,32 +177,29 @@ def test_varnet_accuracy(case, outputs):
 
 
 def _head_bg_errors(models_dir: str) -> dict[str, float]:
-    """Local-field NRMSE (%) of the background net and of its classical prior on the whole held-out head
-    (seed 101, 2 mm grid, noise-free), in the prior's mask."""
-    from qsmprep.nn.models import read_card
+    """Local-field NRMSE (%) of the learned background removal and of PDF, its classical starting point,
+    on the whole held-out head (seed 101, 2 mm grid, noise-free) in the true brain mask; the mask is the
+    true one, so its rim is kept (``rim_mm=0``: the default drops it for estimated masks)."""
     from qsmprep.qsm.registry import BGREMOVE
 
-    prior = read_card("nextqsm-bg", models_dir)[0].get("prior", "vsharp")
     sim = simulate_gre(make_head_phantom(downsample=2, seed=101), echo_times_s=(0.004, 0.02), b0_tesla=3.0,
                        snr=None, seed=1101)
     m, vs, b0 = sim.brain_mask, tuple(sim.voxel_size_mm), tuple(sim.b0_dir)
-    local_p, m_p = BGREMOVE.get(prior)(sim.total_field_ppm, m, vs, b0)
-    local_n, m_n = nextqsm_bgremove(sim.total_field_ppm, m, vs, b0, device="cpu", model_dir=models_dir)
+    local_p, _ = BGREMOVE.get("pdf")(sim.total_field_ppm, m, vs, b0)
+    local_n, m_n = nextqsm_bgremove(sim.total_field_ppm, m, vs, b0, device="cpu", model_dir=models_dir, rim_mm=0)
     np.testing.assert_array_equal(m_n, m)
-    return {"prior": metrics.nrmse(local_p, sim.local_field_ppm, m_p),
-            "bg": metrics.nrmse(local_n, sim.local_field_ppm, m_p),
-            "bg_whole_mask": metrics.nrmse(local_n, sim.local_field_ppm, m)}
+    return {"prior": metrics.nrmse(local_p, sim.local_field_ppm, m), "bg": metrics.nrmse(local_n, sim.local_field_ppm, m)}
 
 
 def test_background_net_accuracy(case, outputs, models_dir):
-    """The background net beats its own classical prior on a whole held-out head (what shipping needs)."""
+    """The learned background removal beats PDF, its classical starting point, on a whole held-out head."""
     _need("bg")
     err = _errors(case, outputs)
-    assert err["bg"] < BGNET_MAX_NRMSE, f"background net local-field NRMSE on the crop {err['bg']:.1f} %"
-    np.testing.assert_array_equal(outputs["bg_mask"], case["mask"])
+    assert err["bg"] < BGNET_MAX_NRMSE, f"learned background removal: local-field NRMSE on the crop {err['bg']:.1f} %"
+    np.testing.assert_array_equal(outputs["bg_mask"], erode_mask_mm(case["mask"], case["vs"], NEXTQSM_BG_RIM_MM))
     head = _head_bg_errors(models_dir)
     assert head["bg"] < head["prior"] - BGNET_MARGIN_PP, (
-        f"background net {head['bg']:.1f} % vs its prior {head['prior']:.1f} % on the whole held-out head")
+        f"learned background removal {head['bg']:.1f} % vs PDF {head['prior']:.1f} % on the whole held-out head")
 
 
 @pytest.mark.parametrize("key", ["deepqsm", "varnet", "bg"])

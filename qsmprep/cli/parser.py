@@ -37,7 +37,7 @@ METHOD_STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 
 #: learned methods (registered by :mod:`qsmprep.nn`, which imports PyTorch: listed here so that
 #: ``--help`` stays quick; a test checks the list against the registries)
-LEARNED_METHODS: dict[str, tuple[str, ...]] = {"bgremove": ("nextqsm",), "inversion": ("deepqsm", "nextqsm")}
+LEARNED_METHODS: dict[str, tuple[str, ...]] = {"bgremove": ("nextqsm", "nextqsm-unet"), "inversion": ("deepqsm", "nextqsm")}
 
 #: values of ``--reference`` that the workflow handles itself (no registry entry needed)
 REFERENCE_EXTRA = ("none",)

@@ -1,7 +1,7 @@
 """Neural QSM stages (inference): DeepQSM and NeXtQSM networks, model files, registered methods.
 
 Importing this package registers ``INVERSION["deepqsm"]``, ``INVERSION["nextqsm"]`` and
-``BGREMOVE["nextqsm"]`` in :mod:`qsmprep.qsm.registry` (it imports torch; :mod:`qsmprep.qsm` does not).
+``BGREMOVE["nextqsm"]``, ``BGREMOVE["nextqsm-unet"]`` in :mod:`qsmprep.qsm.registry` (it imports torch; :mod:`qsmprep.qsm` does not).
 Training code lives in :mod:`qsmprep.training`.
 """
 
@@ -11,6 +11,7 @@ from qsmprep.nn.inference import (
     model_provenance,
     nextqsm_bgremove,
     nextqsm_inversion,
+    nextqsm_unet_bgremove,
     predict_padded,
     resolve_device,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "model_provenance",
     "nextqsm_bgremove",
     "nextqsm_inversion",
+    "nextqsm_unet_bgremove",
     "predict_padded",
     "resolve_device",
     "save_model",

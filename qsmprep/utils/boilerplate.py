@@ -197,12 +197,19 @@ METHODS: dict[str, dict[str, tuple[str, str, tuple[str, ...]]]] = {
         "pdf": ("PDF", "projection onto dipole fields (PDF)", ("liu2011",)),
         "ismv": ("iSMV", "the iterative spherical mean value method (iSMV)", ("wen2014",)),
         "lbv": ("LBV", "the Laplacian boundary value method (LBV)", ("zhou2014",)),
-        "nextqsm": ("NeXtQSM background U-Net",
-                    "a NeXtQSM-style 3D U-Net guided by projection onto dipole fields (PDF): it sees the masked "
-                    "total field, the PDF local field and the brain mask of the whole brain on a B0-aligned 2 mm "
-                    "grid and predicts a smooth correction of PDF, which is interpolated and added to PDF computed "
-                    "at the scan's resolution; trained by qsmprep on simulated whole-brain hybrid brains",
-                    ("cognolato2023", "liu2011")),
+        "nextqsm": ("NeXtQSM background removal (PDF with a learned susceptibility prior)",
+                    "projection onto dipole fields (PDF) alternated with a NeXtQSM-style variational network as "
+                    "the susceptibility prior: the background sources outside the brain were refitted (PDF's "
+                    "conjugate gradients, warm-started) to the part of the total field that the network's "
+                    "susceptibility inside the brain does not explain, which restores the smooth part of the "
+                    "local field that PDF alone removes; the network was trained by qsmprep on simulated hybrid "
+                    "brains",
+                    ("liu2011", "cognolato2023")),
+        "nextqsm-unet": ("NeXtQSM background U-Net",
+                         "a NeXtQSM-style 3D U-Net (a user-supplied trained model) that maps the masked total "
+                         "field to the local field; a PDF-guided model predicts a smooth correction of PDF on a "
+                         "coarse B0-aligned grid of the whole brain",
+                         ("cognolato2023", "liu2011")),
     },
     "inversion": {
         "rts": ("RTS", "rapid two-step dipole inversion (RTS)", ("kames2018",)),
