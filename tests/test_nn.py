@@ -352,15 +352,20 @@ def test_deepqsm_and_bg_with_identity_nets(tmp_path):
     assert abs(local[m].mean()) < 1e-7
 
 
-def test_nextqsm_inversion_reduces_to_tkd(tmp_path):
-    """A VarNet whose regularisers output 0 and whose steps are ~0 is its TKD start: compare with tkd()."""
+def _save_tkd_varnet(directory) -> None:
+    """``nextqsm-varnet`` in ``directory``: regularisers that output 0 and steps of ~0, i.e. its TKD start."""
     kwargs = {"steps": 2, "width": 4, "depth": 0, "init_step": 1e-6}
     net = qnn.build_model("varnet", **kwargs)
     with torch.no_grad():
         for psi in net.psi:
             psi[-1].weight.zero_()
             psi[-1].bias.zero_()
-    qnn.save_model(net, tmp_path / "nextqsm-varnet.pt", "varnet", kwargs, {}, {}, "0.0-test")
+    qnn.save_model(net, directory / "nextqsm-varnet.pt", "varnet", kwargs, {}, {}, "0.0-test")
+
+
+def test_nextqsm_inversion_reduces_to_tkd(tmp_path):
+    """A VarNet whose regularisers output 0 and whose steps are ~0 is its TKD start: compare with tkd()."""
+    _save_tkd_varnet(tmp_path)
     shape = (34, 38, 30)
     m = _ellipsoid(shape, (9.5, 11.5, 7.5))  # bounding box 20 x 24 x 16 -> padded 36 x 40 x 32
     rng = np.random.default_rng(6)
@@ -380,13 +385,7 @@ def test_nextqsm_bgremove_is_pdf_alternated_with_the_varnet(tmp_path):
     from qsmprep.qsm.bgremove import pdf, pdf_harmonic_restored
     from qsmprep.qsm.masking import erode_mask_mm
 
-    kwargs = {"steps": 2, "width": 4, "depth": 0, "init_step": 1e-6}
-    net = qnn.build_model("varnet", **kwargs)
-    with torch.no_grad():
-        for psi in net.psi:
-            psi[-1].weight.zero_()
-            psi[-1].bias.zero_()
-    qnn.save_model(net, tmp_path / "nextqsm-varnet.pt", "varnet", kwargs, {}, {}, "0.0-test")
+    _save_tkd_varnet(tmp_path)
     vs, b = (1.0, 1.0, 1.2), _oblique(20.0)
     total, m = _bg_test_case(vs, b)  # has an offset: the output is demeaned in the mask
     local, m_out = qnn.nextqsm_bgremove(total, m, vs, b, device="cpu", model_dir=tmp_path, n_outer=2, rim_mm=0)
