@@ -400,8 +400,8 @@ def pdf_harmonic_restored(
     for _ in range(n_outer):
         chi = as_float_volume(invert(box.unpad(local, box.mask)[0], m), "chi of invert")
         field_chi = np.where(box.mask, solver.dconv(box.pad(chi)), np.float32(0.0))
-        chi_b = solver.local(fp - field_chi, chi_b)[1]
-        local = fp - solver.dconv(chi_b)
+        rest, chi_b = solver.local(fp - field_chi, chi_b)  # f - F chi - D chi_b
+        local = rest + field_chi
     return box.unpad(local, box.mask)
 
 
