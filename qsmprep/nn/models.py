@@ -63,7 +63,7 @@ class NeXtQSM(nn.Module):
     ``forward(total_field_ppm, mask, kernel)``: ``local = rms * bg(x / rms) * s_out / s_in`` with
     ``x = (total - mean) * mask`` and ``rms`` its RMS in the mask
     (means over the mask), minus its mean in the mask, then ``VarNet(local, mask, kernel)`` (the same
-    preprocessing as :func:`qsmprep.nn.inference.nextqsm_bgremove`, without its resampling). ``kwargs``: ``bg`` (UNet3d kwargs),
+    preprocessing as :func:`qsmprep.nn.inference.nextqsm_unet_bgremove`, without its resampling). ``kwargs``: ``bg`` (UNet3d kwargs),
     ``varnet`` (VarNet kwargs), ``bg_input_ppm``, ``bg_output_ppm``.
     """
 

@@ -320,9 +320,11 @@ class _PdfSolver:
         """Field (ppm) of ``x`` on the box (periodic convolution with the dipole kernel)."""
         return _fft.irfftn(_fft.rfftn(x) * self.d, self.box.shape)
 
-    def local(self, fp: np.ndarray, x0: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def local(self, fp: np.ndarray, x0: np.ndarray | None = None,
+              max_iter: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(fp - D chi_b, chi_b)`` on the box, ``chi_b`` the CGLS fit of background sources outside the
-        mask, started from ``x0`` (default 0); ``tol`` is relative to the start's normal residual."""
+        mask, started from ``x0`` (default 0), at most ``max_iter`` iterations (default: the solver's);
+        ``tol`` is relative to the start's normal residual."""
         w, inside = self.w, self.box.mask
         # background susceptibility (ppm), 0 inside the mask
         x = np.zeros(self.box.shape, np.float32) if x0 is None else x0.astype(np.float32, copy=True)
@@ -332,7 +334,7 @@ class _PdfSolver:
         p = s.copy()
         gamma = _dot(s, s)
         stop = (self.tol**2) * gamma
-        for _ in range(self.max_iter):
+        for _ in range(self.max_iter if max_iter is None else max_iter):
             if gamma <= stop or gamma == 0.0:
                 break
             q = w * self.dconv(p)
@@ -394,13 +396,12 @@ def pdf_harmonic_restored(
     solver = _PdfSolver(f, m, vs, b, weight, tol, max_iter, pad_voxels)
     box = solver.box
     fp = box.pad(f)
+    refit = None if refit_max_iter is None else _number("refit_max_iter", refit_max_iter, lo=0.0, integer=True)
     local, chi_b = solver.local(fp)
-    if refit_max_iter is not None:
-        solver.max_iter = _number("refit_max_iter", refit_max_iter, lo=0.0, integer=True)
     for _ in range(n_outer):
         chi = as_float_volume(invert(box.unpad(local, box.mask)[0], m), "chi of invert")
         field_chi = np.where(box.mask, solver.dconv(box.pad(chi)), np.float32(0.0))
-        rest, chi_b = solver.local(fp - field_chi, chi_b)  # f - F chi - D chi_b
+        rest, chi_b = solver.local(fp - field_chi, chi_b, refit)  # f - F chi - D chi_b
         local = rest + field_chi
     return box.unpad(local, box.mask)
 
