@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 
 from qsmprep.qsm import metrics
 from qsmprep.qsm.constants import hz_to_ppm

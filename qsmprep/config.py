@@ -1,19 +1,94 @@
-"""Settings of one qsmprep run, shared by the CLI, the workflow builders and the reports.
+"""Settings of one qsmprep run: one typed dataclass, the only source of defaults.
 
-One dataclass holds every user-facing choice; the CLI fills it from the command line and an optional
-TOML config file (command line wins), and the workflow builders read it. Defaults are the methods that
-measured most accurate on the simulated head phantom (see benchmarks/).
+The CLI (:mod:`qsmprep.cli.parser`) layers these defaults < ``--config-file`` (TOML) < the command line
+and builds a :class:`QsmprepConfig` with :meth:`QsmprepConfig.from_dict` (generic over the fields);
+:meth:`QsmprepConfig.validate` checks every choice against the method catalogue and the data before any
+work; the workflow builders read the validated config; :meth:`QsmprepConfig.to_toml` saves the settings of
+a run as a file that ``--config-file`` loads back.
+
+Method fields are typed ``Annotated[str, Stage(<stage>)]`` (a name of a stage of :mod:`qsmprep.methods`):
+their choices come from the registries, so registering a method makes it a valid value everywhere.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated, Any, Mapping, Sequence
+
+from qsmprep.utils.errors import EX_DATAERR, EX_USAGE, InputError
+
+__all__ = ["Stage", "MethodParams", "QsmprepConfig", "DEVICES", "ANALYSIS_LEVELS"]
+
+DEVICES = ("auto", "cuda", "cpu")
+ANALYSIS_LEVELS = ("participant", "group")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Annotation of a method field: the stage key of its registry in :mod:`qsmprep.methods`."""
+
+    key: str
+
+
+#: Types of the method fields: a name registered in the stage's registry (:mod:`qsmprep.methods`). Not a
+#: ``Literal``: the choices are whatever is registered, so one registration adds a method everywhere.
+MaskingMethod = Annotated[str, Stage("masking")]
+UnwrappingMethod = Annotated[str, Stage("unwrapping")]
+BgremoveMethod = Annotated[str, Stage("bgremove")]
+InversionMethod = Annotated[str, Stage("inversion")]
+ReferenceMethod = Annotated[str, Stage("reference")]
+R2starMethod = Annotated[str, Stage("r2star")]
+
+
+@dataclass
+class MethodParams:
+    """Extra keyword parameters per stage (``[method_params.<stage>]`` in a config file), checked against
+    the typed parameter set of the stage's chosen method (:meth:`qsmprep.qsm.registry.Method.check_params`)."""
+
+    masking: dict[str, Any] = field(default_factory=dict)
+    offset: dict[str, Any] = field(default_factory=dict)
+    unwrapping: dict[str, Any] = field(default_factory=dict)
+    b0: dict[str, Any] = field(default_factory=dict)
+    bgremove: dict[str, Any] = field(default_factory=dict)
+    inversion: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    r2star: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def stages(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, value: Mapping[str, Mapping[str, Any]] | "MethodParams" | None) -> "MethodParams":
+        """From ``{"bgremove": {...}, ...}``; ``ValueError`` naming the valid stages for other keys."""
+        if isinstance(value, MethodParams):
+            return value
+        value = dict(value or {})
+        bad = [k for k, v in value.items() if k not in cls.stages() or not isinstance(v, Mapping)]
+        if bad:
+            raise ValueError(f"expected tables named after stages ({', '.join(cls.stages())}), got {', '.join(bad)}")
+        return cls(**{k: dict(v) for k, v in value.items()})
+
+    def for_stage(self, stage: str) -> dict[str, Any]:
+        """A copy of the parameters of ``stage``."""
+        return dict(getattr(self, stage))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Non-empty stages only."""
+        return {s: dict(v) for s in self.stages() if (v := getattr(self, s))}
 
 
 @dataclass
 class QsmprepConfig:
-    """All options of a qsmprep run (paths are absolute :class:`~pathlib.Path`)."""
+    """All options of a qsmprep run (paths are absolute :class:`~pathlib.Path`).
+
+    The methods are the default pipeline: QSMxT phase-quality mask, ROMEO, PDF alternated with the
+    NeXtQSM-style VarNet as the susceptibility prior, the VarNet inversion, whole-brain mean reference
+    (docs/neural.md names the data this choice rests on).
+    """
 
     bids_dir: Path | None = None
     output_dir: Path | None = None
@@ -37,25 +112,182 @@ class QsmprepConfig:
     #: uQSM test-time refinement steps of the learned inversion (0: off)
     self_supervised_steps: int = 0
     verbose: int = 0
-    # methods (names are registry keys in qsmprep.qsm.registry)
-    masking: str = "phase"
-    unwrapping: str = "romeo"
-    bgremove: str = "nextqsm"
-    inversion: str = "nextqsm"
-    reference: str = "mean"
+    # methods (registered names of the stage's registry in qsmprep.methods)
+    masking: MaskingMethod = "phase"
+    unwrapping: UnwrappingMethod = "romeo"
+    bgremove: BgremoveMethod = "nextqsm"
+    inversion: InversionMethod = "nextqsm"
+    reference: ReferenceMethod = "mean"
+    r2star_method: R2starMethod = "loglinear"
     r2star: bool = False
     t2star: bool = False
     # reports and group level
     reports_only: bool = False
     segmentation_dir: Path | None = None
-    #: extra keyword parameters per stage, e.g. {"inversion": {"maxit": 50}} (keys: masking, offset,
-    #: unwrapping, b0, bgremove, inversion, reference, r2star)
-    method_params: dict = field(default_factory=dict)
+    #: extra keyword parameters per stage
+    method_params: MethodParams = field(default_factory=MethodParams)
+
+    def __post_init__(self):
+        self.method_params = MethodParams.from_mapping(self.method_params)
+        from qsmprep.methods import STAGES
+
+        for name, stage in self.method_fields().items():
+            setattr(self, name, STAGES[stage].canonical(getattr(self, name)))
+
+    # ----------------------------------------------------------------------------------------------
+    # fields
+
+    @classmethod
+    def method_fields(cls) -> dict[str, str]:
+        """Method field name -> stage key (from the :class:`Stage` annotations)."""
+        hints = typing.get_type_hints(cls, include_extras=True)
+        out = {}
+        for f in fields(cls):
+            for meta in getattr(hints[f.name], "__metadata__", ()):
+                if isinstance(meta, Stage):
+                    out[f.name] = meta.key
+        return out
+
+    def chosen_methods(self) -> dict[str, str]:
+        """Stage key -> registered method name for every stage of a run (fixed stages included)."""
+        out = {stage: getattr(self, name) for name, stage in self.method_fields().items()}
+        out.update({"offset": "mcpc3ds", "b0": "weighted"})
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QsmprepConfig":
+        """A config from ``{field: value}`` (unknown keys: ``ValueError``); values are converted to the
+        field's type (paths to absolute :class:`~pathlib.Path`, numbers, lists, method parameters)."""
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}")
+        kwargs = {k: _convert(hints[k], v) for k, v in data.items()}
+        return cls(**kwargs)
 
     def to_dict(self) -> dict:
-        """JSON-friendly dict (paths as strings) for provenance sidecars."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, Path):
-                out[key] = str(value)
-        return out
+        """JSON-friendly dict (paths as strings) for provenance."""
+        out = dataclasses.asdict(self)
+        out["method_params"] = self.method_params.to_dict()
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+
+    def to_toml(self) -> str:
+        """The settings as a TOML file that ``--config-file`` loads back (None values are left out; the
+        positional arguments, which the command line always gives, are comments)."""
+        import tomli_w
+
+        data = {k: v for k, v in self.to_dict().items() if v is not None and v != {} and v != []}
+        head = "".join(f"# {k} = {data.pop(k)!r}\n" for k in ("bids_dir", "output_dir", "analysis_level") if k in data)
+        return "# qsmprep settings (load with --config-file; the command line overrides them)\n" + head + tomli_w.dumps(data)
+
+    # ----------------------------------------------------------------------------------------------
+    # validation
+
+    def validate(self) -> "QsmprepConfig":
+        """Every check of the settings alone, before any work; :class:`InputError` (one line, exit 64/65).
+
+        Method names against the catalogue, method parameters against each method's parameter set,
+        options that need another option, the device, and the model files of learned methods. The
+        checks against the data are :meth:`check_runs`.
+        """
+        from qsmprep.methods import STAGES
+
+        if self.analysis_level not in ANALYSIS_LEVELS:
+            raise InputError("analysis_level", f"{self.analysis_level!r} is not a level",
+                             f"Use one of {', '.join(ANALYSIS_LEVELS)}", EX_USAGE)
+        if self.device not in DEVICES:
+            raise InputError("--device", f"{self.device!r} is not a device", f"Use one of {', '.join(DEVICES)}",
+                             EX_USAGE)
+        for name, stage in self.method_fields().items():
+            value = getattr(self, name)
+            if value not in STAGES[stage]:
+                option = "--" + name.replace("_", "-")
+                raise InputError(option, f"the method {value!r} is not available (choices: "
+                                 f"{', '.join(STAGES[stage].names())})", f"Pass {option} with one of the choices",
+                                 EX_USAGE)
+        for stage, name in self.chosen_methods().items():
+            try:
+                STAGES[stage].method(name).check_params(self.method_params.for_stage(stage))
+            except ValueError as exc:
+                raise InputError(f"[method_params.{stage}]", str(exc), "Fix the parameter in the config file",
+                                 EX_DATAERR) from None
+        if self.self_supervised_steps and self.inversion != "nextqsm":
+            raise InputError("--self-supervised-steps", f"applies to --inversion nextqsm, not {self.inversion}",
+                             "add --inversion nextqsm or drop the option", EX_USAGE)
+        self._check_device()
+        self._check_models()
+        return self
+
+    def check_runs(self, runs: Sequence[Any]) -> None:
+        """Choices the data cannot support (``runs``: the :class:`~qsmprep.utils.bids.QsmRun` to process)."""
+        for run in runs:
+            if self.reference == "csf" and (len(run.echo_times_s) < 2 or not _has_magnitude(run)):
+                raise InputError(
+                    run.prefix(),
+                    f"--reference csf needs an R2* map, which needs >= 2 echoes with magnitude (this series has "
+                    f"{len(run.echo_times_s)} echo{'es' if len(run.echo_times_s) != 1 else ''}"
+                    f"{'' if _has_magnitude(run) else ' and no magnitude'})",
+                    "Use --reference mean, or select series with several echoes (--bids-filter-file)",
+                    EX_USAGE,
+                )
+
+    def _check_device(self) -> None:
+        if self.device != "cuda":
+            return
+        try:
+            import torch
+
+            ok = bool(torch.cuda.is_available())
+        except Exception:
+            ok = False
+        if not ok:
+            raise InputError(
+                "--device cuda",
+                "no CUDA GPU is available to PyTorch",
+                "Use --device auto or cpu (in a container, expose the GPU: docker run --gpus all / apptainer run --nv)",
+                EX_USAGE,
+            )
+
+    def _check_models(self) -> None:
+        """The model file of every learned method chosen must exist and match its checksum."""
+        from qsmprep.methods import STAGES
+
+        for stage in ("bgremove", "inversion"):
+            method = STAGES[stage].method(getattr(self, stage))
+            if not method.learned:
+                continue
+            from qsmprep.nn.models import ModelFileError, load_model
+
+            params = method.resolve_params(self.method_params.for_stage(stage))
+            try:
+                load_model(params["model"], device="cpu", directory=params.get("model_dir"))
+            except ModelFileError as exc:
+                raise InputError(f"--{stage} {method.name}", str(exc), f"or choose another --{stage} method",
+                                 EX_USAGE) from None
+
+
+def _has_magnitude(run: Any) -> bool:
+    return bool(getattr(run, "magnitude_files", ())) or bool(getattr(run, "real_files", ()))
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    """``value`` as the field type ``tp`` (``X | None``, Path, int, float, bool, list[str], dict)."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        tp = args[0]
+    if tp is Path:
+        return Path(value).expanduser().absolute()
+    if tp is MethodParams:
+        return MethodParams.from_mapping(value)
+    if tp is bool:
+        return bool(value)
+    if tp in (int, float):
+        return tp(value)
+    if typing.get_origin(tp) is list:
+        return list(dict.fromkeys(value)) if not isinstance(value, str) else [value]
+    if tp is dict or typing.get_origin(tp) is dict:
+        return dict(value)
+    return value

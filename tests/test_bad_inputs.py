@@ -21,7 +21,9 @@ import pytest
 
 from qsmprep.cli.run import main
 from qsmprep.utils.bids import QsmRun, collect_runs, load_bids_filters
-from qsmprep.utils.validation import InputError, check_runs
+from qsmprep.utils.errors import InputError
+from qsmprep.utils.validation import check_runs
+from qsmprep.workflows.base import QsmprepWorkflow, new_run_uuid  # the real ones, imported before any stub
 
 N = 16
 TES = (0.004, 0.008, 0.012)
@@ -446,10 +448,9 @@ def _stub_workflow_module(fail: bool = False):
 
     calls = []
 
-    def init_qsmprep_wf(config, runs):
+    def init_qsmprep_wf(config, runs, run_uuid=None):
         calls.append((config, runs))
-        wf = pe.Workflow(name="qsmprep_stub_wf")
-        wf.__desc__ = "Stub methods text."
+        wf = QsmprepWorkflow("qsmprep_stub_wf", base_dir=str(config.work_dir), desc="Stub methods text.")
         node = pe.Node(
             Function(input_names=["out_file", "prefixes", "fail"], output_names=["out"], function=write_prefixes),
             name="write",
@@ -462,12 +463,13 @@ def _stub_workflow_module(fail: bool = False):
 
     mod = types.ModuleType("qsmprep.workflows.base")
     mod.init_qsmprep_wf = init_qsmprep_wf
+    mod.new_run_uuid = new_run_uuid
     mod.calls = calls
     return mod
 
 
 def _masking_arg() -> list[str]:
-    from qsmprep.cli.parser import method_choices
+    from qsmprep.methods import names as method_choices
 
     return ["--masking", method_choices("masking")[0]]
 

@@ -36,7 +36,6 @@ from qsmprep import __version__
 from qsmprep.cli.run import main
 from qsmprep.config import QsmprepConfig
 from qsmprep.qsm.metrics import dgm_slope, nrmse
-from qsmprep.utils.boilerplate import canonical_method
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +97,8 @@ def _expected_outputs() -> set[str]:
     """Every file of OUTPUT_DIR after the run (the run uuid of the log folders as ``<run_uuid>``)."""
     names = {".bidsignore", "README", "dataset_description.json", "logs/CITATION.md", "logs/CITATION.bib"}
     for sub in ("sub-1", "sub-2"):
-        names |= {f"{sub}/log/<run_uuid>/qsmprep.json", f"{sub}.html"}  # settings; HTML report
+        names |= {f"{sub}/log/<run_uuid>/qsmprep.json", f"{sub}/log/<run_uuid>/qsmprep.toml",
+                  f"{sub}.html"}  # run record; loadable settings; HTML report
     for prefix, rel in RUNS.items():
         for suffix in MAPS:
             names |= {f"{rel}/{prefix}_{suffix}.nii.gz", f"{rel}/{prefix}_{suffix}.json"}
@@ -336,11 +336,11 @@ def test_sidecars_and_dataset_description(app, dataset):
 
     defaults = QsmprepConfig()
     methods = {
-        "Masking": canonical_method("masking", defaults.masking),
-        "Unwrapping": canonical_method("unwrapping", defaults.unwrapping),
-        "BackgroundFieldRemoval": canonical_method("bgremove", defaults.bgremove),
-        "DipoleInversion": canonical_method("inversion", defaults.inversion),
-        "Referencing": canonical_method("reference", defaults.reference),
+        "Masking": defaults.masking,
+        "Unwrapping": defaults.unwrapping,
+        "BackgroundFieldRemoval": defaults.bgremove,
+        "DipoleInversion": defaults.inversion,
+        "Referencing": defaults.reference,
     }
     import numpy
 

@@ -11,11 +11,12 @@ import sys
 import pytest
 
 from qsmprep import __version__
-from qsmprep.cli.parser import method_choices, parse_mem_gb
-from qsmprep.cli.run import main, parse_config
+from qsmprep.cli.parser import parse_config, parse_mem_gb
+from qsmprep.cli.run import main
 from qsmprep.config import QsmprepConfig
 from qsmprep.qsm import registry
-from qsmprep.utils.validation import InputError
+from qsmprep.methods import names as method_choices
+from qsmprep.utils.errors import InputError
 
 
 def _one_error_line(err: str) -> str:
@@ -272,3 +273,42 @@ def test_demo_rejects_foreign_folder(tmp_path, capsys):
     assert "was not written by qsmprep-simulate" in capsys.readouterr().err
     assert demo_main([]) == 64
     assert demo_main(["--help"]) == 0
+
+
+def test_saved_settings_load_back_with_config_file(tmp_path):
+    """``QsmprepConfig.to_toml`` (written per run as log/<run_uuid>/qsmprep.toml) is a valid --config-file
+    that gives the same config back."""
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: MultiProc\nplugin_args:\n  n_procs: 3\n  maxtasksperchild: 1\n")
+    pos = [str(tmp_path / "bids"), str(tmp_path / "out"), "participant"]
+    toml = tmp_path / "m.toml"
+    toml.write_text('[method_params.bgremove]\nradii_mm = [8, 6, 4]\n[bids_filters.megre]\nacquisition = "qsm"\n')
+    cfg = parse_config(pos + ["--participant-label", "01", "--bgremove", "V-SHARP", "--inversion", "tv", "--r2star",
+                              "--r2star-method", "arlo", "--mem", "6G", "--use-plugin", str(plugin), "-w",
+                              str(tmp_path / "w"), "--self-supervised-steps", "0", "--config-file", str(toml),
+                              "--segmentation-dir", str(tmp_path / "seg")])
+    assert cfg.bgremove == "vsharp" and cfg.r2star_method == "arlo" and cfg.method_params.bgremove == {"radii_mm": [8, 6, 4]}
+    saved = tmp_path / "saved.toml"
+    saved.write_text(cfg.to_toml())
+    again = parse_config(pos + ["--config-file", str(saved)])
+    assert again == cfg
+    assert QsmprepConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "table,code,needle",
+    [
+        ("[method_params.bgremove]\nradius_mm = 8", 65, "has no parameter 'radius_mm' (valid: radii_mm, threshold)"),
+        ("[method_params.inversion]\nmaxit = \"ten\"", 65, "maxit = 'ten' should be a number"),
+        ("[method_params.bgremoval]\nradii_mm = 8", 65, "expected tables named after stages"),
+    ],
+)
+def test_method_parameters_are_checked_before_any_work(tmp_path, capsys, table, code, needle):
+    toml = tmp_path / "c.toml"
+    toml.write_text(table + "\n")
+    out = tmp_path / "out"
+    rc = main([str(tmp_path / "bids"), str(out), "participant", "--bgremove", "vsharp", "--inversion", "rts",
+               "--config-file", str(toml)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == code and needle in line, line
+    assert not out.exists()

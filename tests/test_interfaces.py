@@ -99,14 +99,15 @@ def chain(sim, files, tmp_path_factory):
     msk = run("mask", Mask(phase=off.phase_corrected, magnitude=load.magnitude, echo_times=load.echo_times,
                            voxel_size=load.voxel_size, method="phase-quality", num_threads=1))
     unw = run("unwrap", Unwrap(phase=off.phase_corrected, magnitude=load.magnitude, mask=msk.mask_file,
-                               echo_times=load.echo_times, voxel_size=load.voxel_size))
+                               echo_times=load.echo_times, voxel_size=load.voxel_size, method="romeo"))
     b0 = run("b0", FitB0(unwrapped=unw.unwrapped, magnitude=load.magnitude, mask=msk.mask_file,
                          echo_times=load.echo_times, field_strength=B0_T))
     bg = run("bgremove", BackgroundRemoval(total_field=b0.total_field_ppm, mask=msk.mask_file,
                                            voxel_size=load.voxel_size, b0_dir=load.b0_dir, method="vsharp"))
     inv = run("inversion", DipoleInversion(local_field=bg.local_field, mask=bg.mask_out, voxel_size=load.voxel_size,
                                            b0_dir=load.b0_dir, method="tkd", method_params={"delta": 0.2}))
-    run("r2star", R2Star(magnitude=load.magnitude, echo_times=load.echo_times, mask=msk.mask_file))
+    run("r2star", R2Star(magnitude=load.magnitude, echo_times=load.echo_times, mask=msk.mask_file,
+                         method="loglinear"))
     run("reference", Reference(chi=inv.chi, mask=bg.mask_out, method="mean"))
     return SimpleNamespace(**out)
 
@@ -249,7 +250,7 @@ def test_interfaces_report_methods_and_parameters(chain):
     ref = chain.reference.params
     assert ref["Method"] == "mean" and ref["ReferenceRegion"].startswith("whole-brain")
     assert np.isfinite(ref["ReferenceOffsetPPM"])
-    assert chain.r2star.params["Parameters"]["method"] == "loglinear"
+    assert chain.r2star.params["Method"] == "loglinear" and "max_r2star_hz" in chain.r2star.params["Parameters"]
     for name in ("load", "offset", "mask", "unwrap", "b0", "bgremove", "inversion", "r2star", "reference"):
         json.dumps(getattr(chain, name).params, allow_nan=False)
 
@@ -337,7 +338,6 @@ def test_dataset_description_container_and_uris(tmp_path):
     from qsmprep.utils.derivatives import (
         bids_uri,
         container_info,
-        derivative_path,
         run_sources,
         write_bidsignore,
         write_derivative_description,
@@ -368,8 +368,11 @@ def test_dataset_description_container_and_uris(tmp_path):
     run = SimpleNamespace(subject="01", session="2", acquisition="qsm", run=None,
                           magnitude_files=(raw / "sub-01/ses-2/anat/m1.nii.gz",),
                           phase_files=(raw / "sub-01/ses-2/anat/p1.nii.gz",), real_files=(), imag_files=())
-    assert derivative_path(out, run, "mask", desc="brain") == out / "sub-01/ses-2/anat/sub-01_ses-2_acq-qsm_desc-brain_mask.nii.gz"
-    assert derivative_path(out, run, "mask", label="CSF").name == "sub-01_ses-2_acq-qsm_label-CSF_mask.nii.gz"
+    from qsmprep.outputs import output
+
+    run.prefix = lambda: "sub-01_ses-2_acq-qsm"
+    assert output("brain_mask").path(out, run) == out / "sub-01/ses-2/anat/sub-01_ses-2_acq-qsm_desc-brain_mask.nii.gz"
+    assert output("reference_mask").path(out, run).name == "sub-01_ses-2_acq-qsm_label-CSF_mask.nii.gz"
     assert run_sources(run, raw) == ["bids:raw:sub-01/ses-2/anat/m1.nii.gz", "bids:raw:sub-01/ses-2/anat/p1.nii.gz"]
     assert bids_uri(tmp_path / "x.nii", raw).startswith("file://")
     ignore = write_bidsignore(out).read_text().splitlines()
@@ -378,7 +381,8 @@ def test_dataset_description_container_and_uris(tmp_path):
 
 def test_boilerplate_names_the_methods_run_and_cites_them():
     from qsmprep.config import QsmprepConfig
-    from qsmprep.utils.boilerplate import build_boilerplate, canonical_method
+    from qsmprep.methods import STAGES
+    from qsmprep.utils.boilerplate import build_boilerplate
 
     text = build_boilerplate(QsmprepConfig(masking="phase-quality", bgremove="pdf", inversion="tv",
                                            reference="csf"))
@@ -392,4 +396,4 @@ def test_boilerplate_names_the_methods_run_and_cites_them():
     default = build_boilerplate(QsmprepConfig())  # the learned chain (PDF + VarNet prior, VarNet)
     assert "projection onto dipole fields" in default and "variational network" in default
     assert "10.1002/nbm.1670" in default and "V-SHARP" not in default
-    assert canonical_method("masking", "Phase-Quality") == "phase" and canonical_method("inversion", "rts") == "rts"
+    assert STAGES["masking"].canonical("Phase-Quality") == "phase" and STAGES["inversion"].canonical("rts") == "rts"

@@ -11,25 +11,24 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qsmprep.cli.parser import method_choices  # noqa: E402
+from qsmprep.methods import names as method_choices  # noqa: E402
 from qsmprep.cli.run import main  # noqa: E402
 from qsmprep.interfaces.qsm import BackgroundRemoval, DipoleInversion  # noqa: E402
 from qsmprep.nn.models import save_model  # noqa: E402
 from qsmprep.nn.unet import UNet3d  # noqa: E402
 from qsmprep.qsm.geometry import forward_field_ppm  # noqa: E402
-from qsmprep.utils.boilerplate import method_label, method_references  # noqa: E402
+from qsmprep.methods import method_label, method_references  # noqa: E402
 
 
 def test_learned_methods_are_cli_choices_with_references():
     import inspect
 
-    import qsmprep.nn  # noqa: F401
-    from qsmprep.cli.parser import LEARNED_METHODS
-    from qsmprep.qsm.registry import BGREMOVE, INVERSION
+    from qsmprep.methods import STAGES
 
-    for stage, reg in (("bgremove", BGREMOVE), ("inversion", INVERSION)):
+    for stage in ("bgremove", "inversion"):  # learned <=> the function loads a model
+        reg = STAGES[stage]
         learned = [n for n in reg.names() if "model" in inspect.signature(reg.get(n)).parameters]
-        assert sorted(learned) == sorted(LEARNED_METHODS[stage])
+        assert sorted(learned) == sorted(n for n in reg.names() if reg.method(n).learned)
     assert {"deepqsm", "nextqsm"} <= set(method_choices("inversion"))
     assert "nextqsm" in method_choices("bgremove")
     assert "vsharp" in method_choices("bgremove") and "rts" in method_choices("inversion")
@@ -165,7 +164,7 @@ def test_bids_app_with_the_shipped_varnet_records_the_model(tmp_path):
 
 
 def test_self_supervised_steps_option(tmp_path, capsys):
-    from qsmprep.cli.run import parse_config
+    from qsmprep.cli.parser import parse_config
     from qsmprep.workflows.qsm import _inversion_params
 
     bids = tmp_path / "bids"

@@ -22,7 +22,8 @@ from urllib.parse import unquote
 import numpy as np
 import pytest
 
-from qsmprep.cli.run import main, parse_config
+from qsmprep.cli.parser import parse_config
+from qsmprep.cli.run import main
 from qsmprep.reports import generate_reports
 from qsmprep.reports.html import markdown_to_html
 

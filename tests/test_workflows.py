@@ -12,9 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from qsmprep.cli.run import write_dataset_files
 from qsmprep.config import QsmprepConfig
 from qsmprep.qsm.metrics import nrmse
 from qsmprep.utils.bids import collect_runs
+from qsmprep.utils.errors import InputError
 from qsmprep.workflows.base import init_qsmprep_wf, init_single_subject_wf
 from qsmprep.workflows.qsm import init_qsm_wf, run_workflow_name
 
@@ -67,7 +69,7 @@ def test_graph_structure_names_and_crash_dirs(dataset):
     prefix = "sub_01_wf.qsm_ses_1_acq_qsm_wf."
     assert {prefix + n for n in CORE_NODES} <= set(nodes)
     sinks = {k.rsplit(".", 1)[1] for k in nodes if ".ds_qsm_wf.ds_" in k}
-    assert sinks == {"ds_chimap", "ds_mask", "ds_total_fieldmap", "ds_local_fieldmap"}
+    assert sinks == {"ds_chimap", "ds_brain_mask", "ds_total_fieldmap", "ds_local_fieldmap"}
     assert prefix + "r2star" not in nodes  # not asked for
     crash = cfg.output_dir / "sub-01" / "log" / "20260101-000000_test"
     for node in nodes.values():
@@ -77,14 +79,17 @@ def test_graph_structure_names_and_crash_dirs(dataset):
     assert nodes[prefix + "brain_mask"].inputs.method == "phase"  # config alias resolved
     out = nodes[prefix + "ds_qsm_wf.ds_chimap"].inputs.out_file
     assert out == str(cfg.output_dir / "sub-01/ses-1/anat/sub-01_ses-1_acq-qsm_Chimap.nii.gz")
-    # dataset-level files are written when the workflow is built
+    # building writes nothing; the CLI writes the dataset-level files once
+    assert not cfg.output_dir.exists() and not cfg.work_dir.exists()
+    write_dataset_files(cfg, [run], "20260101-000000_test", wf.visit_desc())
     desc = json.loads((cfg.output_dir / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qsmprep"
     assert (cfg.output_dir / "logs" / "CITATION.md").read_text() == wf.visit_desc()
     assert "ROMEO" in wf.visit_desc() and "projection onto dipole fields" in wf.visit_desc()
     assert "variational network" in wf.visit_desc()
     settings = json.loads((crash / "qsmprep.json").read_text())
-    assert settings["series"] == ["sub-01_ses-1_acq-qsm"] and settings["masking"] == "phase-quality"
+    assert settings["series"] == ["sub-01_ses-1_acq-qsm"] and settings["masking"] == "phase"
+    assert (crash / "qsmprep.toml").read_text() == cfg.to_toml()
 
 
 def test_graph_options_r2star_csf_and_single_echo(dataset, tmp_path):
@@ -103,8 +108,8 @@ def test_graph_options_r2star_csf_and_single_echo(dataset, tmp_path):
 
     single = dataclasses.replace(run, magnitude_files=run.magnitude_files[:1], phase_files=run.phase_files[:1],
                                  echo_times_s=run.echo_times_s[:1])
-    with pytest.raises(ValueError, match="at least 2 echoes"):
-        init_qsm_wf(single, cfg)
+    with pytest.raises(InputError, match=">= 2 echoes"):  # refused before any work
+        cfg.check_runs([single])
     wf1 = init_qsm_wf(single, QsmprepConfig(r2star=True))  # R2* impossible: skipped, no sinks without output
     names = {n.name for n in wf1._graph.nodes()}
     assert "r2star" not in names and "ds_qsm_wf" not in names
@@ -139,7 +144,9 @@ def test_workflow_names_and_subject_grouping(dataset, tmp_path):
 def test_end_to_end_outputs_accuracy_and_resume(dataset):
     root, run, sim = dataset
     cfg = _config(root, "e2e", r2star=True)
-    init_qsmprep_wf(cfg, [run]).run(plugin="Linear")
+    wf = init_qsmprep_wf(cfg, [run], run_uuid="20260101-000000_e2e")
+    write_dataset_files(cfg, [run], "20260101-000000_e2e", wf.visit_desc())
+    wf.run(plugin="Linear")
 
     anat = cfg.output_dir / "sub-01" / "ses-1" / "anat"
     stem = "sub-01_ses-1_acq-qsm_"

@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["main"]
+from qsmprep.utils.errors import EX_USAGE
 
-EX_USAGE = 64
+__all__ = ["main"]
 
 
 def _is_simulated(bids: Path) -> bool:

@@ -1,46 +1,33 @@
-"""Command-line parser of the ``qsmprep`` BIDS App.
+"""Command line and config file of the ``qsmprep`` BIDS App, turned into a :class:`~qsmprep.config.QsmprepConfig`.
 
 ``qsmprep BIDS_DIR OUTPUT_DIR {participant,group} [options]`` (BIDS Apps 1.0). Options accept both
-dash and underscore spellings. Every option has the default ``argparse.SUPPRESS`` so that the
-namespace holds only what was typed: :mod:`qsmprep.cli.run` layers defaults
-(:class:`~qsmprep.config.QsmprepConfig`) < ``--config-file`` (TOML) < command line. Usage errors exit
-with status 64 (``EX_USAGE``) and one line on stderr.
+dash and underscore spellings; each option's ``dest`` is the name of a config field. Every option has
+the default ``argparse.SUPPRESS`` so that the namespace holds only what was typed:
+:func:`parse_config` layers defaults (:class:`~qsmprep.config.QsmprepConfig`) < ``--config-file``
+(TOML) < command line. Usage errors exit with status 64 (``EX_USAGE``) and one line on stderr.
 
-The method choices come from the algorithm registries (:mod:`qsmprep.qsm.registry`), which fill when
-their modules are imported; that happens in :func:`build_parser`, not at import of this module.
+The method options (``--masking``, ``--bgremove``, ...) are made from the config's method fields, with
+the names of the method catalogue (:mod:`qsmprep.methods`, which imports no PyTorch) as choices.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import re
-import sys
+import tomllib
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Sequence
 
 from qsmprep.__about__ import __version__
-from qsmprep.config import QsmprepConfig
+from qsmprep.config import DEVICES, MethodParams, QsmprepConfig
+from qsmprep.methods import STAGES
+from qsmprep.utils.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, InputError
 
-__all__ = ["Flag", "build_parser", "method_choices", "parse_mem_gb", "EX_USAGE", "METHOD_STAGES"]
+__all__ = ["Flag", "build_parser", "parse_config", "load_config_file", "load_plugin_file", "parse_mem_gb"]
 
-EX_USAGE = 64
-
-#: option dest -> (registry attribute in qsmprep.qsm.registry, module that registers it, fallback names)
-METHOD_STAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "masking": ("MASKING", "qsmprep.qsm.masking", ("phase", "magnitude", "robust")),
-    "unwrapping": ("UNWRAP", "qsmprep.qsm.unwrap", ("romeo", "laplacian")),
-    "bgremove": ("BGREMOVE", "qsmprep.qsm.bgremove", ("vsharp", "sharp", "pdf", "ismv", "lbv")),
-    "inversion": ("INVERSION", "qsmprep.qsm.inversion", ("rts", "tkd", "tsvd", "tikhonov", "tv")),
-    "reference": ("REFERENCE", "qsmprep.qsm.reference", ("mean", "csf", "none")),
-}
-
-#: learned methods (registered by :mod:`qsmprep.nn`, which imports PyTorch: listed here so that
-#: ``--help`` stays quick; a test checks the list against the registries)
-LEARNED_METHODS: dict[str, tuple[str, ...]] = {"bgremove": ("nextqsm", "nextqsm-unet"), "inversion": ("deepqsm", "nextqsm")}
-
-#: values of ``--reference`` that the workflow handles itself (no registry entry needed)
-REFERENCE_EXTRA = ("none",)
+#: keys given on the command line only (positional); ignored in a config file
+_POSITIONAL = ("bids_dir", "output_dir", "analysis_level")
 
 
 def _non_negative_int(text: str) -> int:
@@ -51,25 +38,6 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
-
-
-def method_choices(stage: str) -> list[str]:
-    """Registered names of a pipeline stage (importing its module), or built-in names if none are.
-
-    ``--reference`` always offers ``none`` (no referencing).
-    """
-    attr, module, fallback = METHOD_STAGES[stage]
-    try:
-        importlib.import_module(module)
-    except Exception:  # a missing or broken algorithm module must not break the CLI
-        pass
-    from qsmprep.qsm import registry
-
-    names = list(getattr(registry, attr).names()) or list(fallback)
-    names += [n for n in LEARNED_METHODS.get(stage, ()) if n not in names]
-    if stage == "reference":
-        names += [n for n in REFERENCE_EXTRA if n not in names]
-    return names
 
 
 class QsmprepArgumentParser(argparse.ArgumentParser):
@@ -226,21 +194,14 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
     )
 
     g = p.add_argument_group("Methods")
-    g.add_argument(
-        "--masking", choices=method_choices("masking"), help=f"brain-masking method (default: {d.masking})"
-    )
-    g.add_argument(
-        "--unwrapping", choices=method_choices("unwrapping"), help=f"phase-unwrapping method (default: {d.unwrapping})"
-    )
-    g.add_argument(
-        "--bgremove", choices=method_choices("bgremove"), help=f"background-field removal (default: {d.bgremove})"
-    )
-    g.add_argument("--inversion", choices=method_choices("inversion"), help=f"dipole inversion (default: {d.inversion})")
-    g.add_argument(
-        "--reference",
-        choices=method_choices("reference"),
-        help=f"susceptibility reference: mean of the brain, CSF, or none (default: {d.reference})",
-    )
+    for name, stage in QsmprepConfig.method_fields().items():
+        registry = STAGES[stage]
+        option = "--" + name.replace("_", "-")
+        g.add_argument(
+            option, *([f"--{name}"] if "_" in name else []), dest=name, choices=registry.names(),
+            type=registry.canonical, metavar="{" + ",".join(registry.names()) + "}",
+            help=f"{registry.title} method (default: {getattr(d, name)})",
+        )
     g.add_argument(
         "--r2star",
         action=Flag,
@@ -253,7 +214,7 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
     )
     g.add_argument(
         "--device",
-        choices=["auto", "cuda", "cpu"],
+        choices=list(DEVICES),
         help=f"device of the neural-network steps: auto uses a CUDA GPU when present (default: {d.device})",
     )
     g.add_argument(
@@ -360,13 +321,182 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
     return p
 
 
-def main(argv=None) -> int:  # pragma: no cover - convenience for `python -m qsmprep.cli.parser`
+# --------------------------------------------------------------------------------------------------
+# config file and settings
+# --------------------------------------------------------------------------------------------------
+
+
+def _bad_value(path: Path, key: str, value, problem: str) -> InputError:
+    return InputError(path, f"{key} = {value!r}: {problem}", "Fix this value in the config file", EX_DATAERR)
+
+
+def _coerce(action: argparse.Action, value, path: Path, key: str):
+    """Convert one config-file value like argparse would convert the option's text."""
+    if isinstance(action, (Flag, argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        if not isinstance(value, bool):
+            raise _bad_value(path, key, value, "expected true or false")
+        return value
+    if isinstance(action, argparse._CountAction):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _bad_value(path, key, value, "expected a non-negative integer")
+        return value
+    multi = action.nargs in ("+", "*")
+    if isinstance(value, list) and not multi:
+        raise _bad_value(path, key, value, "expected a single value")
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise _bad_value(path, key, value, "expected at least one value")
+    out = []
+    for item in items:
+        if isinstance(item, (bool, dict, list)):
+            raise _bad_value(path, key, value, "expected a string or a number")
+        if action.type is not None:
+            try:
+                item = action.type(str(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+                raise _bad_value(path, key, value, str(exc)) from None
+        else:
+            item = str(item)
+        if action.choices is not None and item not in action.choices:
+            raise _bad_value(path, key, value, f"choose one of {', '.join(map(str, action.choices))}")
+        if isinstance(item, Path) and not item.is_absolute():
+            item = path.parent / item  # relative paths are relative to the config file
+        out.append(item)
+    return out if multi else out[0]
+
+
+def load_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
+    """Option values (by dest) from a TOML config file.
+
+    Keys are long option names with dashes or underscores (``nprocs``, ``work-dir``, ``unwrapping``,
+    ``participant_label = ["01"]``, ``mem = "16G"``), optionally inside a ``[qsmprep]`` table; also
+    ``plugin`` / ``plugin_args`` (Nipype) and ``bids_filters`` (as in a filter file). Relative paths
+    are relative to the config file. Missing file: exit 66; bad TOML, unknown keys or values: 65.
+    """
+    from qsmprep.utils.bids import check_filters
+
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise InputError(path, "config file not found", "Check the path given to --config-file", EX_NOINPUT)
     try:
-        print(build_parser().parse_args(argv))
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InputError(path, f"is not valid TOML ({exc})", "Fix the TOML syntax of the config file") from None
+    if set(data) == {"qsmprep"} and isinstance(data["qsmprep"], dict):
+        data = data["qsmprep"]
+    actions: dict[str, argparse.Action] = {}
+    for a in parser._actions:
+        if not a.option_strings or a.dest in ("help", "version", "config_file"):
+            continue
+        actions[a.dest] = a
+        for s in a.option_strings:
+            if s.startswith("--"):
+                actions[s[2:].replace("-", "_")] = a
+    out: dict = {}
+    for key, value in data.items():
+        k = str(key).replace("-", "_")
+        if k in _POSITIONAL:
+            continue  # the positional arguments are always given on the command line, which wins
+        if k == "plugin":
+            if not isinstance(value, str):
+                raise _bad_value(path, key, value, "expected a Nipype plugin name such as \"MultiProc\"")
+            out["plugin"] = value
+        elif k == "plugin_args":
+            if not isinstance(value, dict):
+                raise _bad_value(path, key, value, "expected a table")
+            out["plugin_args"] = dict(value)
+        elif k == "bids_filters":
+            out["bids_filters"] = check_filters(value, path)
+        elif k == "method_params":
+            try:
+                if not isinstance(value, dict):
+                    raise ValueError(f"expected tables named after stages ({', '.join(MethodParams.stages())})")
+                out["method_params"] = MethodParams.from_mapping(value)
+            except ValueError as exc:
+                raise _bad_value(path, key, value, str(exc)) from None
+        elif k in actions:
+            out[actions[k].dest] = _coerce(actions[k], value, path, str(key))
+        else:
+            raise InputError(
+                path,
+                f"unknown option {key!r}",
+                "Use the long option names of qsmprep --help without dashes (e.g. nprocs, work_dir, unwrapping)",
+                EX_DATAERR,
+            )
+    return out
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+def load_plugin_file(path: Path) -> tuple[str, dict]:
+    """``(plugin, plugin_args)`` from a Nipype plugin YAML (``plugin: MultiProc`` + ``plugin_args:``)."""
+    import yaml
+
+    path = Path(path).expanduser().absolute()
+    if not path.is_file():
+        raise InputError(path, "Nipype plugin file not found", "Check the path given to --use-plugin", EX_NOINPUT)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        msg = " ".join(str(exc).split())
+        raise InputError(path, f"is not valid YAML ({msg})", "Fix the YAML syntax of the plugin file") from None
+    example = "Write e.g. 'plugin: MultiProc' and 'plugin_args: {n_procs: 8, memory_gb: 16}'"
+    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
+        raise InputError(path, "a Nipype plugin file needs a 'plugin:' name", example)
+    args = data.get("plugin_args") or {}
+    if not isinstance(args, dict):
+        raise InputError(path, "'plugin_args:' must be a mapping", example)
+    unknown = sorted(set(data) - {"plugin", "plugin_args"})
+    if unknown:
+        raise InputError(path, f"unknown key(s) {', '.join(map(str, unknown))}", example)
+    return data["plugin"], dict(args)
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> QsmprepConfig:
+    """Parse the command line and the optional config file into a :class:`QsmprepConfig`.
+
+    Raises ``SystemExit`` (status 64 on usage errors, 0 for ``--help``/``--version``) and
+    :class:`InputError` for config, filter and plugin file problems. The config is not validated yet
+    (:meth:`QsmprepConfig.validate`).
+    """
+    parser = build_parser()
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    given = vars(args)
+    merged = dict(load_config_file(given["config_file"], parser)) if "config_file" in given else {}
+    if "bids_filter_file" in given:
+        merged.pop("bids_filters", None)  # a filter file on the command line beats config-file filters
+    if "use_plugin" in given:
+        merged.pop("plugin", None)
+        merged.pop("plugin_args", None)
+    merged.update(given)
+    merged.pop("config_file", None)
+
+    merged.setdefault("work_dir", Path("work"))
+    if "bids_filter_file" in merged:
+        from qsmprep.utils.bids import load_bids_filters
+
+        merged["bids_filters"] = load_bids_filters(Path(merged.pop("bids_filter_file")).absolute())
+    plugin, plugin_args = merged.get("plugin"), dict(merged.get("plugin_args", {}))
+    if "use_plugin" in merged:
+        plugin, plugin_args = load_plugin_file(merged.pop("use_plugin"))
+    nprocs = merged.get("nprocs")
+    if nprocs is None:
+        nprocs = plugin_args.get("n_procs") or plugin_args.get("nprocs") or _cpu_count()
+    nprocs = int(nprocs)
+    merged["omp_nthreads"] = int(merged.get("omp_nthreads") or min(nprocs, 8))
+    mem = merged.get("mem_gb", plugin_args.get("memory_gb"))
+    if plugin is None:
+        plugin = "Linear" if nprocs == 1 else "MultiProc"
+    if plugin == "MultiProc":
+        if "nprocs" in merged or "n_procs" not in plugin_args:
+            plugin_args["n_procs"] = nprocs
+        if mem is not None and ("mem_gb" in merged or "memory_gb" not in plugin_args):
+            plugin_args["memory_gb"] = mem
+        plugin_args.setdefault("raise_insufficient", False)
+    merged.update(nprocs=nprocs, mem_gb=mem, plugin=plugin, plugin_args=plugin_args)
+    return QsmprepConfig.from_dict(merged)

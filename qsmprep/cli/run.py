@@ -2,14 +2,16 @@
 
 Order of work (nothing is written before every input check has passed):
 
-1. parse the command line (usage errors: exit 64);
-2. layer defaults < ``--config-file`` (TOML) < command line into a :class:`~qsmprep.config.QsmprepConfig`;
-3. check paths, discover the QSM series (:func:`qsmprep.utils.bids.collect_runs`), check headers and
-   phase data (:mod:`qsmprep.utils.validation`), then run ``bids-validator-deno`` unless
-   ``--skip-bids-validation`` (input errors: exit 65 invalid data, 66 missing input);
-4. build ``qsmprep.workflows.base.init_qsmprep_wf(config, runs)`` and run it with the Nipype plugin
-   (a failed node: exit 1);
-5. write the HTML report of each processed participant (``OUTPUT_DIR/sub-<label>.html``), also after a
+1. parse the command line and ``--config-file`` into a :class:`~qsmprep.config.QsmprepConfig`
+   (:func:`qsmprep.cli.parser.parse_config`; usage errors: exit 64) and validate the settings
+   (:meth:`~qsmprep.config.QsmprepConfig.validate`: methods, method parameters, device, model files);
+2. check paths, discover the QSM series (:func:`qsmprep.utils.bids.collect_runs`), check headers and
+   phase data (:mod:`qsmprep.utils.validation`), check the settings against the data, then run
+   ``bids-validator-deno`` unless ``--skip-bids-validation`` (input errors: exit 65 invalid data, 66
+   missing input);
+3. build ``qsmprep.workflows.base.init_qsmprep_wf(config, runs)``, write the dataset-level files once
+   (:func:`write_dataset_files`) and run the workflow with the Nipype plugin (a failed node: exit 1);
+4. write the HTML report of each processed participant (``OUTPUT_DIR/sub-<label>.html``), also after a
    failure (its Errors section lists the crash files).
 
 ``--reports-only`` does step 5 alone from the existing outputs. The ``group`` level tabulates the QC
@@ -21,41 +23,25 @@ Every error is one line on stderr: ``qsmprep: error: <file>: <problem>. <fix>``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
-import tomllib
 import traceback
-from pathlib import Path
 from typing import Sequence
 
-from qsmprep.__about__ import __version__
+from qsmprep.cli.parser import parse_config
 from qsmprep.config import QsmprepConfig
+from qsmprep.utils.errors import EX_DATAERR, EX_FAILURE, EX_NOINPUT, EX_OK, EX_USAGE, InputError
 from qsmprep.utils.plugins import make_plugin
-from qsmprep.utils.validation import (
-    EX_DATAERR,
-    EX_FAILURE,
-    EX_NOINPUT,
-    EX_OK,
-    EX_USAGE,
-    InputError,
-)
 
-__all__ = ["main", "parse_config", "load_config_file", "load_plugin_file", "IMPORTANT"]
+__all__ = ["main", "validate_inputs", "write_dataset_files", "IMPORTANT"]
 
 LOGGER = logging.getLogger("qsmprep")
 #: log level of the few progress lines printed by default (between INFO and WARNING, as in fMRIPrep)
 IMPORTANT = 25
 logging.addLevelName(IMPORTANT, "IMPORTANT")
 
-#: config-file keys that have no command-line option
-_TOML_ONLY = ("plugin", "plugin_args", "bids_filters", "method_params")
-#: stages that accept extra parameters in a config file's [method_params.<stage>] table
-_PARAM_STAGES = ("masking", "offset", "unwrapping", "b0", "bgremove", "inversion", "reference", "r2star")
-#: keys given on the command line only (positional); ignored in a config file
-_POSITIONAL = ("bids_dir", "output_dir", "analysis_level")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,224 +73,6 @@ def _setup_logging(verbose: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------------
-
-
-def _bad_value(path: Path, key: str, value, problem: str) -> InputError:
-    return InputError(path, f"{key} = {value!r}: {problem}", "Fix this value in the config file", EX_DATAERR)
-
-
-def _coerce(action: argparse.Action, value, path: Path, key: str):
-    """Convert one config-file value like argparse would convert the option's text."""
-    from qsmprep.cli.parser import Flag
-
-    if isinstance(action, (Flag, argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
-        if not isinstance(value, bool):
-            raise _bad_value(path, key, value, "expected true or false")
-        return value
-    if isinstance(action, argparse._CountAction):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _bad_value(path, key, value, "expected a non-negative integer")
-        return value
-    multi = action.nargs in ("+", "*")
-    if isinstance(value, list) and not multi:
-        raise _bad_value(path, key, value, "expected a single value")
-    items = value if isinstance(value, list) else [value]
-    if not items:
-        raise _bad_value(path, key, value, "expected at least one value")
-    out = []
-    for item in items:
-        if isinstance(item, (bool, dict, list)):
-            raise _bad_value(path, key, value, "expected a string or a number")
-        if action.type is not None:
-            try:
-                item = action.type(str(item))
-            except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
-                raise _bad_value(path, key, value, str(exc)) from None
-        else:
-            item = str(item)
-        if action.choices is not None and item not in action.choices:
-            raise _bad_value(path, key, value, f"choose one of {', '.join(map(str, action.choices))}")
-        if isinstance(item, Path) and not item.is_absolute():
-            item = path.parent / item  # relative paths are relative to the config file
-        out.append(item)
-    return out if multi else out[0]
-
-
-def load_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
-    """Option values (by dest) from a TOML config file.
-
-    Keys are long option names with dashes or underscores (``nprocs``, ``work-dir``, ``unwrapping``,
-    ``participant_label = ["01"]``, ``mem = "16G"``), optionally inside a ``[qsmprep]`` table; also
-    ``plugin`` / ``plugin_args`` (Nipype) and ``bids_filters`` (as in a filter file). Relative paths
-    are relative to the config file. Missing file: exit 66; bad TOML, unknown keys or values: 65.
-    """
-    from qsmprep.utils.bids import _check_filters
-
-    path = Path(path).expanduser().absolute()
-    if not path.is_file():
-        raise InputError(path, "config file not found", "Check the path given to --config-file", EX_NOINPUT)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise InputError(path, f"is not valid TOML ({exc})", "Fix the TOML syntax of the config file") from None
-    if set(data) == {"qsmprep"} and isinstance(data["qsmprep"], dict):
-        data = data["qsmprep"]
-    actions: dict[str, argparse.Action] = {}
-    for a in parser._actions:
-        if not a.option_strings or a.dest in ("help", "version", "config_file"):
-            continue
-        actions[a.dest] = a
-        for s in a.option_strings:
-            if s.startswith("--"):
-                actions[s[2:].replace("-", "_")] = a
-    out: dict = {}
-    for key, value in data.items():
-        k = str(key).replace("-", "_")
-        if k in _POSITIONAL:
-            continue  # the positional arguments are always given on the command line, which wins
-        if k == "plugin":
-            if not isinstance(value, str):
-                raise _bad_value(path, key, value, "expected a Nipype plugin name such as \"MultiProc\"")
-            out["plugin"] = value
-        elif k == "plugin_args":
-            if not isinstance(value, dict):
-                raise _bad_value(path, key, value, "expected a table")
-            out["plugin_args"] = dict(value)
-        elif k == "bids_filters":
-            out["bids_filters"] = _check_filters(value, path)
-        elif k == "method_params":
-            if not isinstance(value, dict) or not all(
-                s in _PARAM_STAGES and isinstance(v, dict) for s, v in value.items()
-            ):
-                raise _bad_value(
-                    path, key, value, f"expected tables named after stages ({', '.join(_PARAM_STAGES)})"
-                )
-            out["method_params"] = {s: dict(v) for s, v in value.items()}
-        elif k in actions:
-            out[actions[k].dest] = _coerce(actions[k], value, path, str(key))
-        else:
-            raise InputError(
-                path,
-                f"unknown option {key!r}",
-                "Use the long option names of qsmprep --help without dashes (e.g. nprocs, work_dir, unwrapping)",
-                EX_DATAERR,
-            )
-    return out
-
-
-def load_plugin_file(path: Path) -> tuple[str, dict]:
-    """``(plugin, plugin_args)`` from a Nipype plugin YAML (``plugin: MultiProc`` + ``plugin_args:``)."""
-    import yaml
-
-    path = Path(path).expanduser().absolute()
-    if not path.is_file():
-        raise InputError(path, "Nipype plugin file not found", "Check the path given to --use-plugin", EX_NOINPUT)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        msg = " ".join(str(exc).split())
-        raise InputError(path, f"is not valid YAML ({msg})", "Fix the YAML syntax of the plugin file") from None
-    example = "Write e.g. 'plugin: MultiProc' and 'plugin_args: {n_procs: 8, memory_gb: 16}'"
-    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
-        raise InputError(path, "a Nipype plugin file needs a 'plugin:' name", example)
-    args = data.get("plugin_args") or {}
-    if not isinstance(args, dict):
-        raise InputError(path, "'plugin_args:' must be a mapping", example)
-    unknown = sorted(set(data) - {"plugin", "plugin_args"})
-    if unknown:
-        raise InputError(path, f"unknown key(s) {', '.join(map(str, unknown))}", example)
-    return data["plugin"], dict(args)
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def parse_config(argv: Sequence[str] | None = None) -> QsmprepConfig:
-    """Parse the command line and the optional config file into a :class:`QsmprepConfig`.
-
-    Raises ``SystemExit`` (status 64 on usage errors, 0 for ``--help``/``--version``) and
-    :class:`InputError` for config, filter and plugin file problems.
-    """
-    from qsmprep.cli.parser import build_parser
-
-    parser = build_parser()
-    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
-    given = vars(args)
-    merged = dict(load_config_file(given["config_file"], parser)) if "config_file" in given else {}
-    if "bids_filter_file" in given:
-        merged.pop("bids_filters", None)  # a filter file on the command line beats config-file filters
-    if "use_plugin" in given:
-        merged.pop("plugin", None)
-        merged.pop("plugin_args", None)
-    merged.update(given)
-
-    cfg = QsmprepConfig()
-    cfg.bids_dir = Path(merged["bids_dir"]).absolute()
-    cfg.output_dir = Path(merged["output_dir"]).absolute()
-    cfg.analysis_level = merged["analysis_level"]
-    cfg.work_dir = Path(merged.get("work_dir", Path("work"))).expanduser().absolute()
-    cfg.participant_label = list(dict.fromkeys(merged.get("participant_label", [])))
-    cfg.session_label = list(dict.fromkeys(merged.get("session_label", [])))
-    if "bids_filter_file" in merged:
-        from qsmprep.utils.bids import load_bids_filters
-
-        cfg.bids_filters = load_bids_filters(Path(merged["bids_filter_file"]).absolute())
-    else:
-        cfg.bids_filters = dict(merged.get("bids_filters", {}))
-
-    plugin, plugin_args = merged.get("plugin"), dict(merged.get("plugin_args", {}))
-    if "use_plugin" in merged:
-        plugin, plugin_args = load_plugin_file(merged["use_plugin"])
-    nprocs = merged.get("nprocs")
-    if nprocs is None:
-        nprocs = plugin_args.get("n_procs") or plugin_args.get("nprocs") or _cpu_count()
-    cfg.nprocs = int(nprocs)
-    cfg.omp_nthreads = int(merged.get("omp_nthreads") or min(cfg.nprocs, 8))
-    mem = merged.get("mem_gb", plugin_args.get("memory_gb"))
-    cfg.mem_gb = None if mem is None else float(mem)
-    if plugin is None:
-        plugin = "Linear" if cfg.nprocs == 1 else "MultiProc"
-    if plugin == "MultiProc":
-        if "nprocs" in merged or "n_procs" not in plugin_args:
-            plugin_args["n_procs"] = cfg.nprocs
-        if cfg.mem_gb is not None and ("mem_gb" in merged or "memory_gb" not in plugin_args):
-            plugin_args["memory_gb"] = cfg.mem_gb
-        plugin_args.setdefault("raise_insufficient", False)
-    cfg.plugin, cfg.plugin_args = plugin, plugin_args
-    cfg.method_params = dict(merged.get("method_params", {}))
-    if merged.get("segmentation_dir") is not None:
-        cfg.segmentation_dir = Path(merged["segmentation_dir"]).expanduser().absolute()
-
-    for key in (
-        "stop_on_first_crash",
-        "boilerplate_only",
-        "write_graph",
-        "resource_monitor",
-        "skip_bids_validation",
-        "device",
-        "self_supervised_steps",
-        "masking",
-        "unwrapping",
-        "bgremove",
-        "inversion",
-        "reference",
-        "r2star",
-        "t2star",
-        "reports_only",
-    ):
-        if key in merged:
-            setattr(cfg, key, merged[key])
-    cfg.verbose = int(merged.get("verbose", 0))
-    return cfg
-
-
-# --------------------------------------------------------------------------------------------------
 # input validation
 # --------------------------------------------------------------------------------------------------
 
@@ -319,6 +87,7 @@ def validate_inputs(cfg: QsmprepConfig) -> list:
     t0 = time.perf_counter()
     runs = collect_runs(cfg.bids_dir, cfg.participant_label, cfg.session_label, cfg.bids_filters)
     check_runs(runs)
+    cfg.check_runs(runs)
     LOGGER.info("input checks passed in %.1f s", time.perf_counter() - t0)
     if not cfg.skip_bids_validation:
         run_bids_validator(cfg.bids_dir, sorted({r.subject for r in runs}) if cfg.participant_label else ())
@@ -340,83 +109,38 @@ def _check_plugin(cfg: QsmprepConfig) -> None:
         )
 
 
-def _check_methods(cfg: QsmprepConfig) -> None:
-    """Defaults of the config must name registered methods (explicit choices were checked by argparse)."""
-    from qsmprep.cli.parser import method_choices
-
-    for stage in ("masking", "unwrapping", "bgremove", "inversion", "reference"):
-        value = getattr(cfg, stage)
-        choices = method_choices(stage)
-        if value not in choices:
-            raise InputError(
-                f"--{stage}",
-                f"the method {value!r} is not available (choices: {', '.join(choices)})",
-                f"Pass --{stage} with one of the choices",
-                EX_USAGE,
-            )
-
-
-def _check_device(cfg: QsmprepConfig) -> None:
-    if cfg.device != "cuda":
-        return
-    try:
-        import torch
-
-        ok = bool(torch.cuda.is_available())
-    except Exception:
-        ok = False
-    if not ok:
-        raise InputError(
-            "--device cuda",
-            "no CUDA GPU is available to PyTorch",
-            "Use --device auto or cpu (in a container, expose the GPU: docker run --gpus all / apptainer run --nv)",
-            EX_USAGE,
-        )
-
-
 # --------------------------------------------------------------------------------------------------
 # workflow
 # --------------------------------------------------------------------------------------------------
 
 
-def _boilerplate(wf, cfg: QsmprepConfig) -> str:
-    """Methods text: the workflow's own ``visit_desc()``/``__desc__`` texts, else a summary of the config."""
-    texts: list[str] = []
-    if hasattr(wf, "visit_desc"):
-        try:
-            texts.append(str(wf.visit_desc()))
-        except Exception:  # pragma: no cover - depends on the workflow layer
-            texts = []
-    if not texts:
-        seen = set()
+def write_dataset_files(cfg: QsmprepConfig, runs: list, run_uuid: str, boilerplate: str) -> None:
+    """The dataset-level files of OUTPUT_DIR, each written once and atomically: ``dataset_description.json``,
+    ``.bidsignore``, ``logs/CITATION.md``/``.bib`` and, per participant, ``sub-<label>/log/<run_uuid>/``
+    ``qsmprep.toml`` (the settings: ``--config-file`` loads it back) and ``qsmprep.json`` (settings, series
+    and workflows of this execution, for the report)."""
+    from qsmprep.utils.boilerplate import write_citation
+    from qsmprep.utils.derivatives import (
+        atomic_write_json,
+        atomic_write_text,
+        write_bidsignore,
+        write_derivative_description,
+    )
+    from qsmprep.workflows.qsm import run_workflow_name
 
-        def visit(w):
-            if id(w) in seen:
-                return
-            seen.add(id(w))
-            for attr in ("__desc__", "__postdesc__"):
-                if getattr(w, attr, None):
-                    texts.append(str(getattr(w, attr)).strip())
-            graph = getattr(w, "_graph", None)
-            if graph is not None:
-                import networkx as nx
-
-                try:
-                    order = list(nx.topological_sort(graph))
-                except Exception:  # pragma: no cover
-                    order = list(graph.nodes())
-                for node in order:
-                    if hasattr(node, "_graph"):
-                        visit(node)
-
-        visit(wf)
-    if not texts:
-        texts.append(
-            f"Quantitative susceptibility maps were computed with qsmprep {__version__}: brain masking "
-            f"({cfg.masking}), phase unwrapping ({cfg.unwrapping}), background field removal ({cfg.bgremove}), "
-            f"dipole inversion ({cfg.inversion}) and susceptibility referencing ({cfg.reference})."
-        )
-    return "\n\n".join(t for t in texts if t).strip() + "\n"
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_derivative_description(cfg.bids_dir, out)
+    write_bidsignore(out)
+    write_citation(out, cfg, runs, text=boilerplate)
+    settings = dict(cfg.to_dict(), run_uuid=run_uuid)
+    toml = cfg.to_toml()
+    for subject in sorted({str(r.subject) for r in runs}):
+        sub_runs = [r for r in runs if str(r.subject) == subject]
+        log = out / f"sub-{subject}" / "log" / run_uuid
+        atomic_write_text(log / "qsmprep.toml", toml)
+        atomic_write_json(log / "qsmprep.json", dict(settings, series=[r.prefix() for r in sub_runs],
+                                                     workflows=[run_workflow_name(r) for r in sub_runs]))
 
 
 def _configure_nipype(cfg: QsmprepConfig, log_dir: Path) -> None:
@@ -442,21 +166,14 @@ def _configure_nipype(cfg: QsmprepConfig, log_dir: Path) -> None:
 
 def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no version check over the network
-    _check_methods(cfg)
     _check_plugin(cfg)
     log_dir = cfg.output_dir / "logs"
     _configure_nipype(cfg, log_dir)
+    from qsmprep.workflows.base import init_qsmprep_wf, new_run_uuid
+
+    run_uuid = new_run_uuid()
     try:
-        from qsmprep.workflows.base import init_qsmprep_wf
-    except ImportError as exc:
-        print(
-            f"qsmprep: error: qsmprep.workflows.base: the workflow layer cannot be imported ({exc}). "
-            "Reinstall qsmprep.",
-            file=sys.stderr,
-        )
-        return EX_FAILURE
-    try:
-        wf = init_qsmprep_wf(cfg, runs)
+        wf = init_qsmprep_wf(cfg, runs, run_uuid=run_uuid)
     except Exception as exc:
         if cfg.verbose:
             traceback.print_exc()
@@ -466,11 +183,6 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
             file=sys.stderr,
         )
         return EX_FAILURE
-    if getattr(wf, "base_dir", None) is None:
-        wf.base_dir = str(cfg.work_dir)
-    if not isinstance(getattr(wf, "config", None), dict):
-        wf.config = {}
-    wf.config.setdefault("execution", {})
     wf.config["execution"].update(
         {
             "crashdump_dir": str(log_dir),
@@ -479,10 +191,8 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
         }
     )
 
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(exist_ok=True)
+    write_dataset_files(cfg, runs, run_uuid, wf.visit_desc())
     citation = log_dir / "CITATION.md"
-    citation.write_text(_boilerplate(wf, cfg), encoding="utf-8")
     if cfg.boilerplate_only:
         LOGGER.log(IMPORTANT, "wrote the methods boilerplate to %s", citation)
         return EX_OK
@@ -591,7 +301,7 @@ def _no_outputs(cfg: QsmprepConfig, what: str) -> InputError:
 
 def _reports_only(cfg: QsmprepConfig) -> int:
     """``--reports-only``: rebuild the reports of the selected (default: all) participants of OUTPUT_DIR."""
-    from qsmprep.reports._outputs import subjects_with_outputs
+    from qsmprep.reports.reader import subjects_with_outputs
     from qsmprep.utils.validation import check_paths
 
     check_paths(cfg.bids_dir, cfg.output_dir, None)
@@ -643,33 +353,6 @@ def _run_group(cfg: QsmprepConfig) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_learned_methods(cfg: QsmprepConfig) -> None:
-    """Fail before any work when a learned method's model file is missing or corrupt, or when
-    ``--self-supervised-steps`` is given without the learned inversion."""
-    import inspect
-
-    from qsmprep.utils.boilerplate import canonical_method, method_function, method_params
-
-    if cfg.self_supervised_steps and canonical_method("inversion", cfg.inversion) != "nextqsm":
-        raise InputError("--self-supervised-steps", f"applies to --inversion nextqsm, not {cfg.inversion}",
-                         "add --inversion nextqsm or drop the option", code=EX_USAGE)
-    for stage in ("bgremove", "inversion"):
-        try:
-            name, func = method_function(stage, getattr(cfg, stage))
-        except ValueError:
-            continue  # an unknown name is reported by _check_methods
-        params = inspect.signature(func).parameters
-        if "model" not in params:
-            continue
-        from qsmprep.nn.models import ModelFileError, load_model
-
-        user = method_params(cfg, stage)
-        try:
-            load_model(user.get("model", params["model"].default), device="cpu", directory=user.get("model_dir"))
-        except ModelFileError as exc:
-            raise InputError(f"--{stage} {name}", str(exc), f"or choose another --{stage} method", code=EX_USAGE) from None
-
-
 def _main(argv: Sequence[str] | None) -> int:
     try:
         cfg = parse_config(argv)
@@ -681,8 +364,7 @@ def _main(argv: Sequence[str] | None) -> int:
     _check_segmentation_dir(cfg)
     if cfg.reports_only:
         return _reports_only(cfg)
-    _check_device(cfg)
-    _check_learned_methods(cfg)
+    cfg.validate()
     runs = validate_inputs(cfg)
     LOGGER.log(
         IMPORTANT,

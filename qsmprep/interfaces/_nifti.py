@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from qsmprep.utils.derivatives import jsonable, resolve_params  # noqa: F401  (re-exported)
+from qsmprep.utils.derivatives import jsonable  # noqa: F401  (re-exported for the interfaces)
 
 __all__ = [
     "load_float",
@@ -22,7 +22,6 @@ __all__ = [
     "save_like",
     "set_threads",
     "jsonable",
-    "resolve_params",
 ]
 
 

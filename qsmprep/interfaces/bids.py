@@ -1,8 +1,8 @@
 """Interfaces that write the derivative dataset: :class:`DerivativesDataSink` and :class:`QsmSidecars`.
 
 qsmprep does not use niworkflows' ``DerivativesDataSink``: its path patterns have no ``Chimap``,
-``R2starmap`` or ``_fieldmap`` in ``anat`` (reference notes, section 3). The output name is decided
-when the workflow is built (:func:`qsmprep.utils.derivatives.derivative_path`), so this sink only
+``R2starmap`` or ``_fieldmap`` in ``anat``. The output name is decided when the workflow is built
+(from the output spec, :mod:`qsmprep.outputs`), so this sink only
 casts, checks the grid against a reference image, and writes image + sidecar atomically.
 """
 

@@ -3,7 +3,7 @@
 Every interface
 
 - reads its inputs (float32; masks as bool), calls one function of the physics library (looked up in
-  the algorithm registries by method name, so new methods need no new interface), and
+  the method catalogue :mod:`qsmprep.methods` by method name, so new methods need no new interface), and
 - writes its outputs with the affine/header of the input (float32, masks uint8; uncompressed
   ``.nii`` in the node directory), and
 - returns ``params``: a JSON-friendly dict with the method and every parameter it ran with
@@ -29,8 +29,8 @@ from nipype.interfaces.base import (
 )
 
 from qsmprep.__about__ import __version__
-from qsmprep.interfaces._nifti import jsonable, load_float, load_mask, resolve_params, save_like, set_threads
-from qsmprep.utils.boilerplate import method_function
+from qsmprep.interfaces._nifti import jsonable, load_float, load_mask, save_like, set_threads
+from qsmprep.methods import STAGES
 
 __all__ = [
     "LoadEchoes",
@@ -271,16 +271,13 @@ class _MaskInputSpec(_ThreadsInputSpec):
     magnitude = File(exists=True, desc="4D magnitude")
     echo_times = traits.List(traits.Float, mandatory=True, desc="echo times (s)")
     voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="voxel size (mm)")
-    method = traits.Str("phase", usedefault=True, desc="MASKING registry name")
+    method = traits.Str(mandatory=True, desc="masking method (qsmprep.methods)")
     method_params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
 
 
 class _MaskOutputSpec(TraitedSpec):
     mask_file = File(exists=True, desc="brain mask (uint8)")
     params = traits.Dict()
-
-
-_MASK_FUNCS = {"phase": "phase_quality_mask", "magnitude": "magnitude_mask", "robust": "robust_mask"}
 
 
 class Mask(SimpleInterface):
@@ -290,14 +287,12 @@ class Mask(SimpleInterface):
     output_spec = _MaskOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmprep.qsm import masking
-
         set_threads(self.inputs.num_threads)
-        method, func = method_function("masking", self.inputs.method)
+        method = STAGES["masking"].method(self.inputs.method)
         phase, ref = load_float(self.inputs.phase)
         mag = load_float(self.inputs.magnitude)[0] if isdefined(self.inputs.magnitude) else None
         kw = dict(self.inputs.method_params)
-        mask = func(
+        mask = method.function(
             phase_rad_4d=phase,
             magnitude_4d=mag,
             echo_times_s=self.inputs.echo_times,
@@ -308,13 +303,11 @@ class Mask(SimpleInterface):
             mask = mask[0]
         mask = np.asarray(mask, dtype=bool)
         if not mask.any():
-            raise ValueError(f"the {method} brain mask is empty")
+            raise ValueError(f"the {method.name} brain mask is empty")
         self._results["mask_file"] = save_like(mask, ref, _out("mask.nii"), "uint8")
-        funcs = [func] + ([getattr(masking, _MASK_FUNCS[method])] if method in _MASK_FUNCS else [])
         self._results["params"] = {
-            "Method": method,
-            "Parameters": resolve_params(funcs, kw, skip=("phase_rad_4d", "magnitude_4d", "echo_times_s",
-                                                          "voxel_size_mm", "magnitude", "weight", "return_unfilled")),
+            "Method": method.name,
+            "Parameters": jsonable(method.resolve_params(kw, {"voxel_size_mm": self.inputs.voxel_size})),
             "MaskVoxels": int(mask.sum()),
         }
         return runtime
@@ -345,8 +338,6 @@ class PhaseOffsetCorrection(SimpleInterface):
     output_spec = _PhaseOffsetOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmprep.qsm.multiecho import mcpc3ds
-
         set_threads(self.inputs.num_threads)
         te = list(self.inputs.echo_times)
         if self.inputs.method == "none" or len(te) < 2:
@@ -357,13 +348,13 @@ class PhaseOffsetCorrection(SimpleInterface):
         phase, ref = load_float(self.inputs.phase)
         mag = load_float(self.inputs.magnitude)[0] if isdefined(self.inputs.magnitude) else None
         kw = dict(self.inputs.method_params)
-        corrected, offset = mcpc3ds(phase, mag, te, self.inputs.voxel_size, **kw)
+        method = STAGES["offset"].method(self.inputs.method)
+        corrected, offset = method.function(phase, mag, te, self.inputs.voxel_size, **kw)
         self._results["phase_corrected"] = save_like(corrected, ref, _out("phase_mcpc3ds.nii"))
         self._results["offset"] = save_like(offset, ref, _out("phase_offset.nii"))
         self._results["params"] = {
-            "Method": "mcpc3ds",
-            "Parameters": resolve_params(mcpc3ds, kw, skip=("phase_rad_4d", "magnitude_4d", "echo_times_s",
-                                                            "voxel_size_mm", "mask", "unwrapper")),
+            "Method": method.name,
+            "Parameters": jsonable(method.resolve_params(kw, {"voxel_size_mm": self.inputs.voxel_size})),
         }
         return runtime
 
@@ -374,7 +365,7 @@ class _UnwrapInputSpec(_ThreadsInputSpec):
     mask = File(exists=True, desc="region to unwrap")
     echo_times = traits.List(traits.Float, mandatory=True)
     voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True)
-    method = traits.Str("romeo", usedefault=True, desc="UNWRAP registry name")
+    method = traits.Str(mandatory=True, desc="unwrapping method (qsmprep.methods)")
     method_params = traits.Dict(usedefault=True)
 
 
@@ -390,31 +381,23 @@ class Unwrap(SimpleInterface):
     output_spec = _UnwrapOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmprep.qsm import unwrap as _unwrap
-
         set_threads(self.inputs.num_threads)
-        method, func = method_function("unwrapping", self.inputs.method)
+        method = STAGES["unwrapping"].method(self.inputs.method)
         phase, ref = load_float(self.inputs.phase)
         mag = load_float(self.inputs.magnitude)[0] if isdefined(self.inputs.magnitude) else None
         mask = load_mask(self.inputs.mask) if isdefined(self.inputs.mask) else None
         kw = dict(self.inputs.method_params)
-        out = func(phase, magnitude=mag, mask=mask, echo_times_s=self.inputs.echo_times,
+        out = method.function(phase, magnitude=mag, mask=mask, echo_times_s=self.inputs.echo_times,
                    voxel_size_mm=self.inputs.voxel_size, **kw)
         out = np.asarray(out, dtype=np.float32)
         if out.shape != phase.shape:
             out = out.reshape(phase.shape)
         self._results["unwrapped"] = save_like(out, ref, _out("phase_unwrapped.nii"))
-        multi = phase.ndim == 4 and phase.shape[3] > 1
-        under = {
-            "romeo": "romeo_unwrap_multiecho" if multi else "romeo_unwrap",
-            "laplacian": "laplacian_unwrap",
-        }.get(method)
-        funcs = [func] + ([getattr(_unwrap, under)] if under and hasattr(_unwrap, under) else [])
+        n_echoes = phase.shape[3] if phase.ndim == 4 else 1
         self._results["params"] = {
-            "Method": method,
-            "Parameters": resolve_params(funcs, kw, skip=("phase_rad", "phase_rad_4d", "magnitude", "magnitude_4d",
-                                                          "mask", "echo_times_s", "voxel_size_mm", "phase2_rad",
-                                                          "te_ratio")),
+            "Method": method.name,
+            "Parameters": jsonable(method.resolve_params(kw, {"voxel_size_mm": self.inputs.voxel_size,
+                                                              "n_echoes": n_echoes})),
         }
         return runtime
 
@@ -425,7 +408,7 @@ class _FitB0InputSpec(_ThreadsInputSpec):
     mask = File(exists=True)
     echo_times = traits.List(traits.Float, mandatory=True)
     field_strength = traits.Float(mandatory=True, desc="B0 (T)")
-    weighting = traits.Str("phase_snr", usedefault=True, desc="echo weighting of fit_b0_hz")
+    method_params = traits.Dict(usedefault=True, desc="keyword arguments of fit_b0_hz (weighting)")
 
 
 class _FitB0OutputSpec(TraitedSpec):
@@ -442,7 +425,6 @@ class FitB0(SimpleInterface):
 
     def _run_interface(self, runtime):
         from qsmprep.qsm.constants import GAMMA_BAR_HZ_PER_T, hz_to_ppm
-        from qsmprep.qsm.multiecho import fit_b0_hz
 
         set_threads(self.inputs.num_threads)
         unwrapped, ref = load_float(self.inputs.unwrapped)
@@ -451,13 +433,14 @@ class FitB0(SimpleInterface):
         b0 = float(self.inputs.field_strength)
         if not np.isfinite(b0) or b0 <= 0:
             raise ValueError(f"field_strength must be positive (tesla), got {b0}")
-        hz = fit_b0_hz(unwrapped, self.inputs.echo_times, magnitude_4d=mag, mask=mask,
-                       weighting=self.inputs.weighting)
+        method = STAGES["b0"].method("weighted")
+        kw = dict(self.inputs.method_params)
+        hz = method.function(unwrapped, self.inputs.echo_times, magnitude_4d=mag, mask=mask, **kw)
         self._results["fieldmap_hz"] = save_like(hz, ref, _out("fieldmap_hz.nii"))
         self._results["total_field_ppm"] = save_like(hz_to_ppm(hz, b0), ref, _out("total_field_ppm.nii"))
         self._results["params"] = {
             "Method": "weighted echo average (fit_b0_hz)",
-            "Parameters": {"weighting": str(self.inputs.weighting)},
+            "Parameters": jsonable(method.resolve_params(kw)),
             "GyromagneticRatioHzPerT": GAMMA_BAR_HZ_PER_T,
             "MagneticFieldStrength": b0,
         }
@@ -477,18 +460,14 @@ class _FieldInputSpec(_ThreadsInputSpec):
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="device of learned methods")
 
 
-def _learned_method_kwargs(func, kw: dict, device: str) -> dict:
-    """``kw`` plus ``device`` when ``func`` (a learned method of :mod:`qsmprep.nn`) takes one."""
-    import inspect
-
-    if "device" in inspect.signature(func).parameters:
-        kw = {"device": device, **kw}
-    return kw
+def _method_kwargs(method, kw: dict, device: str) -> dict:
+    """``kw`` plus the ``device`` of a learned method (:mod:`qsmprep.nn`)."""
+    return {"device": device, **kw} if method.learned else kw
 
 
-def _model_record(used: dict) -> dict:
+def _model_record(method, used: dict) -> dict:
     """Sidecar entries of a learned method: the model's name, version and sha256 (empty otherwise)."""
-    if "model" not in used:
+    if not method.learned:
         return {}
     from qsmprep.nn.inference import model_provenance
 
@@ -498,7 +477,7 @@ def _model_record(used: dict) -> dict:
 
 class _BgInputSpec(_FieldInputSpec):
     total_field = File(exists=True, mandatory=True, desc="total field (ppm)")
-    method = traits.Str("vsharp", usedefault=True, desc="BGREMOVE registry name")
+    method = traits.Str(mandatory=True, desc="background field removal method (qsmprep.methods)")
 
 
 class _BgOutputSpec(TraitedSpec):
@@ -515,34 +494,30 @@ class BackgroundRemoval(SimpleInterface):
 
     def _run_interface(self, runtime):
         set_threads(self.inputs.num_threads)
-        method, func = method_function("bgremove", self.inputs.method)
+        method = STAGES["bgremove"].method(self.inputs.method)
         field, ref = load_float(self.inputs.total_field)
         mask = load_mask(self.inputs.mask)
-        kw = _learned_method_kwargs(func, dict(self.inputs.method_params), self.inputs.device)
-        local, mask_out = func(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **kw)
+        kw = _method_kwargs(method, dict(self.inputs.method_params), self.inputs.device)
+        local, mask_out = method.function(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **kw)
         mask_out = np.asarray(mask_out, dtype=bool)
         if not mask_out.any():
-            raise ValueError(f"background removal ({method}) left an empty mask; use a smaller kernel radius")
+            raise ValueError(f"background removal ({method.name}) left an empty mask; use a smaller kernel radius")
         self._results["local_field"] = save_like(local, ref, _out("local_field_ppm.nii"))
         self._results["mask_out"] = save_like(mask_out, ref, _out("mask_bgremove.nii"), "uint8")
-        used = resolve_params(func, kw, skip=("total_field_ppm", "mask", "voxel_size_mm", "b0_dir", "weight"))
-        if method == "vsharp" and used.get("radii_mm") is None:  # record the radii the default gave
-            from qsmprep.qsm.bgremove import default_vsharp_radii_mm
-
-            used["radii_mm"] = [float(r) for r in default_vsharp_radii_mm(self.inputs.voxel_size)]
+        used = jsonable(method.resolve_params(kw, {"voxel_size_mm": self.inputs.voxel_size}))
         self._results["params"] = {
-            "Method": method,
+            "Method": method.name,
             "Parameters": used,
             "MaskVoxelsIn": int(mask.sum()),
             "MaskVoxelsOut": int(mask_out.sum()),
-            **_model_record(used),
+            **_model_record(method, used),
         }
         return runtime
 
 
 class _InvInputSpec(_FieldInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
-    method = traits.Str("rts", usedefault=True, desc="INVERSION registry name")
+    method = traits.Str(mandatory=True, desc="dipole inversion method (qsmprep.methods)")
 
 
 class _InvOutputSpec(TraitedSpec):
@@ -558,15 +533,15 @@ class DipoleInversion(SimpleInterface):
 
     def _run_interface(self, runtime):
         set_threads(self.inputs.num_threads)
-        method, func = method_function("inversion", self.inputs.method)
+        method = STAGES["inversion"].method(self.inputs.method)
         field, ref = load_float(self.inputs.local_field)
         mask = load_mask(self.inputs.mask)
-        kw = _learned_method_kwargs(func, dict(self.inputs.method_params), self.inputs.device)
-        chi = func(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **kw)
+        kw = _method_kwargs(method, dict(self.inputs.method_params), self.inputs.device)
+        chi = method.function(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **kw)
         chi = np.where(mask, np.asarray(chi, dtype=np.float32), np.float32(0))
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii"))
-        used = resolve_params(func, kw, skip=("local_field_ppm", "mask", "voxel_size_mm", "b0_dir"))
-        self._results["params"] = {"Method": method, "Parameters": used, **_model_record(used)}
+        used = jsonable(method.resolve_params(kw, {"voxel_size_mm": self.inputs.voxel_size}))
+        self._results["params"] = {"Method": method.name, "Parameters": used, **_model_record(method, used)}
         return runtime
 
 
@@ -574,7 +549,7 @@ class _R2sInputSpec(_ThreadsInputSpec):
     magnitude = File(exists=True, mandatory=True, desc="4D magnitude")
     echo_times = traits.List(traits.Float, mandatory=True)
     mask = File(exists=True)
-    method = traits.Str("loglinear", usedefault=True, desc="loglinear or arlo")
+    method = traits.Str(mandatory=True, desc="R2* method (qsmprep.methods)")
     method_params = traits.Dict(usedefault=True)
 
 
@@ -586,26 +561,26 @@ class _R2sOutputSpec(TraitedSpec):
 
 
 class R2Star(SimpleInterface):
-    """R2*/T2*/S0 maps from the multi-echo magnitude (:func:`qsmprep.qsm.multiecho.fit_r2star`)."""
+    """R2*/T2*/S0 maps from the multi-echo magnitude with an R2* method (:mod:`qsmprep.methods`)."""
 
     input_spec = _R2sInputSpec
     output_spec = _R2sOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmprep.qsm.multiecho import fit_r2star, t2star_s
+        from qsmprep.qsm.multiecho import t2star_s
 
         set_threads(self.inputs.num_threads)
+        method = STAGES["r2star"].method(self.inputs.method)
         mag, ref = load_float(self.inputs.magnitude)
         mask = load_mask(self.inputs.mask) if isdefined(self.inputs.mask) else None
         kw = dict(self.inputs.method_params)
-        r2, s0 = fit_r2star(mag, self.inputs.echo_times, mask=mask, method=self.inputs.method, **kw)
+        r2, s0 = method.function(mag, self.inputs.echo_times, mask=mask, **kw)
         self._results["r2star"] = save_like(r2, ref, _out("r2star_hz.nii"))
         self._results["t2star"] = save_like(t2star_s(r2), ref, _out("t2star_s.nii"))
         self._results["s0"] = save_like(s0, ref, _out("s0.nii"))
         self._results["params"] = {
-            "Method": str(self.inputs.method),
-            "Parameters": resolve_params(fit_r2star, dict(kw, method=self.inputs.method),
-                                         skip=("magnitude_4d", "echo_times_s", "mask")),
+            "Method": method.name,
+            "Parameters": jsonable(method.resolve_params(kw)),
         }
         return runtime
 
@@ -613,7 +588,7 @@ class R2Star(SimpleInterface):
 class _RefInputSpec(_ThreadsInputSpec):
     chi = File(exists=True, mandatory=True, desc="susceptibility (ppm)")
     mask = File(exists=True, mandatory=True, desc="mask of chi (whole-brain reference region)")
-    method = traits.Str("mean", usedefault=True, desc="REFERENCE registry name")
+    method = traits.Str(mandatory=True, desc="referencing method (qsmprep.methods)")
     method_params = traits.Dict(usedefault=True)
     r2star = File(exists=True, desc="R2* (1/s), for CSF referencing")
     csf_mask = File(exists=True, desc="CSF mask, for CSF referencing (else derived from R2*)")
@@ -641,16 +616,16 @@ class Reference(SimpleInterface):
     output_spec = _RefOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmprep.qsm.reference import csf_mask_from_r2star, reference_csf
+        from qsmprep.qsm.reference import csf_mask_from_r2star
 
         set_threads(self.inputs.num_threads)
-        method, func = method_function("reference", self.inputs.method)
+        entry = STAGES["reference"].method(self.inputs.method)
+        method, func = entry.name, entry.function
         chi, ref = load_float(self.inputs.chi)
         mask = load_mask(self.inputs.mask)
         kw = dict(self.inputs.method_params)
         vs = list(self.inputs.voxel_size) if isdefined(self.inputs.voxel_size) else [1.0, 1.0, 1.0]
         region, source = None, None
-        params_funcs = [func]
         record = dict(kw)
         if method == "csf":
             if isdefined(self.inputs.csf_mask):
@@ -662,7 +637,6 @@ class Reference(SimpleInterface):
                 r2, _ = load_float(self.inputs.r2star)
                 ckw = {k: kw.pop(k) for k in ("threshold_hz", "radius_mm", "n_central", "erode_mm") if k in kw}
                 region = csf_mask_from_r2star(r2, mask, vs, **ckw)
-                params_funcs = [reference_csf, csf_mask_from_r2star]
                 source = "R2* threshold (after MEDI extract_CSF)"
             out = func(chi, mask, csf_mask=region, **kw)
         else:
@@ -672,8 +646,7 @@ class Reference(SimpleInterface):
         offset = float(np.median(diff)) if diff.size else 0.0
         info = {
             "Method": method,
-            "Parameters": resolve_params(params_funcs, record,
-                                         skip=("chi_ppm", "mask", "csf_mask", "r2star_hz", "voxel_size_mm")),
+            "Parameters": entry.resolve_params(record),
             "ReferenceRegion": _REGION_NAMES.get(method, method),
             "ReferenceOffsetPPM": offset,
         }

@@ -38,6 +38,7 @@ from nipype.interfaces.base import (
 
 from qsmprep.__about__ import __version__
 from qsmprep.interfaces._nifti import load_float, load_mask, set_threads
+from qsmprep.outputs import ROI_COLUMNS
 from qsmprep.utils.derivatives import atomic_write_json, atomic_write_text, jsonable
 
 __all__ = [
@@ -53,8 +54,6 @@ __all__ = [
 
 LOGGER = logging.getLogger("qsmprep")
 
-#: Columns of ``<prefix>_desc-roi_stats.tsv``.
-ROI_COLUMNS = ("label", "name", "n_voxels", "mean_ppm", "median_ppm", "std_ppm")
 
 _MODEL_KEYS = {
     "model_name": ("ModelName", "Model", "model_name", "model"),

@@ -1,6 +1,6 @@
 """Inference with the neural QSM stages on numpy volumes (float32 in, float32 out).
 
-Registered methods (import :mod:`qsmprep.nn` to register them; :mod:`qsmprep.qsm` never imports torch):
+The methods registered (lazily, without importing torch) by :mod:`qsmprep.nn.catalogue`:
 
 - ``INVERSION["deepqsm"]``: DeepQSM (Bollmann S et al., NeuroImage 2019;195:373), a 3D U-Net mapping
   the local field to chi, trained on synthetic shapes with axial B0 at 1 mm. Oblique or non-1 mm data
@@ -35,11 +35,11 @@ from qsmprep.nn.models import DEFAULT_SCALES, NeXtQSM, load_model, read_card
 from qsmprep.nn.unet import BG_PRIOR_CHANNELS, UNet3d, bg_unet_input, unet_input
 from qsmprep.nn.varnet import VarNet
 from qsmprep.qsm import fft as _fft
-from qsmprep.qsm._validate import as_b0_dir, as_float_volume, as_mask, as_voxel_size
+from qsmprep.qsm.arrays import as_b0_dir, as_float_volume, as_mask, as_voxel_size
 from qsmprep.qsm.bgremove import pdf_harmonic_restored
 from qsmprep.qsm.geometry import obliquity_deg, rotation_matrix
 from qsmprep.qsm.inversion import data_consistency
-from qsmprep.qsm.registry import BGREMOVE, INVERSION
+from qsmprep.qsm.registry import BGREMOVE
 
 __all__ = [
     "deepqsm",
@@ -451,7 +451,6 @@ def _scales(card: dict, key: str) -> dict:
     return sc
 
 
-@INVERSION.register("deepqsm")
 def deepqsm(
     local_field_ppm,
     mask,
@@ -483,7 +482,6 @@ def deepqsm(
     return data_consistency(chi, f, m, vs, b, mu=mu) if mu > 0 else chi
 
 
-@BGREMOVE.register("nextqsm")
 def nextqsm_bgremove(
     total_field_ppm,
     mask,
@@ -520,7 +518,6 @@ def nextqsm_bgremove(
     return (local * m_out).astype(np.float32, copy=False), m_out
 
 
-@BGREMOVE.register("nextqsm-unet")
 def nextqsm_unet_bgremove(
     total_field_ppm,
     mask,
@@ -560,7 +557,6 @@ def _fast_multiple(n: int, multiple: int) -> int:
     return k
 
 
-@INVERSION.register("nextqsm")
 def nextqsm_inversion(
     local_field_ppm,
     mask,

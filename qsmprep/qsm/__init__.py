@@ -1,7 +1,8 @@
 """The QSM physics library: pure functions on float32 arrays (no file I/O, no Nipype).
 
-Importing the package fills the algorithm registries of :mod:`qsmprep.qsm.registry`
-(``UNWRAP``, ``BGREMOVE``, ``INVERSION``, ``REFERENCE``, ``MASKING``).
+Importing the package registers the classical methods in the registries of
+:mod:`qsmprep.qsm.registry`; :mod:`qsmprep.methods` adds the learned ones and is the catalogue the
+rest of qsmprep reads.
 """
 
 from qsmprep.qsm import (  # noqa: F401  (imported for their registry entries)
@@ -13,6 +14,6 @@ from qsmprep.qsm import (  # noqa: F401  (imported for their registry entries)
     reference,
     unwrap,
 )
-from qsmprep.qsm.registry import BGREMOVE, INVERSION, MASKING, REFERENCE, UNWRAP
+from qsmprep.qsm.registry import B0FIT, BGREMOVE, INVERSION, MASKING, OFFSET, R2STAR, REFERENCE, UNWRAP
 
-__all__ = ["BGREMOVE", "INVERSION", "MASKING", "REFERENCE", "UNWRAP"]
+__all__ = ["B0FIT", "BGREMOVE", "INVERSION", "MASKING", "OFFSET", "R2STAR", "REFERENCE", "UNWRAP"]

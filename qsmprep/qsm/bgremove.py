@@ -11,7 +11,7 @@ Methods (registry :data:`~qsmprep.qsm.registry.BGREMOVE`), all with the signatur
 - ``ismv``: iterative SMV (Wen Y et al., MRM 2014;72:1065); mask eroded by the radius.
 - ``lbv``: Laplacian boundary value (Zhou D et al., NMR Biomed 2014;27:312); mask minus ``peel``.
 
-Conventions (reference notes sections 0.4 and 4): all methods are linear in the field, so any unit
+Conventions: all methods are linear in the field, so any unit
 passes through, but the names say ppm. The field outside ``mask`` is never used. Work is done on the
 mask bounding box, zero-padded per side (SMV methods: by the largest kernel radius; PDF: by
 ``pad_voxels``) and rounded up to a fast FFT size, in float32/complex64 with the rfft half-spectrum.
@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qsmprep.qsm import fft as _fft
-from qsmprep.qsm._validate import as_b0_dir, as_float_volume, as_mask, as_voxel_size
+from qsmprep.qsm.fft import PaddedBox
+from qsmprep.qsm.arrays import as_b0_dir, as_float_volume, as_mask, as_voxel_size
 from qsmprep.qsm.geometry import dipole_kernel, smv_kernel, sphere_volume_voxels
 from qsmprep.qsm.masking import erode_mask_mm
 from qsmprep.qsm.registry import BGREMOVE
@@ -65,40 +66,6 @@ def _setup(total_field_ppm, mask, voxel_size_mm, b0_dir):
     vs = as_voxel_size(voxel_size_mm)
     b = as_b0_dir(b0_dir)
     return f, m, vs, b
-
-
-def _bbox(mask: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box (slices) of a non-empty boolean mask."""
-    sl = []
-    for ax in range(3):
-        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
-        sl.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(sl)
-
-
-class _Box:
-    """The mask bounding box zero-padded by ``pad`` voxels per side to a fast FFT shape."""
-
-    def __init__(self, mask: np.ndarray, pad):
-        self.full_shape = mask.shape
-        self.bbox = _bbox(mask)
-        mc = mask[self.bbox]
-        self.shape = _fft.fast_shape(mc.shape, pad)
-        self.mask, self.crop = _fft.pad_volume(mc, self.shape)
-
-    def pad(self, vol: np.ndarray) -> np.ndarray:
-        """``vol`` (full grid) masked, cropped to the box and zero-padded; float32."""
-        vc = np.where(self.mask[self.crop], vol[self.bbox], np.float32(0.0)).astype(np.float32, copy=False)
-        return _fft.pad_volume(vc, self.shape)[0]
-
-    def unpad(self, field: np.ndarray, mask_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Back to the full grid: float32 field (0 outside ``mask_out``) and the bool mask."""
-        out = np.zeros(self.full_shape, np.float32)
-        mout = np.zeros(self.full_shape, bool)
-        mc = mask_out[self.crop]
-        out[self.bbox] = np.where(mc, field[self.crop], np.float32(0.0))
-        mout[self.bbox] = mc
-        return out, mout
 
 
 def _number(name: str, value, lo: float | None = None, hi: float | None = None, integer: bool = False):
@@ -169,7 +136,7 @@ def _dot(a: np.ndarray, b: np.ndarray) -> float:
 
 def _vsharp_core(f, m, vs, radii, threshold):
     """V-SHARP on validated inputs with ``radii`` sorted large to small (one radius: SHARP)."""
-    box = _Box(m, _pad_for_radius(radii[0], vs))
+    box = PaddedBox(m, _pad_for_radius(radii[0], vs))
     shape = box.shape
     field_k = _fft.rfftn(box.pad(f))  # one FFT of the field, reused for every radius
     mask_k = _fft.rfftn(box.mask.astype(np.float32))
@@ -201,7 +168,24 @@ def _vsharp_core(f, m, vs, radii, threshold):
     return box.unpad(fl, done)
 
 
-@BGREMOVE.register("vsharp")
+def _vsharp_defaults(params: dict, data) -> dict:
+    """V-SHARP's default radii depend on the voxel size (:func:`default_vsharp_radii_mm`)."""
+    if params.get("radii_mm") is None:
+        params["radii_mm"] = (
+            "12 mm down to twice the largest voxel size, in steps of max(voxel size, 1 mm)" if data is None
+            else [float(r) for r in default_vsharp_radii_mm(data["voxel_size_mm"])]
+        )
+    return params
+
+
+@BGREMOVE.register(
+    "vsharp",
+    label="V-SHARP",
+    description="variable-kernel sophisticated harmonic artifact reduction for phase data (V-SHARP)",
+    references=("wu2012", "li2011"),
+    aliases=("v-sharp",),
+    defaults=_vsharp_defaults,
+)
 def vsharp(
     total_field_ppm,
     mask,
@@ -233,7 +217,12 @@ def vsharp(
     return _vsharp_core(f, m, vs, radii, thr)
 
 
-@BGREMOVE.register("sharp")
+@BGREMOVE.register(
+    "sharp",
+    label="SHARP",
+    description="sophisticated harmonic artifact reduction for phase data (SHARP)",
+    references=("schweser2011",),
+)
 def sharp(
     total_field_ppm,
     mask,
@@ -259,7 +248,13 @@ def sharp(
 # --------------------------------------------------------------------------------------------------
 
 
-@BGREMOVE.register("pdf")
+@BGREMOVE.register(
+    "pdf",
+    label="PDF",
+    description="projection onto dipole fields (PDF)",
+    references=("liu2011",),
+    data_args=("weight",),
+)
 def pdf(
     total_field_ppm,
     mask,
@@ -301,7 +296,7 @@ class _PdfSolver:
         pad = np.broadcast_to(np.asarray(pad_voxels), (3,))
         if not np.all(np.isfinite(pad)) or np.any(pad < 0) or np.any(pad != np.round(pad)):
             raise ValueError(f"pad_voxels must be non-negative integers, got {np.asarray(pad_voxels).tolist()}")
-        self.box = box = _Box(m, pad.astype(int))
+        self.box = box = PaddedBox(m, pad.astype(int))
         if weight is None:
             self.w = box.mask.astype(np.float32)
         else:
@@ -432,7 +427,13 @@ def _cg(apply_a, b, x0, tol, max_iter):
     return x, it
 
 
-@BGREMOVE.register("ismv")
+@BGREMOVE.register(
+    "ismv",
+    label="iSMV",
+    description="the iterative spherical mean value method (iSMV)",
+    references=("wen2014",),
+    aliases=("i-smv",),
+)
 def ismv(
     total_field_ppm,
     mask,
@@ -456,7 +457,7 @@ def ismv(
     r = _check_radius(2.0 * vs.max() if radius_mm is None else radius_mm, vs)
     tol = _number("tol", tol, lo=0.0)
     max_iter = _number("max_iter", max_iter, lo=0.0, integer=True)
-    box = _Box(m, _pad_for_radius(r, vs))
+    box = PaddedBox(m, _pad_for_radius(r, vs))
     shape = box.shape
     s_k = smv_kernel(shape, vs, r)
     m_r = _erode(_fft.rfftn(box.mask.astype(np.float32)), s_k, shape, vs, r)
@@ -511,7 +512,12 @@ def _interior(mask: np.ndarray) -> np.ndarray:
     return inner
 
 
-@BGREMOVE.register("lbv")
+@BGREMOVE.register(
+    "lbv",
+    label="LBV",
+    description="the Laplacian boundary value method (LBV)",
+    references=("zhou2014",),
+)
 def lbv(
     total_field_ppm,
     mask,
@@ -541,7 +547,7 @@ def lbv(
     if peel is None:
         peel = max(1, int(round(2.0 / float(np.max(vs)))))
     peel = _number("peel", peel, lo=-1.0, integer=True)
-    box = _Box(m, 1)
+    box = PaddedBox(m, 1)
     if max_iter is None:
         max_iter = 4 * max(box.shape)
     max_iter = _number("max_iter", max_iter, lo=0.0, integer=True)

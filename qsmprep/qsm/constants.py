@@ -1,6 +1,6 @@
 """Physical constants and unit conversions used across the pipeline.
 
-One gyromagnetic constant is used everywhere (see ../shared reference notes, section 0.1).
+One gyromagnetic constant is used everywhere: gamma/2pi = 42.57747892 MHz/T (CODATA 2018, proton).
 """
 
 from __future__ import annotations

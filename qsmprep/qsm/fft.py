@@ -88,3 +88,37 @@ def image_coordinates_mm(shape: Sequence[int], voxel_size_mm: Sequence[float]) -
         view[axis] = int(n)
         coords.append(idx.reshape(view))
     return tuple(coords)
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box (slices) of a non-empty boolean mask."""
+    sl = []
+    for ax in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+        sl.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(sl)
+
+
+class PaddedBox:
+    """The mask bounding box zero-padded by ``pad`` voxels per side to a fast FFT shape."""
+
+    def __init__(self, mask: np.ndarray, pad):
+        self.full_shape = mask.shape
+        self.bbox = mask_bbox(mask)
+        mc = mask[self.bbox]
+        self.shape = fast_shape(mc.shape, pad)
+        self.mask, self.crop = pad_volume(mc, self.shape)
+
+    def pad(self, vol: np.ndarray) -> np.ndarray:
+        """``vol`` (full grid) masked, cropped to the box and zero-padded; float32."""
+        vc = np.where(self.mask[self.crop], vol[self.bbox], np.float32(0.0)).astype(np.float32, copy=False)
+        return pad_volume(vc, self.shape)[0]
+
+    def unpad(self, field: np.ndarray, mask_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Back to the full grid: float32 field (0 outside ``mask_out``) and the bool mask."""
+        out = np.zeros(self.full_shape, np.float32)
+        mout = np.zeros(self.full_shape, bool)
+        mc = mask_out[self.crop]
+        out[self.bbox] = np.where(mc, field[self.crop], np.float32(0.0))
+        mout[self.bbox] = mc
+        return out, mout

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from qsmprep.qsm import fft as _fft
-from qsmprep.qsm._validate import as_b0_dir, as_float_volume, as_voxel_size
+from qsmprep.qsm.arrays import as_b0_dir, as_float_volume, as_voxel_size
 
 #: B0 along the scanner (and NIfTI world) z axis.
 B0_WORLD = (0.0, 0.0, 1.0)
@@ -30,7 +30,7 @@ def b0_direction_from_affine(affine: np.ndarray, b0_world: Sequence[float] = B0_
     """Unit B0 direction in voxel coordinates from a NIfTI affine.
 
     Uses the pure rotation ``R = A diag(1/voxel_size)`` so that anisotropic voxels do not skew the
-    direction: ``b = R^T b0_world`` (reference notes section 0.3; Kiersnowski et al., MRM 2023).
+    direction: ``b = R^T b0_world`` (Kiersnowski et al., MRM 2023).
     """
     a = np.asarray(affine, dtype=np.float64)
     vs = voxel_size_from_affine(a)

@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from qsmprep.qsm import fft as _fft
-from qsmprep.qsm._validate import as_b0_dir, as_float_volume, as_mask, as_voxel_size
+from qsmprep.qsm.arrays import as_b0_dir, as_float_volume, as_mask, as_voxel_size
 from qsmprep.qsm.geometry import dipole_kernel
 from qsmprep.qsm.registry import INVERSION
 
@@ -247,7 +247,12 @@ def data_consistency(
     return _finish(_fft.irfftn(xk, grid.shape), grid)
 
 
-@INVERSION.register("tkd")
+@INVERSION.register(
+    "tkd",
+    label="TKD",
+    description="truncated k-space division (TKD)",
+    references=("shmueli2009",),
+)
 def tkd(
     local_field_ppm,
     mask,
@@ -271,7 +276,12 @@ def tkd(
     return _direct(local_field_ppm, mask, voxel_size_mm, b0_dir, pad_voxels, inv)
 
 
-@INVERSION.register("tsvd")
+@INVERSION.register(
+    "tsvd",
+    label="TSVD",
+    description="truncated singular value decomposition in k-space (TSVD)",
+    references=("wharton2010",),
+)
 def tsvd(
     local_field_ppm,
     mask,
@@ -293,7 +303,12 @@ def tsvd(
 _TIKHONOV_REG = ("identity", "gradient", "laplacian")
 
 
-@INVERSION.register("tikhonov")
+@INVERSION.register(
+    "tikhonov",
+    label="Tikhonov",
+    description="closed-form L2 (Tikhonov) regularised dipole inversion",
+    references=("bilgic2014l2",),
+)
 def tikhonov(
     local_field_ppm,
     mask,
@@ -458,7 +473,12 @@ def _admm_tv(
     return x, it
 
 
-@INVERSION.register("rts")
+@INVERSION.register(
+    "rts",
+    label="RTS",
+    description="rapid two-step dipole inversion (RTS)",
+    references=("kames2018",),
+)
 def rts(
     local_field_ppm,
     mask,
@@ -510,7 +530,13 @@ def rts(
     return _finish(x, grid)
 
 
-@INVERSION.register("tv")
+@INVERSION.register(
+    "tv",
+    label="TV-ADMM",
+    description="total-variation regularised dipole inversion solved by ADMM",
+    references=("bilgic2014tv",),
+    aliases=("tv-admm", "tvadmm"),
+)
 def tv(
     local_field_ppm,
     mask,

@@ -1,4 +1,4 @@
-"""Brain masks from phase quality and magnitude (reference notes, section 7).
+"""Brain masks from phase quality and magnitude (QSMxT: Stewart AW et al., MRM 2022).
 
 - :func:`phase_quality_mask`: QSMxT's default two-pass threshold masking (Stewart AW et al., *QSMxT:
   Robust masking and artifact reduction for QSM*, MRM 2022;87:1289) on the ROMEO voxel-quality map
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from qsmprep.qsm._validate import as_echo_times, as_float_volume, as_mask
+from qsmprep.qsm.arrays import as_echo_times, as_float_volume, as_mask
 from qsmprep.qsm.registry import MASKING
 
 __all__ = [
@@ -437,7 +437,16 @@ def magnitude_mask(
 # --------------------------------------------------------------------------------------------------
 
 
-@MASKING.register("phase")
+@MASKING.register(
+    "phase",
+    label="QSMxT phase-quality mask",
+    description="thresholding the ROMEO voxel-quality map of the first echo (Otsu threshold scaled by a factor), "
+    "followed by hole filling and erosion, as in QSMxT",
+    references=("stewart2022", "dymerska2021"),
+    aliases=("phase-quality", "phase_quality", "phasequality", "quality"),
+    data_args=("return_unfilled",),
+    forwards=(phase_quality_mask,),
+)
 def phase(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
     """MASKING entry: :func:`phase_quality_mask`. ``voxel_size_mm`` is unused.
 
@@ -451,7 +460,15 @@ def phase(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm
     return phase_quality_mask(phase_rad_4d, magnitude_4d, echo_times_s, **kwargs)
 
 
-@MASKING.register("magnitude")
+@MASKING.register(
+    "magnitude",
+    label="magnitude threshold mask",
+    description="thresholding the root-sum-of-squares magnitude over echoes (Otsu), followed by hole filling and "
+    "erosion as in QSMxT",
+    references=("stewart2022",),
+    aliases=("mag",),
+    forwards=(magnitude_mask,),
+)
 def magnitude(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
     """MASKING entry: :func:`magnitude_mask`. Phase, echo times and voxel size are unused."""
     if magnitude_4d is None:
@@ -459,7 +476,13 @@ def magnitude(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_siz
     return magnitude_mask(magnitude_4d, **kwargs)
 
 
-@MASKING.register("robust")
+@MASKING.register(
+    "robust",
+    label="robust magnitude mask",
+    description="a robust threshold of the combined magnitude (noise and signal levels from quantiles, as in "
+    "MriResearchTools) with smoothing and hole filling",
+    forwards=(robust_mask,),
+)
 def robust(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
     """MASKING entry: :func:`robust_mask` of the RSS magnitude over echoes."""
     if magnitude_4d is None:

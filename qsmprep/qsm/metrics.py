@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from qsmprep.qsm._validate import as_float_volume, as_mask, same_shape
+from qsmprep.qsm.arrays import as_float_volume, as_mask, same_shape
 
 __all__ = ["nrmse", "ddnrmse", "rmse", "hfen", "xsim", "pearson", "dgm_slope", "log_kernel"]
 

@@ -8,7 +8,7 @@
 - R2*: weighted log-linear least squares, or ARLO (Pei M et al., MRM 2015;73:843).
 
 Conventions: (x, y, z, echo) float32 arrays, echo times in seconds, phase in radians, frequencies
-in Hz, rates in 1/s (Hz). Reference notes sections 2 and 6.
+in Hz, rates in 1/s (Hz).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from qsmprep.qsm._validate import as_echo_times, as_float_volume, as_mask, as_voxel_size
+from qsmprep.qsm.arrays import as_echo_times, as_float_volume, as_mask, as_voxel_size
 from qsmprep.qsm.phase import wrap_to_pi
+from qsmprep.qsm.registry import B0FIT, OFFSET, R2STAR
 
 __all__ = [
     "mcpc3ds",
@@ -164,6 +165,14 @@ def smooth_phase(phase_rad, weight, sigma_vox, min_weight_fraction: float = 1e-4
 # --------------------------------------------------------------------------------------------------
 
 
+@OFFSET.register(
+    "mcpc3ds",
+    label="MCPC-3D-S",
+    description="MCPC-3D-S, which estimates it from the phase difference of the first two echoes and smooths it",
+    references=("eckstein2018",),
+    aliases=("mcpc-3d-s", "mcpc3d-s"),
+    data_args=("unwrapper",),
+)
 def mcpc3ds(
     phase_rad_4d,
     magnitude_4d=None,
@@ -271,6 +280,13 @@ def _scatter(values: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
+@B0FIT.register(
+    "weighted",
+    label="weighted multi-echo B0 fit",
+    description="an average of phase over echo time across echoes, weighted by magnitude and echo time "
+    "(phase-SNR weighting, as in ROMEO)",
+    references=("dymerska2021",),
+)
 def fit_b0_hz(
     unwrapped_phase_4d,
     echo_times_s,
@@ -477,6 +493,27 @@ def fit_r2star(
     r2 = np.where(ok, np.clip(r2, 0.0, max_r2star_hz), np.float32(0))
     s0 = np.where(ok, s0, np.float32(0))
     return _scatter(r2, m), _scatter(s0, m)
+
+
+@R2STAR.register(
+    "loglinear",
+    label="log-linear fit",
+    description="a weighted log-linear least-squares fit of the magnitude decay",
+)
+def r2star_loglinear(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float = 1000.0, reweight: bool = True):
+    """R2STAR entry: :func:`fit_r2star` with ``method="loglinear"``."""
+    return fit_r2star(magnitude_4d, echo_times_s, mask, "loglinear", max_r2star_hz, reweight)
+
+
+@R2STAR.register(
+    "arlo",
+    label="ARLO",
+    description="auto-regression on linear operations (ARLO)",
+    references=("pei2015",),
+)
+def r2star_arlo(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float = 1000.0):
+    """R2STAR entry: :func:`fit_r2star` with ``method="arlo"`` (>= 3 equally spaced echoes)."""
+    return fit_r2star(magnitude_4d, echo_times_s, mask, "arlo", max_r2star_hz)
 
 
 def t2star_s(r2star_hz) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Phase units, scaling to radians and complex-signal helpers.
 
-Raw phase arrives in several encodings (reference notes, section 0.1):
+Raw phase arrives in several encodings:
 
 - radians, ``[-pi, pi)`` or ``[0, 2*pi)`` (BIDS sidecar ``"Units": "rad"``);
 - integers of a scanner range (BIDS ``"Units": "arbitrary"``): Siemens ``-4096..4095`` (rescaled)
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from qsmprep.qsm._validate import as_float_volume
+from qsmprep.qsm.arrays import as_float_volume
 
 __all__ = [
     "PHASE_RANGES",

@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from qsmprep.qsm import fft as _fft
-from qsmprep.qsm._validate import (
+from qsmprep.qsm.arrays import (
     as_b0_dir,
     as_echo_times,
     as_float_volume,
@@ -51,7 +51,7 @@ from qsmprep.qsm._validate import (
     as_voxel_size,
     same_shape,
 )
-from qsmprep.qsm.bgremove import _Box
+from qsmprep.qsm.fft import PaddedBox
 from qsmprep.qsm.geometry import dipole_kernel, obliquity_deg
 
 __all__ = [
@@ -220,7 +220,7 @@ def data_consistency_residual(
     m = as_mask(mask, "mask", shape=chi.shape)
     vs = as_voxel_size(voxel_size_mm)
     b = as_b0_dir(b0_dir)
-    box = _Box(m, int(pad_voxels))
+    box = PaddedBox(m, int(pad_voxels))
     inside = box.mask
     d = dipole_kernel(box.shape, vs, b)
     field_chi = _fft.irfftn(_fft.rfftn(box.pad(chi)) * d, box.shape)[inside].astype(np.float64)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from qsmprep.qsm._validate import as_float_volume, as_mask, as_voxel_size
+from qsmprep.qsm.arrays import as_float_volume, as_mask, as_voxel_size
 from qsmprep.qsm.registry import REFERENCE
 
 __all__ = ["reference_mean", "reference_csf", "reference_none", "csf_mask_from_r2star"]
@@ -35,14 +35,17 @@ def _subtract(chi: np.ndarray, m: np.ndarray, offset: float) -> np.ndarray:
     return np.where(m, chi - np.float32(offset), np.float32(0.0)).astype(np.float32)
 
 
-@REFERENCE.register("mean")
+@REFERENCE.register(
+    "mean", label="whole-brain mean", description="the mean susceptibility within the final brain mask",
+    references=("consensus2024",), aliases=("whole-brain", "wholebrain"),
+)
 def reference_mean(chi_ppm, mask) -> np.ndarray:
     """``chi - mean(chi[mask])`` inside ``mask``, 0 outside (whole-brain reference; ppm, float32)."""
     chi, m = _chi_and_mask(chi_ppm, mask)
     return _subtract(chi, m, float(np.mean(chi[m], dtype=np.float64)))
 
 
-@REFERENCE.register("none")
+@REFERENCE.register("none", label="none", description="no reference (the mean susceptibility is undetermined)")
 def reference_none(chi_ppm, mask=None) -> np.ndarray:
     """No referencing: a float32 copy of ``chi_ppm`` (``mask`` is only checked for its shape)."""
     chi = as_float_volume(chi_ppm, "chi_ppm")
@@ -51,7 +54,14 @@ def reference_none(chi_ppm, mask=None) -> np.ndarray:
     return chi.copy()
 
 
-@REFERENCE.register("csf")
+@REFERENCE.register(
+    "csf",
+    label="ventricular CSF",
+    description="the mean susceptibility of ventricular cerebrospinal fluid, segmented from the R2* map by "
+    "thresholding near the brain centre",
+    references=("liu2018csf", "consensus2024"),
+    forwards=("qsmprep.qsm.reference:csf_mask_from_r2star",),
+)
 def reference_csf(
     chi_ppm,
     mask,

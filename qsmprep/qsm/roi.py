@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from qsmprep.qsm._validate import as_float_volume, as_mask
+from qsmprep.qsm.arrays import as_float_volume, as_mask
 
 __all__ = ["roi_statistics"]
 

@@ -28,7 +28,7 @@ import numpy as np
 import scipy.fft as sfft
 
 from qsmprep.qsm import fft as _fft
-from qsmprep.qsm._validate import as_echo_times, as_float_volume, as_mask, as_voxel_size, same_shape
+from qsmprep.qsm.arrays import as_echo_times, as_float_volume, as_mask, as_voxel_size, same_shape
 from qsmprep.qsm.registry import UNWRAP
 
 __all__ = [
@@ -46,7 +46,7 @@ TWO_PI = 2.0 * np.pi
 #: Number of quantisation levels of the ROMEO edge weights (bin 0 = invalid edge).
 NBINS = 256
 
-# Weight flags (bit mask), rows of Table 1 in the reference notes (section 1.1).
+# Weight flags (bit mask): the edge-weight terms of ROMEO (Dymerska et al., MRM 2021, Table 1).
 _PC, _PGC, _PL, _MC, _MW, _MW2 = 1, 2, 4, 8, 16, 32
 _FLAG_NAMES = {"pc": _PC, "pgc": _PGC, "pl": _PL, "mc": _MC, "mw": _MW, "mw2": _MW2}
 _WEIGHT_SETS = {
@@ -704,24 +704,49 @@ def laplacian_unwrap(phase_rad, voxel_size_mm=(1.0, 1.0, 1.0), mask=None, method
 # --------------------------------------------------------------------------------------------------
 
 
-@UNWRAP.register("romeo")
-def romeo(phase_rad, magnitude=None, mask=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
+def _romeo_defaults(params: dict, data) -> dict:
+    """ROMEO's global correction: on in template mode (several echoes), off for one echo."""
+    if params.get("global_correction") is None and data is not None:
+        params["global_correction"] = int(data.get("n_echoes", 1)) > 1
+    return params
+
+
+@UNWRAP.register(
+    "romeo",
+    label="ROMEO",
+    description="ROMEO, a quality-guided region-growing unwrapper (template mode: echo 1 spatially, the other "
+    "echoes temporally)",
+    references=("dymerska2021",),
+    defaults=_romeo_defaults,
+)
+def romeo(phase_rad, magnitude=None, mask=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0),
+          template_echo: int = 0, global_correction: bool | None = None, weights="auto"):
     """UNWRAP entry: ROMEO. 3D phase -> :func:`romeo_unwrap`; 4D (x, y, z, echo) with >= 2 echoes ->
-    :func:`romeo_unwrap_multiecho` (needs ``echo_times_s``); a 4D array with one echo is unwrapped
-    spatially. ``voxel_size_mm`` is accepted for a uniform signature and not used. Extra keywords go
-    to the called function. Returns float32 of the input's shape."""
+    :func:`romeo_unwrap_multiecho` (needs ``echo_times_s``; ``template_echo`` 0-based); a 4D array with
+    one echo is unwrapped spatially. ``global_correction`` None: on for several echoes, off for one (the
+    defaults of the two functions). ``voxel_size_mm`` is accepted for a uniform signature and not used.
+    Returns float32 of the input's shape."""
     ph = np.asarray(phase_rad)
     if ph.ndim == 4 and ph.shape[3] > 1:
         if echo_times_s is None:
             raise ValueError("echo_times_s is required to unwrap multi-echo phase with ROMEO")
-        return romeo_unwrap_multiecho(ph, echo_times_s, magnitude, mask, **kwargs)
+        gc = True if global_correction is None else bool(global_correction)
+        return romeo_unwrap_multiecho(ph, echo_times_s, magnitude, mask, template_echo=template_echo,
+                                      global_correction=gc, weights=weights)
+    gc = False if global_correction is None else bool(global_correction)
     if ph.ndim == 4:
         mag = None if magnitude is None else np.asarray(magnitude)[..., 0]
-        return romeo_unwrap(ph[..., 0], mag, mask, **kwargs)[..., None]
-    return romeo_unwrap(ph, magnitude, mask, **kwargs)
+        return romeo_unwrap(ph[..., 0], mag, mask, weights=weights, global_correction=gc)[..., None]
+    return romeo_unwrap(ph, magnitude, mask, weights=weights, global_correction=gc)
 
 
-@UNWRAP.register("laplacian")
+@UNWRAP.register(
+    "laplacian",
+    label="Laplacian unwrapping",
+    description="Laplacian (Poisson) unwrapping of each echo",
+    references=("schofield2003",),
+    forwards=(laplacian_unwrap,),
+)
 def laplacian(phase_rad, magnitude=None, mask=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
     """UNWRAP entry: Laplacian unwrapping (:func:`laplacian_unwrap`), echo by echo for 4D input.
     ``magnitude`` and ``echo_times_s`` are accepted for a uniform signature and not used. The result

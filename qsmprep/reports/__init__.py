@@ -9,7 +9,7 @@ Both read only what OUTPUT_DIR holds (plus the raw echo-1 images for the magnitu
 so they can be rebuilt at any time (``--reports-only``) without running the processing again.
 """
 
-from qsmprep.reports._outputs import ProcessedRun, find_processed_runs
+from qsmprep.reports.reader import ProcessedRun, find_processed_runs
 from qsmprep.reports.group import NoProcessedRunsError, collect_group, run_group
 from qsmprep.reports.html import build_subject_report, generate_reports
 

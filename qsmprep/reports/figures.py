@@ -286,7 +286,7 @@ def run_figures(
     phase_units: str | None = None,
     field_strength_t: float | None = None,
 ) -> list[FigureResult]:
-    """The figures of one processed run (:class:`qsmprep.reports._outputs.ProcessedRun`) in ``fig_dir``.
+    """The figures of one processed run (:class:`qsmprep.reports.reader.ProcessedRun`) in ``fig_dir``.
 
     ``raw`` maps ``mag``/``phase``/``real``/``imag`` to the raw echo-1 files (optional);
     ``phase_units`` is the phase sidecar ``Units``. A figure that cannot be drawn is returned with
@@ -310,8 +310,8 @@ def run_figures(
     if run.has("chimap"):
         chi, zooms = load_volume(run.path("chimap"))
     mask_vol = None
-    if run.has("mask"):
-        mask_vol, mzooms = load_volume(run.path("mask"), dtype=np.float32)
+    if run.has("brain_mask"):
+        mask_vol, mzooms = load_volume(run.path("brain_mask"), dtype=np.float32)
         mask = mask_vol > 0.5
         zooms = mzooms if zooms is None else zooms
     if chi is not None and mask is None:
@@ -344,8 +344,8 @@ def run_figures(
         """The CSF reference region's outline (cyan) when the run has one on the same grid."""
         if not csf_cache:
             csf = None
-            if run.has("csf"):
-                vol, _ = load_volume(run.path("csf"))
+            if run.has("reference_mask"):
+                vol, _ = load_volume(run.path("reference_mask"))
                 csf = vol > 0.5 if vol.shape == ref_shape else None
             csf_cache.append(csf)
         return [(csf_cache[0], "#30e0ff")] if csf_cache[0] is not None else []
@@ -367,7 +367,7 @@ def run_figures(
 
     attempt("mask", "Brain mask",
             "Echo-1 magnitude with the final brain mask (red outline; the region of the local field and "
-            "the Chimap)" + ("; the CSF reference region in cyan." if run.has("csf") else "."), fig_mask)
+            "the Chimap)" + ("; the CSF reference region in cyan." if run.has("reference_mask") else "."), fig_mask)
 
     # 2. wrapped phase -> total field -> local field
     def fig_fields():
@@ -376,15 +376,15 @@ def run_figures(
             rows.append(Row(phase, "echo-1 phase (wrapped)", "twilight", -np.pi, np.pi, "rad",
                             contours=[(mask, "#ffffff")] if mask is not None else ()))
         total_in = None
-        if run.has("total"):
-            total, _ = load_volume(run.path("total"))
+        if run.has("total_fieldmap"):
+            total, _ = load_volume(run.path("total_fieldmap"))
             total_in = total != 0
             if mask is not None:
                 total_in |= mask
             lim = _robust_sym(total[total_in]) if np.any(total_in) else 1.0
             rows.append(Row(total, "total field", "RdBu_r", -lim, lim, "Hz", inside=total_in))
-        if run.has("local"):
-            local, _ = load_volume(run.path("local"))
+        if run.has("local_fieldmap"):
+            local, _ = load_volume(run.path("local_fieldmap"))
             inside = mask if mask is not None else local != 0
             lim = _robust_sym(local[inside]) if np.any(inside) else 0.05
             rows.append(Row(local, "local field", "RdBu_r", -lim, lim, "ppm", inside=inside))
@@ -415,7 +415,7 @@ def run_figures(
     # 4. R2* / T2*
     def fig_relax():
         rows = []
-        for key, label, units in (("r2star", "R2*", "1/s"), ("t2star", "T2*", "s")):
+        for key, label, units in (("r2starmap", "R2*", "1/s"), ("t2starmap", "T2*", "s")):
             if not run.has(key):
                 continue
             vol, _ = load_volume(run.path(key))
@@ -427,7 +427,7 @@ def run_figures(
             return None
         return mosaic(rows, zooms, cuts3, crop, fig_dir / f"{p}_desc-relaxation.png")
 
-    if run.has("r2star") or run.has("t2star"):
+    if run.has("r2starmap") or run.has("t2starmap"):
         attempt("relaxation", "R2* / T2*", "Relaxation maps from the multi-echo magnitude decay "
                 "(window 0 to the 99th percentile).", fig_relax)
     return results

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from qsmprep.__about__ import __version__
-from qsmprep.reports import _outputs as outputs
+from qsmprep.reports import reader
 
 __all__ = [
     "ENTITY_COLUMNS",
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 ENTITY_COLUMNS = ("subject", "session", "acq", "run")
-ROI_COLUMNS = outputs.ROI_COLUMNS
+ROI_COLUMNS = reader.ROI_COLUMNS
 MIN_RUNS_FOR_OUTLIERS = 5
 OUTLIER_Z = 3.5
 QC_TSV = "group_qc.tsv"
@@ -76,7 +76,7 @@ class GroupTables:
         return list(ENTITY_COLUMNS) + list(ROI_COLUMNS)
 
 
-def _entities(run: outputs.ProcessedRun) -> dict:
+def _entities(run: reader.ProcessedRun) -> dict:
     return {"subject": run.subject, "session": run.session, "acq": run.acquisition, "run": run.run}
 
 
@@ -127,7 +127,7 @@ def collect_group(
 ) -> GroupTables:
     """Rows of both group tables. Raises :class:`NoProcessedRunsError` when no series is found."""
     output_dir = Path(output_dir)
-    runs = outputs.find_processed_runs(output_dir, subjects, sessions)
+    runs = reader.find_processed_runs(output_dir, subjects, sessions)
     if not runs:
         raise NoProcessedRunsError(str(output_dir))
     tables = GroupTables(runs=runs)
@@ -135,8 +135,8 @@ def collect_group(
     reasons: dict[str, list[str]] = {}
     metric_names: set[str] = set()
     for run in runs:
-        metrics, flags, problem = outputs.load_qc(run.qc_json)
-        nums = outputs.numeric_metrics(metrics)
+        metrics, flags, problem = reader.load_qc(run.qc_json)
+        nums = reader.numeric_metrics(metrics)
         per_run[run.prefix] = nums
         metric_names |= set(nums)
         reasons[run.prefix] = []
@@ -147,7 +147,7 @@ def collect_group(
             reasons[run.prefix].append(_flag_reason(f))
             if f.get("metric"):
                 tables.flagged_metrics[run.prefix].add(str(f["metric"]))
-        for row in outputs.read_roi_tsv(run.roi_tsv):
+        for row in reader.read_roi_tsv(run.roi_tsv):
             tables.roi_rows.append({**_entities(run), **{c: row.get(c) for c in ROI_COLUMNS}, "_prefix": run.prefix})
     tables.metrics = sorted(metric_names)
     for name in tables.metrics:
@@ -216,7 +216,7 @@ def write_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[di
 
 
 def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path | None]) -> str:
-    from qsmprep.reports.html import CSS, _IMG_SCRIPT, _e, _fmt, _rel
+    from qsmprep.reports.html import CSS, IMG_SCRIPT, escape, format_value, relative_link
 
     n_runs = len(tables.qc_rows)
     n_subs = len({r["subject"] for r in tables.qc_rows})
@@ -224,11 +224,11 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
 
     def run_link(r):
         if not (output_dir / f"sub-{r['subject']}.html").is_file():
-            return _e(r["_prefix"])
-        return f'<a href="sub-{_e(r["subject"])}.html#{_e(r["_anchor"])}">{_e(r["_prefix"])}</a>'
+            return escape(r["_prefix"])
+        return f'<a href="sub-{escape(r["subject"])}.html#{escape(r["_anchor"])}">{escape(r["_prefix"])}</a>'
 
     if flagged:
-        rows = "".join(f'<tr class="flagged"><td>{run_link(r)}</td><td>{_e(r["flag_reasons"])}</td></tr>'
+        rows = "".join(f'<tr class="flagged"><td>{run_link(r)}</td><td>{escape(r["flag_reasons"])}</td></tr>'
                        for r in flagged)
         flagged_html = (f'<div class="flagbox">&#9888; {len(flagged)} of {n_runs} series flagged.</div>'
                         f"<table><tr><th>series</th><th>reasons</th></tr>{rows}</table>")
@@ -239,8 +239,8 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
         p = figures.get(key)
         if p is None:
             return ""
-        return (f'<h3>{_e(title)}</h3><figure><img src="{_rel(p, output_dir)}" alt="{_e(title)}">'
-                f"<figcaption>{_e(caption)}</figcaption></figure>")
+        return (f'<h3>{escape(title)}</h3><figure><img src="{relative_link(p, output_dir)}" alt="{escape(title)}">'
+                f"<figcaption>{escape(caption)}</figcaption></figure>")
 
     roi_html = fig("roi", "Susceptibility by region",
                    "Mean susceptibility (ppm) of each region across series: boxes show the quartiles, "
@@ -254,7 +254,7 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
             if r.get("mean_ppm") is not None:
                 by_roi.setdefault((r.get("label"), r.get("name")), []).append(float(r["mean_ppm"]))
         body = "".join(
-            f"<tr><td>{_e(lab)}</td><td>{_e(name)}</td><td class='num'>{len(v)}</td>"
+            f"<tr><td>{escape(lab)}</td><td>{escape(name)}</td><td class='num'>{len(v)}</td>"
             f"<td class='num'>{np.mean(v):.4f}</td><td class='num'>{np.std(v, ddof=1) if len(v) > 1 else float('nan'):.4f}</td>"
             f"<td class='num'>{np.min(v):.4f}</td><td class='num'>{np.max(v):.4f}</td></tr>"
             for (lab, name), v in sorted(by_roi.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1]))))
@@ -266,7 +266,7 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
                  "(by the participant-level checks or as group outliers).")
     if not tables.metrics:
         qc_fig = '<p class="note">No QC metrics (<code>*_desc-qc_metrics.json</code>) found.</p>'
-    head = "".join(f"<th>{_e(c)}</th>" for c in ["series"] + tables.metrics + ["flagged"])
+    head = "".join(f"<th>{escape(c)}</th>" for c in ["series"] + tables.metrics + ["flagged"])
     body = []
     for r in tables.qc_rows:
         cls = ' class="flagged"' if r["flagged"] else ""
@@ -274,12 +274,12 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
         fm = tables.flagged_metrics.get(r["_prefix"], set())
         for m in tables.metrics:
             mark = " &#9888;" if m in fm else ""
-            cells.append(f"<td class='num'>{_e(_fmt(r.get(m)))}{mark}</td>")
+            cells.append(f"<td class='num'>{escape(format_value(r.get(m)))}{mark}</td>")
         cells.append(f"<td>{'yes' if r['flagged'] else 'no'}</td>")
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
     qc_table = f"<div style='overflow-x:auto'><table><tr>{head}</tr>{''.join(body)}</table></div>"
     subs = sorted({r["subject"] for r in tables.qc_rows})
-    nav = " ".join(f'<a href="sub-{_e(s)}.html">sub-{_e(s)}</a>' for s in subs
+    nav = " ".join(f'<a href="sub-{escape(s)}.html">sub-{escape(s)}</a>' for s in subs
                    if (output_dir / f"sub-{s}.html").is_file())
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -300,9 +300,9 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
 <section id="qc"><h2>Quality control</h2>{qc_fig}{qc_table}
 <p class="note">Table: <a href="{QC_TSV}">{QC_TSV}</a>. Group outliers: robust z-score above {OUTLIER_Z:g}
 (needs at least {MIN_RUNS_FOR_OUTLIERS} series).</p></section>
-<p class="note">qsmprep {_e(__version__)}, {datetime.now():%Y-%m-%d %H:%M:%S}</p>
+<p class="note">qsmprep {escape(__version__)}, {datetime.now():%Y-%m-%d %H:%M:%S}</p>
 </main>
-<script>{_IMG_SCRIPT}</script>
+<script>{IMG_SCRIPT}</script>
 </body>
 </html>
 """

@@ -22,10 +22,13 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from qsmprep.__about__ import __version__
-from qsmprep.reports import _outputs as outputs
+from qsmprep.reports import reader
 from qsmprep.reports.figures import FigureResult, run_figures
 
-__all__ = ["build_subject_report", "generate_reports", "markdown_to_html", "CSS"]
+__all__ = [
+    "build_subject_report", "generate_reports", "markdown_to_html", "CSS", "IMG_SCRIPT", "escape", "format_value",
+    "relative_link",
+]
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -69,7 +72,7 @@ details summary { cursor: pointer; color: var(--accent); margin: 4px 0; }
 """
 
 #: marks figures that fail to load (file moved or deleted): a banner and an attribute for tests
-_IMG_SCRIPT = """
+IMG_SCRIPT = """
 window.addEventListener("load", function () {
   var imgs = Array.prototype.slice.call(document.images), bad = [];
   imgs.forEach(function (im) { if (!im.complete || im.naturalWidth === 0) { bad.push(im.getAttribute("src")); } });
@@ -85,15 +88,15 @@ window.addEventListener("load", function () {
 """
 
 
-def _e(text: Any) -> str:
+def escape(text: Any) -> str:
     return html.escape("" if text is None else str(text), quote=True)
 
 
-def _rel(path: Path, root: Path) -> str:
+def relative_link(path: Path, root: Path) -> str:
     return quote(Path(os.path.relpath(path, root)).as_posix())
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def format_value(value: Any, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -104,10 +107,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
         return f"{value:.{digits}g}"
     if isinstance(value, (list, tuple)):
         if len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            return f"{_fmt(value[0], digits)} to {_fmt(value[1], digits)}"
-        return ", ".join(_fmt(v, digits) for v in value)
+            return f"{format_value(value[0], digits)} to {format_value(value[1], digits)}"
+        return ", ".join(format_value(v, digits) for v in value)
     if isinstance(value, Mapping):
-        return "; ".join(f"{k} = {_fmt(v, digits)}" for k, v in value.items())
+        return "; ".join(f"{k} = {format_value(v, digits)}" for k, v in value.items())
     return str(value)
 
 
@@ -117,7 +120,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _inline(text: str) -> str:
-    t = _e(text)
+    t = escape(text)
     t = re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
     t = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", t)
     t = re.sub(r"(?<![\w*])\*([^*\n]+)\*(?![\w*])", r"<em>\1</em>", t)
@@ -181,11 +184,11 @@ def markdown_to_html(md: str) -> str:
 
 
 def _kv_table(rows: Iterable[tuple[str, Any]]) -> str:
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows if v not in (None, ""))
+    body = "".join(f"<tr><th>{escape(k)}</th><td>{v}</td></tr>" for k, v in rows if v not in (None, ""))
     return f'<table class="kv">{body}</table>'
 
 
-def _run_summary(run: outputs.ProcessedRun, meta: Mapping, raw: Mapping[str, Path], raw_root: Path | None) -> str:
+def _run_summary(run: reader.ProcessedRun, meta: Mapping, raw: Mapping[str, Path], raw_root: Path | None) -> str:
     steps = meta.get("ProcessingSteps") or {}
     load = steps.get("Loading") or {}
     tes = meta.get("EchoTime") or load.get("EchoTime") or []
@@ -197,31 +200,31 @@ def _run_summary(run: outputs.ProcessedRun, meta: Mapping, raw: Mapping[str, Pat
     ents = ", ".join(f"{k}-{v}" for k, v in run.entities.items())
     inputs = f"{len(sources)} raw image{'s' if len(sources) != 1 else ''}"
     if load.get("InputType"):
-        inputs += f" ({_e(load['InputType'])}"
+        inputs += f" ({escape(load['InputType'])}"
         if load.get("PhaseUnits") or load.get("PhaseEncodingDetected"):
-            inputs += f"; phase units {_e(load.get('PhaseUnits') or 'not given')}, read as " \
-                      f"{_e(load.get('PhaseEncodingDetected') or 'n/a')}"
+            inputs += f"; phase units {escape(load.get('PhaseUnits') or 'not given')}, read as " \
+                      f"{escape(load.get('PhaseEncodingDetected') or 'n/a')}"
         inputs += ")"
     if sources:
         inputs += "<details><summary>list</summary><ul>" + "".join(
-            f"<li><code>{_e(s)}</code></li>" for s in sources) + "</ul></details>"
+            f"<li><code>{escape(s)}</code></li>" for s in sources) + "</ul></details>"
     if not raw:
-        where = f"in {_e(raw_root)}" if raw_root else "(raw dataset not found: pass BIDS_DIR)"
+        where = f"in {escape(raw_root)}" if raw_root else "(raw dataset not found: pass BIDS_DIR)"
         inputs += f'<div class="note">echo-1 raw images not found {where}; the magnitude and phase panels are omitted.</div>'
     obliq = meta.get("ObliquityDeg", load.get("ObliquityDeg"))
     rows = [
-        ("Series", f"<code>{_e(run.prefix)}</code> ({_e(ents)})"),
+        ("Series", f"<code>{escape(run.prefix)}</code> ({escape(ents)})"),
         ("Inputs", inputs),
         ("Echoes", f"{len(tes)}; TE = {te_txt} ms" if tes else None),
-        ("Field strength", f"{_fmt(meta.get('MagneticFieldStrength') or load.get('MagneticFieldStrength'))} T"
+        ("Field strength", f"{format_value(meta.get('MagneticFieldStrength') or load.get('MagneticFieldStrength'))} T"
          if (meta.get("MagneticFieldStrength") or load.get("MagneticFieldStrength")) else None),
-        ("Voxel size", f"{' x '.join(_fmt(v, 3) for v in vs)} mm" if vs else None),
+        ("Voxel size", f"{' x '.join(format_value(v, 3) for v in vs)} mm" if vs else None),
         ("Matrix", " x ".join(str(v) for v in shape) if shape else None),
         ("B0 direction (voxel frame)",
-         f"[{', '.join(f'{float(v):.3f}' for v in b0)}] from {_e(meta.get('B0DirectionSource') or load.get('B0DirectionSource') or 'n/a')}"
+         f"[{', '.join(f'{float(v):.3f}' for v in b0)}] from {escape(meta.get('B0DirectionSource') or load.get('B0DirectionSource') or 'n/a')}"
          + (f"; {float(obliq):.1f}&deg; from the nearest voxel axis" if obliq is not None else "") if b0 else None),
-        ("Methods", _e(meta.get("EstimationAlgorithm"))),
-        ("Reference", (_e(meta.get("ReferenceRegion")) + (f"; offset subtracted {_fmt(meta.get('ReferenceOffsetPPM'))} ppm"
+        ("Methods", escape(meta.get("EstimationAlgorithm"))),
+        ("Reference", (escape(meta.get("ReferenceRegion")) + (f"; offset subtracted {format_value(meta.get('ReferenceOffsetPPM'))} ppm"
                                                            if meta.get("ReferenceOffsetPPM") is not None else ""))
          if meta.get("ReferenceRegion") else None),
     ]
@@ -235,8 +238,8 @@ def _run_summary(run: outputs.ProcessedRun, meta: Mapping, raw: Mapping[str, Pat
             params = step.get("Parameters")
             extra = {k: v for k, v in step.items() if k not in ("Method", "Parameters")}
             body.append(
-                f"<tr><td>{_e(name)}</td><td>{_e(method)}</td><td>{_e(_fmt(params)) if params else ''}</td>"
-                f"<td>{_e(_fmt(extra)) if extra and name != 'Loading' else ''}</td></tr>"
+                f"<tr><td>{escape(name)}</td><td>{escape(method)}</td><td>{escape(format_value(params)) if params else ''}</td>"
+                f"<td>{escape(format_value(extra)) if extra and name != 'Loading' else ''}</td></tr>"
             )
         out += ("<details><summary>processing steps and parameters</summary><table><tr><th>step</th>"
                 "<th>method</th><th>parameters</th><th>recorded values</th></tr>" + "".join(body) + "</table></details>")
@@ -249,21 +252,21 @@ def _expected_text(expected: Any) -> str:
     if isinstance(expected, (list, tuple)) and len(expected) == 2:
         lo, hi = expected
         if lo is None:
-            return f"&le; {_e(_fmt(hi))}"
+            return f"&le; {escape(format_value(hi))}"
         if hi is None:
-            return f"&ge; {_e(_fmt(lo))}"
+            return f"&ge; {escape(format_value(lo))}"
     if isinstance(expected, Mapping):
         lo, hi = expected.get("min"), expected.get("max")
         if lo is not None or hi is not None:
             return _expected_text([lo, hi])
-    return _e(_fmt(expected))
+    return escape(format_value(expected))
 
 
-def _qc_section(run: outputs.ProcessedRun, output_dir: Path) -> tuple[str, int]:
-    metrics, flags, problem = outputs.load_qc(run.qc_json)
+def _qc_section(run: reader.ProcessedRun, output_dir: Path) -> tuple[str, int]:
+    metrics, flags, problem = reader.load_qc(run.qc_json)
     if problem:
         note = ("no QC metrics file" if problem == "missing" else f"QC metrics file {problem}")
-        return f'<p class="note">{_e(note)} (<code>{_e(run.qc_json.name)}</code>).</p>', 0
+        return f'<p class="note">{escape(note)} (<code>{escape(run.qc_json.name)}</code>).</p>', 0
     by_metric: dict[str, list[dict]] = {}
     loose = []
     for f in flags:
@@ -276,51 +279,51 @@ def _qc_section(run: outputs.ProcessedRun, output_dir: Path) -> tuple[str, int]:
         fl = by_metric.get(name, [])
         if fl:
             exp = "; ".join(_expected_text(f.get("expected")) for f in fl if f.get("expected") is not None)
-            reason = "; ".join(_e(f.get("reason")) for f in fl if f.get("reason"))
-            rows.append(f'<tr class="flagged" data-metric="{_e(name)}"><td>&#9888; {_e(name)}</td>'
-                        f'<td class="num">{_e(_fmt(value))}</td><td>{exp}</td><td>{reason}</td></tr>')
+            reason = "; ".join(escape(f.get("reason")) for f in fl if f.get("reason"))
+            rows.append(f'<tr class="flagged" data-metric="{escape(name)}"><td>&#9888; {escape(name)}</td>'
+                        f'<td class="num">{escape(format_value(value))}</td><td>{exp}</td><td>{reason}</td></tr>')
         else:
-            rows.append(f'<tr data-metric="{_e(name)}"><td>{_e(name)}</td><td class="num">{_e(_fmt(value))}</td>'
+            rows.append(f'<tr data-metric="{escape(name)}"><td>{escape(name)}</td><td class="num">{escape(format_value(value))}</td>'
                         "<td></td><td></td></tr>")
     for f in loose:
-        rows.append(f'<tr class="flagged" data-metric="{_e(f.get("metric") or "")}"><td>&#9888; '
-                    f'{_e(f.get("metric") or "(run)")}</td><td class="num">{_e(_fmt(f.get("value")))}</td>'
-                    f'<td>{_expected_text(f.get("expected"))}</td><td>{_e(f.get("reason"))}</td></tr>')
+        rows.append(f'<tr class="flagged" data-metric="{escape(f.get("metric") or "")}"><td>&#9888; '
+                    f'{escape(f.get("metric") or "(run)")}</td><td class="num">{escape(format_value(f.get("value")))}</td>'
+                    f'<td>{_expected_text(f.get("expected"))}</td><td>{escape(f.get("reason"))}</td></tr>')
     n = len(flags)
     head = (f'<div class="flagbox">&#9888; {n} QC value{"s" if n != 1 else ""} out of the expected range: '
-            + _e("; ".join(f"{f.get('metric') or 'run'}: {f.get('reason') or 'out of range'}" for f in flags))
+            + escape("; ".join(f"{f.get('metric') or 'run'}: {f.get('reason') or 'out of range'}" for f in flags))
             + "</div>") if n else '<div class="okbox">All QC values within the expected ranges.</div>'
     table = ("<table><tr><th>metric</th><th>value</th><th>expected</th><th>reason</th></tr>"
              + "".join(rows) + "</table>")
-    link = f'<p class="note">from <a href="{_rel(run.qc_json, output_dir)}">{_e(run.qc_json.name)}</a></p>'
+    link = f'<p class="note">from <a href="{relative_link(run.qc_json, output_dir)}">{escape(run.qc_json.name)}</a></p>'
     return head + table + link, n
 
 
-def _roi_section(run: outputs.ProcessedRun, output_dir: Path) -> str:
-    rows = outputs.read_roi_tsv(run.roi_tsv)
+def _roi_section(run: reader.ProcessedRun, output_dir: Path) -> str:
+    rows = reader.read_roi_tsv(run.roi_tsv)
     if not rows:
         return ""
-    cols = [c for c in outputs.ROI_COLUMNS if any(c in r for r in rows)]
-    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    cols = [c for c in reader.ROI_COLUMNS if any(c in r for r in rows)]
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = []
     for r in rows:
         cells = []
         for c in cols:
             v = r.get(c)
             cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
-            cells.append(f"<td{cls}>{_e(_fmt(v))}</td>")
+            cells.append(f"<td{cls}>{escape(format_value(v))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (f"<h3>Susceptibility by region</h3><table><tr>{head}</tr>{''.join(body)}</table>"
-            f'<p class="note">from <a href="{_rel(run.roi_tsv, output_dir)}">{_e(run.roi_tsv.name)}</a>'
+            f'<p class="note">from <a href="{relative_link(run.roi_tsv, output_dir)}">{escape(run.roi_tsv.name)}</a>'
             " (ppm, in the final brain mask)</p>")
 
 
 def _figure_html(fig: FigureResult, output_dir: Path) -> str:
     if fig.path is None:
-        return (f"<h3>{_e(fig.title)}</h3><div class=\"flagbox\">This figure could not be made: "
-                f"{_e(fig.error)}</div>")
-    return (f"<h3>{_e(fig.title)}</h3><figure><img src=\"{_rel(fig.path, output_dir)}\" alt=\"{_e(fig.title)}\" "
-            f"loading=\"eager\"><figcaption>{_e(fig.caption)}</figcaption></figure>")
+        return (f"<h3>{escape(fig.title)}</h3><div class=\"flagbox\">This figure could not be made: "
+                f"{escape(fig.error)}</div>")
+    return (f"<h3>{escape(fig.title)}</h3><figure><img src=\"{relative_link(fig.path, output_dir)}\" alt=\"{escape(fig.title)}\" "
+            f"loading=\"eager\"><figcaption>{escape(fig.caption)}</figcaption></figure>")
 
 
 def _crash_summary(path: Path) -> tuple[str, str]:
@@ -338,20 +341,20 @@ def _crash_summary(path: Path) -> tuple[str, str]:
 
 
 def _errors_section(output_dir: Path, subject: str, latest_uuid: str | None) -> tuple[str, int]:
-    crashes = outputs.crash_files(output_dir, subject)
+    crashes = reader.crash_files(output_dir, subject)
     if not crashes:
         return '<div class="okbox">No errors: no crash files in <code>' \
-               f'sub-{_e(subject)}/log/</code>.</div>', 0
+               f'sub-{escape(subject)}/log/</code>.</div>', 0
     parts = [f'<div class="flagbox">{len(crashes)} crash file{"s" if len(crashes) != 1 else ""} found under '
-             f"<code>sub-{_e(subject)}/log/</code>.</div>"]
+             f"<code>sub-{escape(subject)}/log/</code>.</div>"]
     for p in crashes:
         node, tail = _crash_summary(p)
         execution = p.parent.name
         when = "this execution" if execution == latest_uuid else f"execution {execution}"
         stamp = datetime.fromtimestamp(p.stat().st_mtime).strftime("%Y-%m-%d %H:%M:%S")
         parts.append(
-            f'<h3><a href="{_rel(p, output_dir)}">{_e(p.name)}</a></h3><p class="note">{_e(when)}, {stamp}'
-            + (f"; node <code>{_e(node)}</code>" if node else "") + f"</p><pre>{_e(tail)}</pre>"
+            f'<h3><a href="{relative_link(p, output_dir)}">{escape(p.name)}</a></h3><p class="note">{escape(when)}, {stamp}'
+            + (f"; node <code>{escape(node)}</code>" if node else "") + f"</p><pre>{escape(tail)}</pre>"
         )
     return "".join(parts), len(crashes)
 
@@ -361,7 +364,7 @@ def _errors_section(output_dir: Path, subject: str, latest_uuid: str | None) -> 
 # --------------------------------------------------------------------------------------------------
 
 
-def _series_status(runs: Sequence[outputs.ProcessedRun], settings: Mapping) -> list:
+def _series_status(runs: Sequence[reader.ProcessedRun], settings: Mapping) -> list:
     """(prefix, run or None) for every series: processed ones and those the last execution expected."""
     have = {r.prefix: r for r in runs}
     expected = [s for s in settings.get("series") or [] if isinstance(s, str)]
@@ -387,10 +390,10 @@ def build_subject_report(
     output_dir = Path(output_dir)
     subject = str(subject)
     subject = subject[4:] if subject.startswith("sub-") else subject
-    runs = outputs.find_processed_runs(output_dir, subjects=[subject])
-    latest_uuid, settings = outputs.latest_settings(output_dir, subject)
+    runs = reader.find_processed_runs(output_dir, subjects=[subject])
+    latest_uuid, settings = reader.latest_settings(output_dir, subject)
     series = _series_status(runs, settings)
-    root = outputs.raw_root(output_dir, bids_dir)
+    root = reader.raw_root(output_dir, bids_dir)
     fig_dir = output_dir / f"sub-{subject}" / "figures"
     made: set[Path] = set()
 
@@ -398,24 +401,24 @@ def build_subject_report(
     overview = []
     total_flags = 0
     for prefix, run in series:
-        anchor = outputs.ProcessedRun(prefix, output_dir, outputs.parse_prefix(prefix)).anchor
+        anchor = reader.ProcessedRun(prefix, output_dir, reader.parse_prefix(prefix)).anchor
         if run is None:
-            overview.append(f'<tr class="flagged"><td><a href="#{anchor}">{_e(prefix)}</a></td>'
+            overview.append(f'<tr class="flagged"><td><a href="#{anchor}">{escape(prefix)}</a></td>'
                             "<td>no Chimap (not processed or failed)</td><td></td></tr>")
-            run_sections.append(f'<section id="{anchor}"><h2>{_e(prefix)}</h2><div class="flagbox">No outputs: '
+            run_sections.append(f'<section id="{anchor}"><h2>{escape(prefix)}</h2><div class="flagbox">No outputs: '
                                 "this series was expected by the last execution but has no Chimap. See "
                                 '<a href="#errors">Errors</a>.</div></section>')
             continue
         t0 = time.perf_counter()
-        meta = outputs.read_json(run.path("chimap", ".json"))
-        raw = outputs.echo1_sources(meta.get("Sources") or [], root)
+        meta = reader.read_json(run.path("chimap", ".json"))
+        raw = reader.echo1_sources(meta.get("Sources") or [], root)
         load = (meta.get("ProcessingSteps") or {}).get("Loading") or {}
         figs = run_figures(run, fig_dir, raw=raw, phase_units=load.get("PhaseUnits"),
                            field_strength_t=meta.get("MagneticFieldStrength"))
         made |= {f.path for f in figs if f.path is not None}
         qc_html, n_flags = _qc_section(run, output_dir)
         total_flags += n_flags
-        body = [f'<section id="{anchor}"><h2>{_e(prefix)}</h2>']
+        body = [f'<section id="{anchor}"><h2>{escape(prefix)}</h2>']
         if n_flags:
             body.append(f'<div class="flagbox">&#9888; {n_flags} QC flag{"s" if n_flags != 1 else ""}: see '
                         f'<a href="#{anchor}-qc">Quality control</a>.</div>')
@@ -427,8 +430,8 @@ def build_subject_report(
         run_sections.append("".join(body))
         status = (f'<span class="badge bad">{n_flags} QC flag{"s" if n_flags != 1 else ""}</span>' if n_flags
                   else '<span class="badge good">ok</span>')
-        overview.append(f'<tr><td><a href="#{anchor}">{_e(prefix)}</a></td><td>{status}</td>'
-                        f"<td>{_e(meta.get('EstimationAlgorithm', ''))}</td></tr>")
+        overview.append(f'<tr><td><a href="#{anchor}">{escape(prefix)}</a></td><td>{status}</td>'
+                        f"<td>{escape(meta.get('EstimationAlgorithm', ''))}</td></tr>")
         if timings is not None:
             timings[prefix] = time.perf_counter() - t0
 
@@ -445,22 +448,22 @@ def build_subject_report(
     citation = output_dir / "logs" / "CITATION.md"
     try:
         methods_html = markdown_to_html(citation.read_text(encoding="utf-8"))
-        methods_html += f'<p class="note">from <a href="{_rel(citation, output_dir)}">logs/CITATION.md</a></p>'
+        methods_html += f'<p class="note">from <a href="{relative_link(citation, output_dir)}">logs/CITATION.md</a></p>'
     except OSError:
         methods_html = '<p class="note">logs/CITATION.md not found.</p>'
 
-    desc = outputs.read_json(output_dir / "dataset_description.json")
+    desc = reader.read_json(output_dir / "dataset_description.json")
     gen = next((g for g in desc.get("GeneratedBy") or [] if isinstance(g, Mapping)), {})
     src = next((s for s in desc.get("SourceDatasets") or [] if isinstance(s, Mapping)), {})
     about_rows = [
-        ("Generated by", _e(f"{gen.get('Name', 'qsmprep')} {gen.get('Version', '')}".strip())),
-        ("Container", _e(_fmt(gen.get("Container"))) if gen.get("Container") else None),
-        ("Source dataset", _e(_fmt(src)) if src else None),
-        ("Last execution", _e(latest_uuid) if latest_uuid else None),
-        ("Settings", _e("; ".join(f"{k} = {_fmt(settings.get(k))}" for k in
+        ("Generated by", escape(f"{gen.get('Name', 'qsmprep')} {gen.get('Version', '')}".strip())),
+        ("Container", escape(format_value(gen.get("Container"))) if gen.get("Container") else None),
+        ("Source dataset", escape(format_value(src)) if src else None),
+        ("Last execution", escape(latest_uuid) if latest_uuid else None),
+        ("Settings", escape("; ".join(f"{k} = {format_value(settings.get(k))}" for k in
                                   ("masking", "unwrapping", "bgremove", "inversion", "reference", "r2star",
                                    "t2star", "nprocs", "segmentation_dir") if k in settings)) if settings else None),
-        ("Report", _e(f"qsmprep {__version__}, {datetime.now():%Y-%m-%d %H:%M:%S}")),
+        ("Report", escape(f"qsmprep {__version__}, {datetime.now():%Y-%m-%d %H:%M:%S}")),
     ]
 
     n_series = len(series)
@@ -471,7 +474,7 @@ def build_subject_report(
     if n_crash:
         status_line += f"; {n_crash} crash file{'s' if n_crash != 1 else ''}"
     nav = ['<a href="#summary">Summary</a>'] + [
-        f'<a href="#{outputs.ProcessedRun(p, output_dir, outputs.parse_prefix(p)).anchor}">{_e(p)}</a>'
+        f'<a href="#{reader.ProcessedRun(p, output_dir, reader.parse_prefix(p)).anchor}">{escape(p)}</a>'
         for p, _ in series
     ] + ['<a href="#methods">Methods</a>', f'<a href="#errors">Errors ({n_crash})</a>', '<a href="#about">About</a>']
     group = output_dir / "group.html"
@@ -483,16 +486,16 @@ def build_subject_report(
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>qsmprep: sub-{_e(subject)}</title>
+<title>qsmprep: sub-{escape(subject)}</title>
 <style>{CSS}</style>
 </head>
 <body>
-<header><h1>qsmprep report: sub-{_e(subject)}</h1><div class="sub">{_e(status_line)}</div></header>
+<header><h1>qsmprep report: sub-{escape(subject)}</h1><div class="sub">{escape(status_line)}</div></header>
 <nav>{' '.join(nav)}</nav>
 <main>
 <div id="img-failed" class="flagbox"></div>
 <section id="summary"><h2>Summary</h2>
-<p>{_e(status_line)}.</p>
+<p>{escape(status_line)}.</p>
 <table><tr><th>series</th><th>status</th><th>methods</th></tr>{''.join(overview)}</table>
 </section>
 {''.join(run_sections)}
@@ -500,7 +503,7 @@ def build_subject_report(
 <section id="errors"><h2>Errors</h2>{errors_html}</section>
 <section id="about"><h2>About</h2>{_kv_table(about_rows)}</section>
 </main>
-<script>{_IMG_SCRIPT}</script>
+<script>{IMG_SCRIPT}</script>
 </body>
 </html>
 """
@@ -521,7 +524,7 @@ def generate_reports(
     """
     output_dir = Path(output_dir)
     subs = sorted({str(s)[4:] if str(s).startswith("sub-") else str(s) for s in subjects}) if subjects is not None \
-        else outputs.subjects_with_outputs(output_dir)
+        else reader.subjects_with_outputs(output_dir)
     written = []
     for s in subs:
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ import time
 from typing import Sequence
 
 from qsmprep.simulate.signal import DEFAULT_ECHO_TIMES_S
+from qsmprep.utils.errors import EX_USAGE
 
 
 def _positive_float(text: str) -> float:
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.voxel_size is not None:
         if abs(args.voxel_size - round(args.voxel_size)) > 1e-6 or round(args.voxel_size) < 1:
             print("qsmprep-simulate: error: --voxel-size must be an integer number of mm (1, 2, 3)", file=sys.stderr)
-            return 2
+            return EX_USAGE
         downsample = int(round(args.voxel_size))
     else:
         downsample = args.downsample
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, FileExistsError) as exc:
         print(f"qsmprep-simulate: error: {exc}", file=sys.stderr)
-        return 2
+        return EX_USAGE
     dt = time.perf_counter() - t0
     snr = "inf" if args.snr is None or math.isinf(args.snr) else f"{args.snr:g}"
     print(

@@ -1,6 +1,6 @@
 """Multi-echo GRE forward simulation of a :class:`~qsmprep.simulate.phantom.Phantom`.
 
-Signal model per echo (reference notes section 0.1)::
+Signal model per echo::
 
     S(TE) = M0 exp(-R2* TE) exp(i (phi0 + 2 pi gamma_bar B0 f TE)) + noise,   f = dB/B0 (ppm x 1e-6)
 
@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from qsmprep.qsm import constants
-from qsmprep.qsm._validate import as_b0_dir, as_echo_times, as_float_volume, as_mask, same_shape
+from qsmprep.qsm.arrays import as_b0_dir, as_echo_times, as_float_volume, as_mask, same_shape
 from qsmprep.qsm.geometry import b0_direction_from_affine, forward_field_ppm, obliquity_deg, rotation_matrix
 from qsmprep.simulate.phantom import Phantom
 

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-EX_USAGE = 64
+from qsmprep.utils.errors import EX_FAILURE, EX_USAGE
 
 
 class _UsageError(Exception):
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         return EX_USAGE
     except (FileNotFoundError, FloatingPointError) as exc:
         print(f"qsmprep-train: error: {exc}", file=sys.stderr)
-        return 1
+        return EX_FAILURE
     return 0
 
 

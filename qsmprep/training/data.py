@@ -37,8 +37,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from qsmprep.qsm import fft as _fft
-from qsmprep.qsm.geometry import dipole_kernel, forward_field_ppm, rotation_matrix
+from qsmprep.qsm.geometry import forward_field_ppm, rotation_matrix
 
 #: Head-phantom seeds used for training; 100..199 are reserved for held-out evaluation.
 TRAIN_PHANTOM_SEEDS = tuple(range(10))
@@ -248,7 +247,6 @@ class HeadSource:
         for lab, v in ph.label_chi_ppm.items():
             if lab < self.n_labels:
                 self.nominal[lab] = v
-        self.ambient = float(ph.chi_ambient_ppm)
 
 
 def _harmonic_basis(coords):
@@ -568,9 +566,3 @@ def validation_set(kind: str, n: int, seed: int = 12345, patch: int = 48, **opti
     (a stream independent of the training stream when ``seed`` differs from the training seed)."""
     rng = np.random.default_rng(int(seed))
     return [make_batch(kind, rng, 1, patch, **options) for _ in range(int(n))]
-
-
-def dipole_convolve_np(chi_ppm: np.ndarray, voxel_size_mm, b0_dir) -> np.ndarray:
-    """Circular dipole convolution on the array's own grid (float32), for sanity checks."""
-    k = dipole_kernel(chi_ppm.shape, voxel_size_mm, b0_dir)
-    return _fft.irfftn(_fft.rfftn(chi_ppm) * k, chi_ppm.shape)

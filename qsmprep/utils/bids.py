@@ -2,7 +2,7 @@
 
 A *run* (:class:`QsmRun`) is one gradient-echo acquisition: the files of one subject, session,
 ``acq``, ``run`` (and any other entity) that differ only in ``echo`` and ``part``. Supported inputs
-(BIDS 1.10, reference notes section 1.1):
+(BIDS 1.10):
 
 - ``MEGRE`` with ``echo-<index>`` and ``part-mag``/``part-phase`` (or ``part-real``/``part-imag``);
 - single-echo ``T2starw`` with ``part-mag``/``part-phase`` (or ``part-real``/``part-imag``).
@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from qsmprep.utils.validation import EX_DATAERR, EX_NOINPUT, InputError, _sidecar
+from qsmprep.utils.errors import EX_DATAERR, EX_NOINPUT, InputError
 
-__all__ = ["QsmRun", "collect_runs", "load_bids_filters", "make_layout", "strip_label", "QUERIES"]
+__all__ = [
+    "QsmRun", "collect_runs", "load_bids_filters", "check_filters", "make_layout", "strip_label", "sidecar_path",
+    "QUERIES",
+]
 
 #: pybids queries of the inputs qsmprep uses; ``--bids-filter-file`` refines them by name.
 QUERIES: dict[str, dict[str, Any]] = {
@@ -82,6 +85,15 @@ class QsmRun:
         return "_".join(f"{_PREFIXES[k]}-{v}" for k, v in self.entities().items())
 
 
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar next to a ``.nii``/``.nii.gz`` file (it need not exist)."""
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
+
+
 def strip_label(label: str, prefix: str) -> str:
     """``"sub-01"`` -> ``"01"`` for ``prefix="sub"``; labels without the prefix are returned as is."""
     label = str(label).strip()
@@ -131,10 +143,10 @@ def load_bids_filters(path: str | Path) -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(path, f"is not valid JSON ({exc})", "Fix the JSON syntax of the BIDS filter file") from None
-    return _check_filters(obj, path)
+    return check_filters(obj, path)
 
 
-def _check_filters(obj: Any, source) -> dict:
+def check_filters(obj: Any, source) -> dict:
     example = 'Write e.g. {"megre": {"acquisition": "qsm", "run": 1}}'
     if not isinstance(obj, Mapping):
         raise InputError(source, "a BIDS filter file must hold a JSON object of queries", example)
@@ -182,7 +194,7 @@ def _number(meta: Mapping, key: str, path: Path, unit: str) -> float | None:
         return None
     value = meta[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise InputError(_sidecar(path), f'"{key}" is {value!r}, not a number', f'Write "{key}" as a number in {unit}')
+        raise InputError(sidecar_path(path), f'"{key}" is {value!r}, not a number', f'Write "{key}" as a number in {unit}')
     return float(value)
 
 
@@ -196,23 +208,23 @@ def _echo_time(files: Sequence[Path], metas: Sequence[Mapping], echo: int | None
     if not values:
         which = f"echo {echo}" if echo is not None else "this image"
         raise InputError(
-            _sidecar(target),
+            sidecar_path(target),
             f'"EchoTime" is missing (needed for {which})',
             f'Add "EchoTime" in seconds to this sidecar (or to a {suffix}.json inherited by all echoes)',
         )
     path, te = values[0]
     if te <= 0:
-        raise InputError(_sidecar(path), f'"EchoTime" is {te:g}; it must be positive', 'Write "EchoTime" in seconds')
+        raise InputError(sidecar_path(path), f'"EchoTime" is {te:g}; it must be positive', 'Write "EchoTime" in seconds')
     if te > 1.0:
         raise InputError(
-            _sidecar(path),
+            sidecar_path(path),
             f'"EchoTime" is {te:g}, which looks like milliseconds',
             f'BIDS uses seconds: write {te / 1000:g} instead',
         )
     for other, te2 in values[1:]:
         if abs(te2 - te) > 1e-6:
             raise InputError(
-                _sidecar(other),
+                sidecar_path(other),
                 f'"EchoTime" {te2:g} s differs from {te:g} s of {path.name} (same echo)',
                 "Make the sidecars of one echo agree",
             )
@@ -227,19 +239,19 @@ def _field_strength(files: Sequence[Path], metas: Sequence[Mapping]) -> float:
             values.append((path, b0))
     if not values:
         raise InputError(
-            _sidecar(files[0]),
+            sidecar_path(files[0]),
             '"MagneticFieldStrength" is missing, and QSM needs the field strength to convert phase to ppm',
             'Add "MagneticFieldStrength" (tesla, e.g. 3) to the sidecars or to an inherited top-level JSON',
         )
     path, b0 = values[0]
     if not 0.0 < b0 <= 30.0:
         raise InputError(
-            _sidecar(path), f'"MagneticFieldStrength" is {b0:g}; expected tesla (0 < B0 <= 30)', 'Write it in tesla, e.g. 3'
+            sidecar_path(path), f'"MagneticFieldStrength" is {b0:g}; expected tesla (0 < B0 <= 30)', 'Write it in tesla, e.g. 3'
         )
     for other, b in values[1:]:
         if abs(b - b0) > 1e-3:
             raise InputError(
-                _sidecar(other),
+                sidecar_path(other),
                 f'"MagneticFieldStrength" {b:g} T differs from {b0:g} T of {path.name} (same series)',
                 "Make the sidecars of one series agree",
             )
@@ -256,7 +268,7 @@ def _b0_dir(files: Sequence[Path], metas: Sequence[Mapping]) -> tuple[float, flo
         )
         norm = math.sqrt(sum(float(x) ** 2 for x in v)) if ok else 0.0
         if not ok or norm < 1e-6:
-            raise InputError(_sidecar(path), f'"B0_dir" is {v!r}, not a non-zero 3-vector', 'Write e.g. "B0_dir": [0, 0, 1]')
+            raise InputError(sidecar_path(path), f'"B0_dir" is {v!r}, not a non-zero 3-vector', 'Write e.g. "B0_dir": [0, 0, 1]')
         return tuple(float(x) / norm for x in v)  # type: ignore[return-value]
     return None
 
@@ -266,7 +278,7 @@ def _phase_units(files: Sequence[Path], metas: Sequence[Mapping]) -> str | None:
     given = {u for _, u in units if u is not None}
     if len(given) > 1:
         raise InputError(
-            _sidecar(files[0]),
+            sidecar_path(files[0]),
             f'phase images of one series have different "Units" ({", ".join(sorted(map(str, given)))})',
             "Use one unit for all echoes",
         )
@@ -374,7 +386,7 @@ def collect_runs(
     """
     bids_dir = Path(bids_dir).resolve()
     layout = layout if layout is not None else make_layout(bids_dir)
-    filters = _check_filters(bids_filters or {}, filters_source)
+    filters = check_filters(bids_filters or {}, filters_source)
     subjects = sorted(str(s) for s in layout.get_subjects())
     if not subjects:
         raise InputError(

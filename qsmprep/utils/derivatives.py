@@ -1,22 +1,9 @@
-"""The qsmprep derivative dataset: names, sidecars, ``dataset_description.json``, atomic writes.
+"""Writing the qsmprep derivative dataset: atomic writes, JSON, sidecars, ``dataset_description.json``.
 
-Layout (BIDS 1.10 derivatives; reference notes ``bids-app-conventions.md`` section 1.2)::
-
-    OUTPUT_DIR/dataset_description.json  .bidsignore  logs/CITATION.md
-    OUTPUT_DIR/sub-<s>/[ses-<t>/]anat/<prefix>_Chimap.nii.gz              susceptibility (ppm)
-                                      <prefix>_desc-brain_mask.nii.gz       mask of the Chimap (uint8)
-                                      <prefix>_desc-total_fieldmap.nii.gz   B0 field map (Hz)
-                                      <prefix>_desc-local_fieldmap.nii.gz   local field (ppm)
-                                      <prefix>_R2starmap.nii.gz / _T2starmap.nii.gz  (1/s, s; on request)
-                                      <prefix>_label-CSF_mask.nii.gz        reference region (CSF referencing)
-                                      <prefix>_desc-qc_metrics.json         QC metrics and flags
-                                      <prefix>_desc-roi_stats.tsv           ROI chi statistics (with a segmentation)
-    OUTPUT_DIR/sub-<s>/log/<run_uuid>/   crash files, qsmprep.json (the run's settings)
-
-``<prefix>`` is :meth:`qsmprep.utils.bids.QsmRun.prefix` (``sub-1_ses-2_acq-qsm_run-1``: the raw
-entities without ``echo`` and ``part``). Every file has a JSON sidecar with ``Sources`` as BIDS URIs
-of the raw images (``bids:raw:sub-1/anat/...``; ``DatasetLinks.raw`` in the dataset description
-resolves them), the algorithm and all parameters of each step, and the software versions.
+Which files exist and what they are called is the output spec (:mod:`qsmprep.outputs`). Every file has
+a JSON sidecar with ``Sources`` as BIDS URIs of the raw images (``bids:raw:sub-1/anat/...``;
+``DatasetLinks.raw`` in the dataset description resolves them), the algorithm and all parameters of
+each step, and the software versions.
 
 Every file is written atomically (temporary file in the same folder, then :func:`os.replace`), so a
 reader never sees a half-written output and an interrupted run leaves no corrupt file behind.
@@ -24,17 +11,19 @@ reader never sees a half-written output and an interrupted run leaves no corrupt
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from qsmprep.__about__ import __version__
+from qsmprep.methods import method_label, method_references
+from qsmprep.outputs import bidsignore_text
+from qsmprep.references import format_reference
 
 __all__ = [
     "BIDS_VERSION",
@@ -44,12 +33,9 @@ __all__ = [
     "atomic_write_json",
     "atomic_save_nifti",
     "jsonable",
-    "resolve_params",
     "software_versions",
     "container_info",
     "bids_uri",
-    "run_anat_dir",
-    "derivative_path",
     "run_sources",
     "build_sidecars",
     "write_derivative_description",
@@ -59,8 +45,6 @@ __all__ = [
 BIDS_VERSION = "1.10.0"
 DERIVATIVE_NAME = "qsmprep"
 CODE_URL = "https://github.com/qsmprep/qsmprep"
-
-_ENTITY_PREFIX = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"), ("run", "run"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,36 +123,6 @@ def jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-def resolve_params(
-    funcs: Callable | Iterable[Callable],
-    user: Mapping[str, Any] | None,
-    skip: Iterable[str] = (),
-) -> dict:
-    """Every keyword parameter a call will use: the defaults of ``funcs`` overlaid with ``user``.
-
-    ``funcs`` is the called function, optionally followed by the functions it forwards ``**kwargs``
-    to (their defaults are added for names not defined before). Parameters named in ``skip`` (the
-    data arguments), parameters without a default and ``*args``/``**kwargs`` are left out.
-    """
-    if callable(funcs):
-        funcs = [funcs]
-    skip = set(skip)
-    out: dict[str, Any] = {}
-    for f in funcs:
-        try:
-            sig = inspect.signature(f)
-        except (TypeError, ValueError):  # pragma: no cover - builtins
-            continue
-        for name, p in sig.parameters.items():
-            if name in skip or name in out or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-                continue
-            if p.default is inspect.Parameter.empty:
-                continue
-            out[name] = p.default
-    out.update(dict(user or {}))
-    return jsonable(out)
-
-
 # --------------------------------------------------------------------------------------------------
 # provenance
 # --------------------------------------------------------------------------------------------------
@@ -216,47 +170,8 @@ def container_info(environ: Mapping[str, str] | None = None, dockerenv: str = "/
 
 
 # --------------------------------------------------------------------------------------------------
-# names
+# sources
 # --------------------------------------------------------------------------------------------------
-
-
-def _entities(run: Any) -> dict:
-    if hasattr(run, "entities"):
-        return dict(run.entities())
-    return {k: getattr(run, k) for k, _ in _ENTITY_PREFIX if getattr(run, k, None) is not None}
-
-
-def _prefix(run: Any) -> str:
-    if hasattr(run, "prefix"):
-        return run.prefix()
-    ents = _entities(run)
-    return "_".join(f"{p}-{ents[k]}" for k, p in _ENTITY_PREFIX if k in ents)
-
-
-def run_anat_dir(run: Any) -> Path:
-    """``sub-<s>/[ses-<t>/]anat`` (relative) of a run."""
-    rel = Path(f"sub-{run.subject}")
-    if getattr(run, "session", None):
-        rel = rel / f"ses-{run.session}"
-    return rel / "anat"
-
-
-def derivative_path(
-    output_dir: str | os.PathLike,
-    run: Any,
-    suffix: str,
-    desc: str | None = None,
-    label: str | None = None,
-    extension: str = ".nii.gz",
-) -> Path:
-    """``OUTPUT_DIR/sub-<s>/[ses-<t>/]anat/<prefix>[_label-<l>][_desc-<d>]_<suffix><extension>``."""
-    parts = [_prefix(run)]
-    if label:
-        parts.append(f"label-{label}")
-    if desc:
-        parts.append(f"desc-{desc}")
-    parts.append(suffix)
-    return Path(output_dir) / run_anat_dir(run) / ("_".join(parts) + extension)
 
 
 def bids_uri(path: str | os.PathLike, bids_dir: str | os.PathLike | None, dataset: str = "raw") -> str:
@@ -319,8 +234,6 @@ def build_sidecars(
     ``ReferenceOffsetPPM``, ``ProcessingSteps`` (every step's method and parameters) and
     ``ProcessingSoftware`` (versions).
     """
-    from qsmprep.utils.boilerplate import format_reference, method_label, method_references
-
     versions = software_versions()
     acq = {
         "MagneticFieldStrength": load.get("MagneticFieldStrength"),
@@ -546,25 +459,6 @@ def write_derivative_description(
     return path
 
 
-BIDSIGNORE = """\
-# qsmprep: logs, crash files and the run settings are not BIDS data
-logs/
-sub-*/log
-# the B0 field map and local field have no anat suffix in BIDS (qsmprep writes them as *_fieldmap)
-*_desc-total_fieldmap.*
-*_desc-local_fieldmap.*
-# QC metrics and ROI statistics are qsmprep tables, not BIDS files
-*_desc-qc_metrics.json
-*_desc-roi_stats.tsv
-# reports (HTML and figures) and the group-level tables
-sub-*.html
-sub-*/figures
-group.html
-group_*.tsv
-group
-"""
-
-
 def write_bidsignore(output_dir: str | os.PathLike) -> Path:
-    """Write ``OUTPUT_DIR/.bidsignore`` (logs, the field maps, which have no anat suffix in BIDS, and QC tables)."""
-    return atomic_write_text(Path(output_dir) / ".bidsignore", BIDSIGNORE)
+    """Write ``OUTPUT_DIR/.bidsignore``: what the output spec marks as not BIDS data (:mod:`qsmprep.outputs`)."""
+    return atomic_write_text(Path(output_dir) / ".bidsignore", bidsignore_text())

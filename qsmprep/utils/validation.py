@@ -1,8 +1,7 @@
 """Checks of qsmprep's input before anything is written: paths, the BIDS validator, QSM data.
 
-Every problem raises :class:`InputError`, whose text is one line ``<file>: <problem>. <fix>`` and whose
-``code`` is the process exit status (:data:`EX_USAGE`, :data:`EX_DATAERR`, :data:`EX_NOINPUT`; codes of
-``sysexits.h``, as recommended by the BIDS Apps execution draft). Only image headers are read, except
+Every problem raises :class:`~qsmprep.utils.errors.InputError` (one line ``<file>: <problem>. <fix>``;
+its ``code`` is the exit status). Only image headers are read, except
 for phase (and real/imaginary) images, which are loaded to check for NaNs and to detect their units
 with :func:`qsmprep.qsm.phase.detect_phase_units` (the function the workflow uses to scale them).
 Nothing here writes to disk.
@@ -20,16 +19,14 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from qsmprep.qsm.phase import detect_phase_units
+from qsmprep.utils.bids import sidecar_path
+from qsmprep.utils.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, InputError
+
 if TYPE_CHECKING:  # pragma: no cover
     from qsmprep.utils.bids import QsmRun
 
 __all__ = [
-    "EX_OK",
-    "EX_FAILURE",
-    "EX_USAGE",
-    "EX_DATAERR",
-    "EX_NOINPUT",
-    "InputError",
     "check_paths",
     "check_bids_root",
     "check_runs",
@@ -40,39 +37,10 @@ __all__ = [
 
 LOGGER = logging.getLogger("qsmprep")
 
-EX_OK = 0  #: success
-EX_FAILURE = 1  #: a workflow node failed (or an unexpected error)
-EX_USAGE = 64  #: the command line was wrong
-EX_DATAERR = 65  #: the input data are invalid
-EX_NOINPUT = 66  #: an input file or folder does not exist, or holds nothing to process
-
 #: Largest difference (mm) tolerated between the voxel-to-world affines of the images of one run.
 AFFINE_TOL_MM = 1e-3
 #: Validator executable (PyPI ``bids-validator-deno``).
 VALIDATOR = "bids-validator-deno"
-
-
-class InputError(Exception):
-    """A problem with qsmprep's input, printed as one line ``<path>: <problem>. <fix>``."""
-
-    def __init__(self, path, problem: str, fix: str, code: int = EX_DATAERR):
-        self.path = str(path)
-        self.problem = " ".join(str(problem).split()).rstrip(".")
-        self.fix = " ".join(str(fix).split()).rstrip(".")
-        self.code = int(code)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.problem}. {self.fix}."
-
-
-def _sidecar(path: Path) -> Path:
-    """The JSON sidecar next to a ``.nii``/``.nii.gz`` file (it need not exist)."""
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return path.with_name(name[: -len(ext)] + ".json")
-    return path.with_suffix(".json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,36 +195,10 @@ def check_run_headers(run: "QsmRun") -> None:
         if not te[i] > te[i - 1]:
             how = "equals" if te[i] == te[i - 1] else "is smaller than"
             raise InputError(
-                _sidecar(Path(files[i])),
+                sidecar_path(Path(files[i])),
                 f"EchoTime {te[i]:g} s {how} EchoTime {te[i - 1]:g} s of the previous echo ({Path(files[i - 1]).name})",
                 "Echo indices must follow strictly increasing EchoTime; fix the echo-<index> entities or the EchoTime values",
             )
-
-
-def _fallback_detect_phase_units(data: np.ndarray, units: str | None) -> str:
-    """Value-range phase unit detection, used only if :mod:`qsmprep.qsm.phase` is unavailable."""
-    lo, hi = float(np.min(data)), float(np.max(data))
-    if units is not None and str(units).lower() not in ("rad", "arbitrary"):
-        raise ValueError(f"unrecognised phase Units {units!r}")
-    if hi <= lo:
-        raise ValueError(f"phase is constant ({lo})")
-    tol = 0.1 * np.pi
-    if (lo >= -np.pi - tol and hi <= np.pi + tol) or (lo >= -tol and hi <= 2 * np.pi + tol):
-        return "rad"
-    integer = np.issubdtype(data.dtype, np.integer) or bool(np.all(data == np.round(data)))
-    if units == "rad":
-        raise ValueError("phase Units are 'rad' but values span more than one 2*pi cycle")
-    if integer or units == "arbitrary":
-        return "arbitrary"
-    raise ValueError("neither radians nor an integer scanner range")
-
-
-def _detect_phase_units():
-    try:
-        from qsmprep.qsm.phase import detect_phase_units
-    except ImportError:  # pragma: no cover - the phase module is part of the package
-        return _fallback_detect_phase_units
-    return detect_phase_units
 
 
 def _load_checked(path: Path, kind: str) -> np.ndarray:
@@ -287,17 +229,16 @@ def _load_checked(path: Path, kind: str) -> np.ndarray:
 
 def check_run_data(run: "QsmRun") -> None:
     """Load phase (or real/imaginary) images: no NaN/Inf, phase in a recognised unit."""
-    detect = _detect_phase_units()
     for path in run.phase_files:
         path = Path(path)
         data = _load_checked(path, "phase")
         units = run.phase_units
         try:
-            detect(data, units)
+            detect_phase_units(data, units)
         except ValueError as exc:
             lo, hi = float(np.min(data)), float(np.max(data))
             msg = str(exc).split(";")[0]
-            sidecar = _sidecar(path)
+            sidecar = sidecar_path(path)
             if hi <= lo:
                 raise InputError(path, f"phase image is constant ({lo:g})", "Check the export: this file carries no phase information") from None
             if units is None:

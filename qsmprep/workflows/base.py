@@ -6,10 +6,9 @@
     └── sub_<label>_wf               (crash files -> OUTPUT_DIR/sub-<label>/log/<run_uuid>/)
         └── qsm_[ses_<s>_][acq_<a>_][run_<r>_]wf    (see qsmprep.workflows.qsm)
 
-When ``config.output_dir`` is set, building the workflow also writes the dataset-level files (they do
-not depend on the processing, and ``--boilerplate-only`` needs them without running anything):
-``dataset_description.json``, ``.bidsignore``, ``logs/CITATION.md``/``.bib`` and, per participant,
-``sub-<label>/log/<run_uuid>/qsmprep.json`` (the settings of this run).
+Building a workflow writes nothing: the dataset-level files (``dataset_description.json``,
+``.bidsignore``, ``logs/CITATION.md``, the settings of the run) are written once by the CLI
+(:func:`qsmprep.cli.run.write_dataset_files`).
 """
 
 from __future__ import annotations
@@ -21,13 +20,16 @@ import uuid
 from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from nipype.pipeline import engine as pe
 
-from qsmprep.utils.boilerplate import build_boilerplate, write_citation
-from qsmprep.utils.derivatives import atomic_write_json, write_bidsignore, write_derivative_description
-from qsmprep.workflows.qsm import init_qsm_wf, run_workflow_name
+from qsmprep.utils.boilerplate import build_boilerplate
+from qsmprep.workflows.qsm import init_qsm_wf
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.utils.bids import QsmRun
 
 __all__ = ["QsmprepWorkflow", "init_qsmprep_wf", "init_single_subject_wf", "new_run_uuid"]
 
@@ -62,8 +64,8 @@ def _crash_config(crash_dir: Path | None) -> dict:
 
 def init_single_subject_wf(
     subject: str,
-    runs: Sequence[Any],
-    config: Any,
+    runs: Sequence["QsmRun"],
+    config: "QsmprepConfig",
     crash_dir: str | os.PathLike | None = None,
     name: str | None = None,
 ) -> pe.Workflow:
@@ -84,12 +86,10 @@ def init_single_subject_wf(
         names.add(run_wf.name)
         wf.add_nodes([run_wf])
     if crash_dir is None:
-        out = getattr(config, "output_dir", None)
-        work = getattr(config, "work_dir", None)
-        if out is not None:
-            crash_dir = Path(out) / f"sub-{subject}" / "log"
-        elif work is not None:
-            crash_dir = Path(work) / "log" / f"sub-{subject}"
+        if config.output_dir is not None:
+            crash_dir = Path(config.output_dir) / f"sub-{subject}" / "log"
+        elif config.work_dir is not None:
+            crash_dir = Path(config.work_dir) / "log" / f"sub-{subject}"
     crash = _crash_config(Path(crash_dir) if crash_dir is not None else None)
     wf.config = crash
     for node in _all_nodes(wf):
@@ -107,21 +107,18 @@ def _all_nodes(wf: pe.Workflow) -> list:
     return out
 
 
-def init_qsmprep_wf(config: Any, runs: Sequence[Any], *, run_uuid: str | None = None,
-                    write_files: bool = True) -> pe.Workflow:
-    """The qsmprep workflow for ``runs`` (:class:`~qsmprep.utils.bids.QsmRun`) under ``config``.
+def init_qsmprep_wf(config: "QsmprepConfig", runs: Sequence["QsmRun"], *, run_uuid: str | None = None) -> pe.Workflow:
+    """The qsmprep workflow for ``runs`` (:class:`~qsmprep.utils.bids.QsmRun`) under a validated ``config``.
 
     ``base_dir`` is ``config.work_dir`` so a re-run with the same work directory resumes. Each
-    participant's crash files go to ``OUTPUT_DIR/sub-<label>/log/<run_uuid>/``. With
-    ``write_files`` (default) and ``config.output_dir`` set, the dataset-level files are written now
-    (see the module docstring). The returned workflow's ``visit_desc()`` is the methods boilerplate.
+    participant's crash files go to ``OUTPUT_DIR/sub-<label>/log/<run_uuid>/``. The returned
+    workflow's ``visit_desc()`` is the methods boilerplate. Nothing is written.
     """
     runs = list(runs)
     if not runs:
         raise ValueError("no series to process")
     run_uuid = run_uuid or new_run_uuid()
-    work_dir = getattr(config, "work_dir", None)
-    output_dir = getattr(config, "output_dir", None)
+    work_dir, output_dir = config.work_dir, config.output_dir
     desc = build_boilerplate(config, runs)
     wf = QsmprepWorkflow("qsmprep_wf", base_dir=None if work_dir is None else str(work_dir), desc=desc)
     wf.config = _crash_config(None)
@@ -140,19 +137,4 @@ def init_qsmprep_wf(config: Any, runs: Sequence[Any], *, run_uuid: str | None = 
             crash_dir = Path(work_dir) / "log" / run_uuid / f"sub-{subject}"
         wf.add_nodes([init_single_subject_wf(subject, sub_runs, config, crash_dir=crash_dir)])
 
-    if write_files and output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_derivative_description(getattr(config, "bids_dir", None), out)
-        write_bidsignore(out)
-        write_citation(out, config, runs)
-        settings = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
-        settings["run_uuid"] = run_uuid
-        settings["method_params"] = dict(getattr(config, "method_params", None) or {})
-        for subject, sub_runs in by_subject.items():
-            atomic_write_json(
-                out / f"sub-{subject}" / "log" / run_uuid / "qsmprep.json",
-                dict(settings, series=[r.prefix() for r in sub_runs],
-                     workflows=[run_workflow_name(r) for r in sub_runs]),
-            )
     return wf

@@ -9,9 +9,9 @@ Graph (node names are stable: they are the keys of Nipype's cache in the work di
     reference + segmentation (config.segmentation_dir) -> [roi_stats] -> [ds_roi_stats]
 
 All physics lives in :mod:`qsmprep.qsm`; nodes are the thin interfaces of
-:mod:`qsmprep.interfaces.qsm`. Methods come from the config (``masking``, ``unwrapping``,
-``bgremove``, ``inversion``, ``reference``, ``r2star``, ``t2star``), their parameters from
-``config.method_params[<stage>]`` (or ``config.<stage>_params``) when the config has them.
+:mod:`qsmprep.interfaces.qsm`. Methods come from the validated config (``masking``, ``unwrapping``,
+``bgremove``, ``inversion``, ``reference``, ``r2star_method``), their parameters from
+``config.method_params.<stage>``; file names from the output spec (:mod:`qsmprep.outputs`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Sequence
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
@@ -44,8 +44,12 @@ from qsmprep.interfaces.reports import (
     check_segmentation_grid,
     find_segmentation,
 )
-from qsmprep.utils.boilerplate import canonical_method, method_params
-from qsmprep.utils.derivatives import derivative_path, run_sources
+from qsmprep.outputs import IMAGES, output
+from qsmprep.utils.derivatives import run_sources
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.utils.bids import QsmRun
 
 __all__ = ["init_qsm_wf", "init_ds_qsm_wf", "run_workflow_name", "omp_nthreads", "estimate_memory_gb"]
 
@@ -71,7 +75,7 @@ def _clean(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_")
 
 
-def run_workflow_name(run: Any) -> str:
+def run_workflow_name(run: "QsmRun") -> str:
     """``qsm_<entities without sub>_wf`` (e.g. ``qsm_ses_1_acq_qsm_run_1_wf``; ``qsm_wf`` when none)."""
     parts = []
     for key, pre in (("session", "ses"), ("acquisition", "acq"), ("run", "run")):
@@ -81,15 +85,12 @@ def run_workflow_name(run: Any) -> str:
     return "qsm_" + "_".join(parts) + "_wf" if parts else "qsm_wf"
 
 
-def omp_nthreads(config: Any) -> int:
+def omp_nthreads(config: "QsmprepConfig") -> int:
     """Threads per node: ``config.omp_nthreads``, else ``config.nprocs``, else all cores."""
-    for value in (getattr(config, "omp_nthreads", None), getattr(config, "nprocs", None)):
-        if value:
-            return max(1, int(value))
-    return max(1, os.cpu_count() or 1)
+    return max(1, int(config.omp_nthreads or config.nprocs or os.cpu_count() or 1))
 
 
-def _reference_image(run: Any) -> Path:
+def _reference_image(run: "QsmRun") -> Path:
     """The image that defines the output grid: echo-1 magnitude (else phase, else real)."""
     for attr in ("magnitude_files", "phase_files", "real_files"):
         files = getattr(run, attr, ())
@@ -98,7 +99,7 @@ def _reference_image(run: Any) -> Path:
     raise ValueError(f"run {getattr(run, 'subject', '?')} has no image files")
 
 
-def estimate_memory_gb(run: Any) -> tuple[float, float]:
+def estimate_memory_gb(run: "QsmRun") -> tuple[float, float]:
     """(one 3D float32 volume, one 4D float32 series) in GB, from the echo-1 header (0.01 GB if unreadable)."""
     try:
         import nibabel as nib
@@ -111,32 +112,15 @@ def estimate_memory_gb(run: Any) -> tuple[float, float]:
     return vol, vol * max(1, len(run.echo_times_s))
 
 
-def _check_run(run: Any, config: Any) -> None:
-    n_e = len(run.echo_times_s)
-    if n_e < 1:
-        raise ValueError(f"{run.prefix()}: no echo times")
-    has_phase = bool(getattr(run, "phase_files", ()))
-    has_complex = bool(getattr(run, "real_files", ())) and bool(getattr(run, "imag_files", ()))
-    if not (has_phase or has_complex):
-        raise ValueError(f"{run.prefix()}: neither phase nor real/imaginary images")
-    reference = canonical_method("reference", getattr(config, "reference", "mean"))
-    if reference == "csf" and n_e < 2:
-        raise ValueError(
-            f"{run.prefix()}: CSF referencing needs an R2* map, which needs at least 2 echoes "
-            f"(this series has {n_e}); use --reference mean"
-        )
-
-
 def _inversion_params(config) -> dict:
     """User parameters of the inversion, plus ``self_supervised_steps`` for the learned VarNet."""
-    params = method_params(config, "inversion")
-    steps = int(getattr(config, "self_supervised_steps", 0) or 0)
-    if steps and canonical_method("inversion", config.inversion) == "nextqsm":
-        params.setdefault("self_supervised_steps", steps)
+    params = config.method_params.for_stage("inversion")
+    if config.self_supervised_steps and config.inversion == "nextqsm":
+        params.setdefault("self_supervised_steps", int(config.self_supervised_steps))
     return params
 
 
-def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
+def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None) -> pe.Workflow:
     """QSM of one :class:`~qsmprep.utils.bids.QsmRun`: load -> offset -> mask -> unwrap -> B0 ->
     background removal -> inversion -> referencing, plus output sinks when ``config.output_dir`` is set.
 
@@ -148,12 +132,12 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
     implemented yet). Single-echo series skip MCPC-3D-S (the node passes the phase through) and cannot
     give R2*.
     """
-    _check_run(run, config)
     nthreads = omp_nthreads(config)
     vol_gb, vol4_gb = estimate_memory_gb(run)
     n_e = len(run.echo_times_s)
-    reference = canonical_method("reference", getattr(config, "reference", "mean"))
-    want_r2 = bool(getattr(config, "r2star", False) or getattr(config, "t2star", False))
+    reference = config.reference
+    params = config.method_params
+    want_r2 = bool(config.r2star or config.t2star)
     has_mag = bool(getattr(run, "magnitude_files", ())) or bool(getattr(run, "real_files", ()))
     if want_r2 and (n_e < 2 or not has_mag):
         LOGGER.warning("%s: R2*/T2* maps need >= 2 echoes with magnitude; not computed", run.prefix())
@@ -186,7 +170,7 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
     offset = pe.Node(
         PhaseOffsetCorrection(
             method="mcpc3ds" if n_e >= 2 else "none",
-            method_params=method_params(config, "offset"),
+            method_params=params.for_stage("offset"),
             num_threads=nthreads,
         ),
         name="phase_offset",
@@ -194,50 +178,45 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
         mem_gb=0.2 + 3 * vol4_gb + 12 * vol_gb,
     )
     mask = pe.Node(
-        Mask(method=canonical_method("masking", config.masking), method_params=method_params(config, "masking"),
-             num_threads=nthreads),
+        Mask(method=config.masking, method_params=params.for_stage("masking"), num_threads=nthreads),
         name="brain_mask",
         n_procs=nthreads,
         mem_gb=0.2 + 2 * vol4_gb + 12 * vol_gb,
     )
     unwrap = pe.Node(
-        Unwrap(method=canonical_method("unwrapping", config.unwrapping),
-               method_params=method_params(config, "unwrapping"), num_threads=nthreads),
+        Unwrap(method=config.unwrapping, method_params=params.for_stage("unwrapping"), num_threads=nthreads),
         name="unwrap",
         n_procs=nthreads,
         mem_gb=0.2 + 3 * vol4_gb + 12 * vol_gb,
     )
-    b0_params = method_params(config, "b0")
     fit_b0 = pe.Node(
-        FitB0(weighting=str(b0_params.get("weighting", "phase_snr")), num_threads=nthreads),
+        FitB0(method_params=params.for_stage("b0"), num_threads=nthreads),
         name="fit_b0",
         mem_gb=0.2 + 2 * vol4_gb + 6 * vol_gb,
     )
     bgremove = pe.Node(
-        BackgroundRemoval(method=canonical_method("bgremove", config.bgremove),
-                          method_params=method_params(config, "bgremove"), num_threads=nthreads,
-                          device=getattr(config, "device", "auto")),
+        BackgroundRemoval(method=config.bgremove, method_params=params.for_stage("bgremove"),
+                          num_threads=nthreads, device=config.device),
         name="bgremove",
         n_procs=nthreads,
         mem_gb=0.3 + 30 * vol_gb,
     )
     inversion = pe.Node(
-        DipoleInversion(method=canonical_method("inversion", config.inversion),
-                        method_params=_inversion_params(config), num_threads=nthreads,
-                        device=getattr(config, "device", "auto")),
+        DipoleInversion(method=config.inversion, method_params=_inversion_params(config), num_threads=nthreads,
+                        device=config.device),
         name="inversion",
         n_procs=nthreads,
         mem_gb=0.3 + 40 * vol_gb,
     )
     ref = pe.Node(
-        Reference(method=reference, method_params=method_params(config, "reference"), num_threads=nthreads),
+        Reference(method=reference, method_params=params.for_stage("reference"), num_threads=nthreads),
         name="reference",
         mem_gb=0.2 + 8 * vol_gb,
     )
-    sidecars = pe.Node(QsmSidecars(sources=run_sources(run, getattr(config, "bids_dir", None))), name="sidecars")
-    methods = {f"{stage}_method": canonical_method(stage, getattr(config, stage))
-               for stage in ("masking", "unwrapping", "bgremove", "inversion")}
-    methods["reference_method"] = reference
+    sidecars = pe.Node(QsmSidecars(sources=run_sources(run, config.bids_dir)), name="sidecars")
+    methods = {"masking_method": config.masking, "unwrapping_method": config.unwrapping,
+               "bgremove_method": config.bgremove, "inversion_method": config.inversion,
+               "reference_method": reference}
     qc = pe.Node(
         QCMetrics(methods=methods, series=run.prefix(), num_threads=nthreads),
         name="qc",
@@ -299,10 +278,8 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
         wf.connect([(ref, roi, [("chi_referenced", "chi")]), (bgremove, roi, [("mask_out", "mask")]),
                     (roi, outputnode, [("out_file", "roi_stats")])])
     if do_r2:
-        r2_params = method_params(config, "r2star")
-        r2_method = str(r2_params.pop("method", "loglinear"))
         r2star = pe.Node(
-            R2Star(method=r2_method, method_params=r2_params, num_threads=nthreads),
+            R2Star(method=config.r2star_method, method_params=params.for_stage("r2star"), num_threads=nthreads),
             name="r2star",
             mem_gb=0.2 + 2 * vol4_gb + 10 * vol_gb,
         )
@@ -317,55 +294,34 @@ def init_qsm_wf(run: Any, config: Any, name: str | None = None) -> pe.Workflow:
         if reference == "csf":
             wf.connect(r2star, "r2star", ref, "r2star")
 
-    output_dir = getattr(config, "output_dir", None)
+    output_dir = config.output_dir
     if output_dir is not None:
-        ds_wf = init_ds_qsm_wf(
-            run,
-            output_dir,
-            r2star=want_r2 and bool(getattr(config, "r2star", False)),
-            t2star=want_r2 and bool(getattr(config, "t2star", False)),
-            reference_mask=reference == "csf",
-        )
-        # fmt: off
-        wf.connect([
-            (ref, ds_wf, [("chi_referenced", "inputnode.chi")]),
-            (bgremove, ds_wf, [("mask_out", "inputnode.mask"), ("local_field", "inputnode.local_field_ppm")]),
-            (fit_b0, ds_wf, [("fieldmap_hz", "inputnode.fieldmap_hz")]),
-            (sidecars, ds_wf, [("chimap", "inputnode.chimap_meta"), ("brain_mask", "inputnode.mask_meta"),
-                               ("total_fieldmap", "inputnode.total_fieldmap_meta"),
-                               ("local_fieldmap", "inputnode.local_fieldmap_meta"),
-                               ("r2starmap", "inputnode.r2starmap_meta"), ("t2starmap", "inputnode.t2starmap_meta"),
-                               ("reference_mask", "inputnode.reference_mask_meta")]),
-        ])
-        # fmt: on
+        # the images written (keys of the output spec) and the node output that holds each
+        images = {"chimap": (ref, "chi_referenced"), "brain_mask": (bgremove, "mask_out"),
+                  "total_fieldmap": (fit_b0, "fieldmap_hz"), "local_fieldmap": (bgremove, "local_field")}
+        if want_r2 and config.r2star:
+            images["r2starmap"] = (r2star, "r2star")
+        if want_r2 and config.t2star:
+            images["t2starmap"] = (r2star, "t2star")
         if reference == "csf":
-            wf.connect(ref, "reference_mask", ds_wf, "inputnode.reference_mask")
-        if want_r2:
-            wf.connect([(r2star, ds_wf, [("r2star", "inputnode.r2star"), ("t2star", "inputnode.t2star")])])
+            images["reference_mask"] = (ref, "reference_mask")
+        ds_wf = init_ds_qsm_wf(run, output_dir, list(images))
+        for key, (node, field) in images.items():
+            wf.connect([(node, ds_wf, [(field, f"inputnode.{key}")]),
+                        (sidecars, ds_wf, [(key, f"inputnode.{key}_meta")])])
         # the QC JSON and ROI TSV sit next to the Chimap (text files: copied, not DerivativesDataSink)
-        ds_qc = pe.Node(
-            DerivativeFileSink(
-                out_file=str(derivative_path(output_dir, run, "metrics", desc="qc", extension=".json").absolute())
-            ),
-            name="ds_qc_metrics",
-            run_without_submitting=True,
-        )
-        wf.connect(qc, "out_file", ds_qc, "in_file")
-        if roi is not None:
-            ds_roi = pe.Node(
-                DerivativeFileSink(
-                    out_file=str(derivative_path(output_dir, run, "stats", desc="roi", extension=".tsv").absolute())
-                ),
-                name="ds_roi_stats",
-                run_without_submitting=True,
-            )
-            wf.connect(roi, "out_file", ds_roi, "in_file")
+        tables = [("qc_metrics", qc)] + ([("roi_stats", roi)] if roi is not None else [])
+        for key, node in tables:
+            spec = output(key)
+            sink = pe.Node(DerivativeFileSink(out_file=str(spec.path(output_dir, run).absolute())), name=spec.sink,
+                           run_without_submitting=True)
+            wf.connect(node, "out_file", sink, "in_file")
     return wf
 
 
-def _segmentation(run: Any, config: Any) -> tuple[Path, Path | None] | None:
+def _segmentation(run: "QsmRun", config: "QsmprepConfig") -> tuple[Path, Path | None] | None:
     """The run's segmentation in ``config.segmentation_dir`` (checked to be on the echo-1 grid), or None."""
-    seg_dir = getattr(config, "segmentation_dir", None)
+    seg_dir = config.segmentation_dir
     if seg_dir is None:
         return None
     found = find_segmentation(seg_dir, run)
@@ -379,60 +335,25 @@ def _segmentation(run: Any, config: Any) -> tuple[Path, Path | None] | None:
     return found
 
 
-_DS_FIELDS = [
-    "chi",
-    "mask",
-    "fieldmap_hz",
-    "local_field_ppm",
-    "r2star",
-    "t2star",
-    "reference_mask",
-    "chimap_meta",
-    "mask_meta",
-    "total_fieldmap_meta",
-    "local_fieldmap_meta",
-    "r2starmap_meta",
-    "t2starmap_meta",
-    "reference_mask_meta",
-]
-
-
-def init_ds_qsm_wf(
-    run: Any,
-    output_dir: str | os.PathLike,
-    r2star: bool = False,
-    t2star: bool = False,
-    reference_mask: bool = False,
-    name: str = "ds_qsm_wf",
-) -> pe.Workflow:
-    """Sinks of one run's derivatives (see :mod:`qsmprep.utils.derivatives` for names and units).
+def init_ds_qsm_wf(run: "QsmRun", output_dir: str | os.PathLike, images: Sequence[str],
+                   name: str = "ds_qsm_wf") -> pe.Workflow:
+    """Sinks of one run's derivative images: ``images`` are keys of the output spec
+    (:data:`qsmprep.outputs.IMAGES`); ``inputnode.<key>`` takes the image, ``inputnode.<key>_meta`` its
+    sidecar metadata.
 
     Every sink checks that its image has the shape and affine of the echo-1 magnitude.
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=_DS_FIELDS), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=[f for k in images for f in (k, f"{k}_meta")]),
+                        name="inputnode")
     reference = str(_reference_image(run))
-    out = Path(output_dir)
-    specs = [
-        ("ds_chimap", "chi", "chimap_meta", derivative_path(out, run, "Chimap"), "float32"),
-        ("ds_mask", "mask", "mask_meta", derivative_path(out, run, "mask", desc="brain"), "uint8"),
-        ("ds_total_fieldmap", "fieldmap_hz", "total_fieldmap_meta",
-         derivative_path(out, run, "fieldmap", desc="total"), "float32"),
-        ("ds_local_fieldmap", "local_field_ppm", "local_fieldmap_meta",
-         derivative_path(out, run, "fieldmap", desc="local"), "float32"),
-    ]
-    if r2star:
-        specs.append(("ds_r2starmap", "r2star", "r2starmap_meta", derivative_path(out, run, "R2starmap"), "float32"))
-    if t2star:
-        specs.append(("ds_t2starmap", "t2star", "t2starmap_meta", derivative_path(out, run, "T2starmap"), "float32"))
-    if reference_mask:
-        specs.append(("ds_reference_mask", "reference_mask", "reference_mask_meta",
-                      derivative_path(out, run, "mask", label="CSF"), "uint8"))
-    for node_name, field, meta, path, dtype in specs:
+    for key in images:
+        spec = IMAGES[key]
         node = pe.Node(
-            DerivativesDataSink(out_file=str(path.absolute()), data_dtype=dtype, reference=reference),
-            name=node_name,
+            DerivativesDataSink(out_file=str(spec.path(output_dir, run).absolute()), data_dtype=spec.dtype,
+                                reference=reference),
+            name=spec.sink,
             run_without_submitting=True,
         )
-        wf.connect([(inputnode, node, [(field, "in_file"), (meta, "metadata")])])
+        wf.connect([(inputnode, node, [(key, "in_file"), (f"{key}_meta", "metadata")])])
     return wf

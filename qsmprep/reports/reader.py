@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from urllib.parse import unquote, urlparse
 
+from qsmprep.outputs import IMAGES, output
+
 __all__ = [
     "MAPS",
     "ProcessedRun",
@@ -35,19 +37,9 @@ __all__ = [
     "echo1_sources",
 ]
 
-#: key -> file-name suffix (after ``<prefix>_``) of the per-run images qsmprep writes
-MAPS: dict[str, str] = {
-    "chimap": "Chimap",
-    "mask": "desc-brain_mask",
-    "total": "desc-total_fieldmap",
-    "local": "desc-local_fieldmap",
-    "r2star": "R2starmap",
-    "t2star": "T2starmap",
-    "csf": "label-CSF_mask",
-}
-QC_SUFFIX = "desc-qc_metrics.json"
-ROI_SUFFIX = "desc-roi_stats.tsv"
-ROI_COLUMNS = ("label", "name", "n_voxels", "mean_ppm", "median_ppm", "std_ppm")
+#: key (of the output spec, :data:`qsmprep.outputs.IMAGES`) -> file-name stem (after ``<prefix>_``) of the
+#: per-run images qsmprep writes
+MAPS: dict[str, str] = {key: spec.stem for key, spec in IMAGES.items()}
 
 _ENTITY_KEYS = {"sub": "subject", "ses": "session", "acq": "acquisition", "run": "run"}
 
@@ -87,7 +79,7 @@ class ProcessedRun:
         return self.entities.get("run")
 
     def path(self, key: str, ext: str = ".nii.gz") -> Path:
-        """Path of a map (key of :data:`MAPS`, or a literal suffix such as ``"desc-qc_metrics"``)."""
+        """Path of a map (key of :data:`MAPS`, or a literal stem such as ``"desc-qc_metrics"``)."""
         return self.anat_dir / f"{self.prefix}_{MAPS.get(key, key)}{ext}"
 
     def has(self, key: str) -> bool:
@@ -95,11 +87,11 @@ class ProcessedRun:
 
     @property
     def qc_json(self) -> Path:
-        return self.anat_dir / f"{self.prefix}_{QC_SUFFIX}"
+        return self.anat_dir / output("qc_metrics").name(self.prefix)
 
     @property
     def roi_tsv(self) -> Path:
-        return self.anat_dir / f"{self.prefix}_{ROI_SUFFIX}"
+        return self.anat_dir / output("roi_stats").name(self.prefix)
 
     @property
     def anchor(self) -> str:

@@ -1,0 +1,160 @@
+"""The output spec: every file qsmprep writes into OUTPUT_DIR, defined once as data.
+
+The workflow's sinks (:func:`qsmprep.workflows.qsm.init_ds_qsm_wf`), the ``.bidsignore``
+(:func:`bidsignore_text`), the report reader (:mod:`qsmprep.reports.reader`) and the table of
+docs/outputs.md (:func:`markdown_table`, kept equal to the docs by a test) all read it.
+
+Per series the files are ``sub-<s>/[ses-<t>/]anat/<prefix>_<stem><extension>`` (``<prefix>`` the raw
+entities without ``echo`` and ``part``; :attr:`Output.stem`), each image with a JSON sidecar. Dataset
+level: ``dataset_description.json``, ``.bidsignore``, ``logs/CITATION.md``/``.bib``, per participant
+``sub-<s>/log/<run_uuid>/`` (crash files and ``qsmprep.toml``, the settings of the run), the HTML
+reports and the group tables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Output",
+    "OUTPUTS",
+    "IMAGES",
+    "ROI_COLUMNS",
+    "output",
+    "run_anat_dir",
+    "bidsignore_text",
+    "markdown_table",
+]
+
+#: Columns of the ROI statistics table (``_desc-roi_stats.tsv``).
+ROI_COLUMNS = ("label", "name", "n_voxels", "mean_ppm", "median_ppm", "std_ppm")
+
+# why a file is not BIDS data (the comment lines of .bidsignore, in this order)
+_LOGS = "qsmprep: logs, crash files and the run settings are not BIDS data"
+_FIELDMAPS = "the B0 field map and local field have no anat suffix in BIDS (qsmprep writes them as *_fieldmap)"
+_TABLES = "QC metrics and ROI statistics are qsmprep tables, not BIDS files"
+_REPORTS = "reports (HTML and figures) and the group-level tables"
+
+
+@dataclass(frozen=True)
+class Output:
+    """One per-series derivative file."""
+
+    #: key of the file (also the key of its sidecar in :func:`qsmprep.utils.derivatives.build_sidecars`)
+    key: str
+    suffix: str
+    content: str
+    units: str = ""
+    #: where the values are defined (images)
+    defined_in: str = ""
+    #: when it is written
+    when: str = "always"
+    desc: str | None = None
+    label: str | None = None
+    extension: str = ".nii.gz"
+    #: on-disk data type of an image (None: a table)
+    dtype: str | None = "float32"
+    #: why it is not BIDS data (listed in .bidsignore), None when it is
+    not_bids: str | None = None
+
+    @property
+    def stem(self) -> str:
+        """``[label-<l>_][desc-<d>_]<suffix>`` (the name after ``<prefix>_``, without extension)."""
+        parts = ([f"label-{self.label}"] if self.label else []) + ([f"desc-{self.desc}"] if self.desc else [])
+        return "_".join(parts + [self.suffix])
+
+    @property
+    def is_image(self) -> bool:
+        return self.dtype is not None
+
+    @property
+    def sink(self) -> str:
+        """Name of the workflow node that writes it."""
+        return f"ds_{self.key}"
+
+    def name(self, prefix: str, extension: str | None = None) -> str:
+        return f"{prefix}_{self.stem}{self.extension if extension is None else extension}"
+
+    def path(self, output_dir: str | os.PathLike, run: Any) -> Path:
+        """``OUTPUT_DIR/sub-<s>/[ses-<t>/]anat/<prefix>_<stem><extension>`` of a run (a
+        :class:`~qsmprep.utils.bids.QsmRun`)."""
+        return Path(output_dir) / run_anat_dir(run) / self.name(run.prefix())
+
+    @property
+    def ignore_pattern(self) -> str:
+        """Its .bidsignore pattern (images with their sidecar)."""
+        return f"*_{self.stem}.*" if self.is_image else f"*_{self.stem}{self.extension}"
+
+
+OUTPUTS: tuple[Output, ...] = (
+    Output("chimap", "Chimap", "magnetic susceptibility, referenced (see `ReferenceRegion`)", "ppm",
+           "`desc-brain_mask`; 0 outside"),
+    Output("brain_mask", "mask", "final brain mask: the masking step's mask after the erosion of background field "
+           "removal; region of the local field and of the Chimap", "0/1", "whole image", desc="brain", dtype="uint8"),
+    Output("total_fieldmap", "fieldmap", "B0 field map (frequency offset) fitted from the unwrapped echoes, "
+           "including background fields", "Hz", "masking-step mask (before erosion); 0 outside", desc="total",
+           not_bids=_FIELDMAPS),
+    Output("local_fieldmap", "fieldmap", "local field dB/B0 after background field removal", "ppm",
+           "`desc-brain_mask`; 0 outside", desc="local", not_bids=_FIELDMAPS),
+    Output("r2starmap", "R2starmap", "R2* from the magnitude decay", "1/s", "masking-step mask; 0 outside",
+           when="`--r2star`"),
+    Output("t2starmap", "T2starmap", "T2* = 1/R2*", "s", "masking-step mask; 0 outside and where R2* <= 0",
+           when="`--t2star`"),
+    Output("reference_mask", "mask", "reference region of `--reference csf` (ventricular CSF)", "0/1", "whole image",
+           when="`--reference csf`", label="CSF", dtype="uint8"),
+    Output("qc_metrics", "metrics", "QC metrics and their flags (see docs/qc.md)", when="always", desc="qc",
+           extension=".json", dtype=None, not_bids=_TABLES),
+    Output("roi_stats", "stats", "susceptibility statistics per region of a segmentation (columns "
+           + ", ".join(f"`{c}`" for c in ROI_COLUMNS) + ")", when="`--segmentation-dir`", desc="roi",
+           extension=".tsv", dtype=None, not_bids=_TABLES),
+)
+
+#: the per-series images (with sidecars), by key
+IMAGES: dict[str, Output] = {o.key: o for o in OUTPUTS if o.is_image}
+_BY_KEY: dict[str, Output] = {o.key: o for o in OUTPUTS}
+
+#: files and folders outside the series' anat folders that are not BIDS data: (reason, pattern)
+_DATASET_NOT_BIDS: tuple[tuple[str, str], ...] = (
+    (_LOGS, "logs/"),
+    (_LOGS, "sub-*/log"),
+    (_REPORTS, "sub-*.html"),
+    (_REPORTS, "sub-*/figures"),
+    (_REPORTS, "group.html"),
+    (_REPORTS, "group_*.tsv"),
+    (_REPORTS, "group"),
+)
+
+
+def output(key: str) -> Output:
+    """The spec of one per-series file (``KeyError`` for unknown keys)."""
+    return _BY_KEY[key]
+
+
+def run_anat_dir(run: Any) -> Path:
+    """``sub-<s>/[ses-<t>/]anat`` (relative) of a run."""
+    rel = Path(f"sub-{run.subject}")
+    if getattr(run, "session", None):
+        rel = rel / f"ses-{run.session}"
+    return rel / "anat"
+
+
+def bidsignore_text() -> str:
+    """``OUTPUT_DIR/.bidsignore``: every file of the spec that is not BIDS data, with the reason."""
+    entries = list(_DATASET_NOT_BIDS) + [(o.not_bids, o.ignore_pattern) for o in OUTPUTS if o.not_bids]
+    lines: list[str] = []
+    for reason in (_LOGS, _FIELDMAPS, _TABLES, _REPORTS):
+        lines.append(f"# {reason}")
+        lines += [pattern for r, pattern in entries if r == reason]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    """The per-series file table of docs/outputs.md."""
+    rows = ["| file | content | units | defined in | written |", "|---|---|---|---|---|"]
+    for o in OUTPUTS:
+        rows.append(f"| `_{o.stem}{'' if o.is_image else o.extension}` | {o.content} | {o.units} | "
+                    f"{o.defined_in} | {o.when} |")
+    return "\n".join(rows) + "\n"
