@@ -277,7 +277,8 @@ CASES = [
         65,
         ["BIDS validation failed", "EMPTY_FILE", "--skip-bids-validation"],
         "sub-01/anat/notes.txt",
-        marks=pytest.mark.skipif(not HAS_VALIDATOR, reason="bids-validator-deno not installed"),
+        marks=[pytest.mark.integration,
+               pytest.mark.skipif(not HAS_VALIDATOR, reason="bids-validator-deno not installed")],
         id="invalid-bids",
     ),
 ]
@@ -506,6 +507,7 @@ def test_good_input_hands_off_to_workflow(tmp_path, capsys, monkeypatch):
     assert tree_digest(bids) == before
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not HAS_VALIDATOR, reason="bids-validator-deno not installed")
 def test_good_input_passes_the_validator(tmp_path, capsys, monkeypatch):
     """The base dataset of the corpus is valid BIDS, so the validator case fails for its own reason."""

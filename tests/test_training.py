@@ -70,6 +70,7 @@ def test_qsmnet_plus_augmentation_range_and_sign():
     assert min(c.min() for c in extremes) < -0.5 and max(c.max() for c in extremes) > 0.5
 
 
+@pytest.mark.integration
 def test_hybrid_brain_samples():
     a = D.hybrid_brain_sample(np.random.default_rng(1), 16, target="chi", max_tilt_deg=30.0,
                               voxel_sizes_mm=((1, 1, 1), (0.75, 0.75, 1.5)), **HYB)
@@ -198,6 +199,7 @@ def test_time_budget_and_schedule(tmp_path):
     assert learning_rate(c, 25) == pytest.approx(2.5e-4)
 
 
+@pytest.mark.integration
 def test_varnet_and_uqsm_paths(tmp_path):
     cfg = _tiny_cfg(kind="nextqsm-varnet", model=dict(arch="varnet", steps=2, width=2, depth=0), batch_size=2,
                     steps=2, n_val=1, validate_every=2, data=dict(max_tilt_deg=30.0, **HYB))
