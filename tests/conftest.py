@@ -28,10 +28,11 @@ SHAPES_TES = (0.004, 0.008, 0.012, 0.016)
 
 
 def pytest_addoption(parser, pluginmanager):
-    """Accept (and ignore) pyproject's ``--numprocesses=2`` when xdist is disabled (``-p no:xdist``) or absent."""
+    """Accept (and ignore) pyproject's ``--numprocesses=2 --dist=loadscope`` when xdist is disabled
+    (``-p no:xdist``) or not installed."""
     if not pluginmanager.has_plugin("xdist"):
-        parser.addoption("--numprocesses", dest="numprocesses", default=None,
-                         help="ignored: pytest-xdist is not active")
+        parser.addoption("--numprocesses", dest="numprocesses", default=None, help="ignored: xdist is not active")
+        parser.addoption("--dist", dest="dist", default="no", help="ignored: xdist is not active")
 
 
 def _read_only(obj):

@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import write_json
 
 from qsmprep.cli.run import main
 from qsmprep.utils.bids import QsmRun, collect_runs, load_bids_filters
@@ -40,13 +41,8 @@ def _save(path: Path, data: np.ndarray, affine=None) -> None:
     nib.save(img, str(path))
 
 
-def _json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
-
-
 def _describe(root: Path, subjects=("01",)) -> None:
-    _json(
+    write_json(
         root / "dataset_description.json",
         {"Name": "qsmprep test", "BIDSVersion": "1.10.0", "DatasetType": "raw", "Authors": ["A", "B"], "License": "CC0"},
     )
@@ -82,7 +78,7 @@ def write_series(
             if part == "phase":
                 meta["Units"] = "rad"
             meta.update(meta_extra or {})
-            _json(stem.with_name(stem.name + ".json"), meta)
+            write_json(stem.with_name(stem.name + ".json"), meta)
 
 
 def make_good(root: Path) -> Path:
@@ -373,7 +369,7 @@ def test_collect_runs_sessions_runs_acq_and_echo_order(tmp_path):
     root = tmp_path / "bids"
     _describe(root, subjects=("01", "02"))
     # top-level inherited sidecar supplies MagneticFieldStrength for everything
-    _json(root / "MEGRE.json", {"MagneticFieldStrength": 7.0})
+    write_json(root / "MEGRE.json", {"MagneticFieldStrength": 7.0})
     tes11 = tuple(0.002 * (i + 1) for i in range(11))
     names = ["01", "02", "3", "4", "5", "6", "7", "8", "9", "10", "11"]  # zero padding and >9 echoes
     for ses in ("1", "2"):
