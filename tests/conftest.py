@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def shapes_bids(tmp_path_factory):
     runs with ``echo_times_s=SHAPES_TES, b0_tesla=3.0, snr=100, seed=1`` updated by ``simulate_kwargs``;
     ``write_bids_dataset(bids_dir, sim, subjects=["01"], **write_kwargs)`` writes it (the simulator's
     ground truth goes to ``bids_dir/derivatives/qsmprep-simulate``); ``runs`` is
-    ``collect_runs(bids_dir)``. Each distinct set of arguments is simulated and written once per
+    ``tuple(collect_runs(bids_dir))``. Each distinct set of arguments is simulated and written once per
     session; the returned folder is shared: read it, write nothing into it.
     """
     cache: dict[str, tuple[Path, list[QsmRun], object]] = {}
@@ -88,7 +89,7 @@ def shapes_bids(tmp_path_factory):
             sim = _read_only(simulate_gre(phantom, **sim_kw))
             bids = tmp_path_factory.mktemp("shapes_bids") / "bids"
             write_bids_dataset(bids, sim, **write_kw)
-            cache[key] = (bids, collect_runs(bids), sim)
+            cache[key] = (bids, tuple(collect_runs(bids)), sim)
         return cache[key]
 
     return make
@@ -100,8 +101,9 @@ def shapes_bids(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory) -> dict[str, QsmRun]:
-    """:class:`QsmRun` s of 4^3 NIfTI files, enough to build (not run) the QSM workflow:
+def tiny_runs(tmp_path_factory) -> MappingProxyType:
+    """Read-only mapping of (frozen) :class:`QsmRun` s of 4^3 NIfTI files, enough to build (not run) the
+    QSM workflow:
 
     ``"multi"`` (4 echoes, magnitude + phase, session 1), ``"single"`` (its first echo only) and
     ``"complex"`` (4 echoes as real/imaginary pairs, run 2).
@@ -128,4 +130,4 @@ def tiny_runs(tmp_path_factory) -> dict[str, QsmRun]:
                       real_files=tuple(write("real", e, "2") for e in echoes),
                       imag_files=tuple(write("imag", e, "2") for e in echoes),
                       echo_times_s=SHAPES_TES, phase_units=None, **common)
-    return {"multi": multi, "single": single, "complex": complex_}
+    return MappingProxyType({"multi": multi, "single": single, "complex": complex_})
