@@ -18,6 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import write_json
 
 from qsmprep.cli.run import main
 from qsmprep.utils.bids import QsmRun, collect_runs, load_bids_filters
@@ -42,13 +43,8 @@ def _save(path: Path, data: np.ndarray, affine=None) -> None:
     nib.save(img, str(path))
 
 
-def _json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1))
-
-
 def _describe(root: Path, subjects=("01",)) -> None:
-    _json(
+    write_json(
         root / "dataset_description.json",
         {"Name": "qsmprep test", "BIDSVersion": "1.10.0", "DatasetType": "raw", "Authors": ["A", "B"], "License": "CC0"},
     )
@@ -84,7 +80,7 @@ def write_series(
             if part == "phase":
                 meta["Units"] = "rad"
             meta.update(meta_extra or {})
-            _json(stem.with_name(stem.name + ".json"), meta)
+            write_json(stem.with_name(stem.name + ".json"), meta)
 
 
 def make_good(root: Path) -> Path:
@@ -279,7 +275,8 @@ CASES = [
         65,
         ["BIDS validation failed", "EMPTY_FILE", "--skip-bids-validation"],
         "sub-01/anat/notes.txt",
-        marks=pytest.mark.skipif(not HAS_VALIDATOR, reason="bids-validator-deno not installed"),
+        marks=[pytest.mark.integration,
+               pytest.mark.skipif(not HAS_VALIDATOR, reason="bids-validator-deno not installed")],
         id="invalid-bids",
     ),
 ]
@@ -374,7 +371,7 @@ def test_collect_runs_sessions_runs_acq_and_echo_order(tmp_path):
     root = tmp_path / "bids"
     _describe(root, subjects=("01", "02"))
     # top-level inherited sidecar supplies MagneticFieldStrength for everything
-    _json(root / "MEGRE.json", {"MagneticFieldStrength": 7.0})
+    write_json(root / "MEGRE.json", {"MagneticFieldStrength": 7.0})
     tes11 = tuple(0.002 * (i + 1) for i in range(11))
     names = ["01", "02", "3", "4", "5", "6", "7", "8", "9", "10", "11"]  # zero padding and >9 echoes
     for ses in ("1", "2"):
@@ -508,6 +505,7 @@ def test_good_input_hands_off_to_workflow(tmp_path, capsys, monkeypatch):
     assert tree_digest(bids) == before
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not HAS_VALIDATOR, reason="bids-validator-deno not installed")
 def test_good_input_passes_the_validator(tmp_path, capsys, monkeypatch):
     """The base dataset of the corpus is valid BIDS, so the validator case fails for its own reason."""

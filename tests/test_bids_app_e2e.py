@@ -37,7 +37,7 @@ from qsmprep.cli.run import main
 from qsmprep.config import QsmprepConfig
 from qsmprep.qsm.metrics import dgm_slope, nrmse
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 TES = (0.004, 0.008, 0.012, 0.016)
 TILT_DEG = 20.0
@@ -142,13 +142,13 @@ def _qsmprep_argv(bids: Path, out: Path, work: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
+def dataset(tmp_path_factory, head_phantom_2mm):
     """Raw BIDS dataset + truth (``bids/derivatives/qsmprep-simulate``); the input tree's hashes."""
-    from qsmprep.simulate import make_head_phantom, simulate_gre, write_bids_dataset
+    from qsmprep.simulate import simulate_gre, write_bids_dataset
 
     root = tmp_path_factory.mktemp("bids_app")
     bids = root / "bids"
-    phantom = make_head_phantom(downsample=2, seed=0)  # 99 x 117 x 95 at 2 mm
+    phantom = head_phantom_2mm  # 99 x 117 x 95 at 2 mm (session fixture, shared)
     sims = {
         ("1", "1"): simulate_gre(phantom, echo_times_s=TES, snr=50.0, seed=11),
         ("1", "2"): simulate_gre(phantom, echo_times_s=TES, snr=50.0, seed=12),

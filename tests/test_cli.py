@@ -98,6 +98,7 @@ def test_usage_errors_exit_64_with_one_line(tmp_path, capsys, argv, needle):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_console_script_exit_status(tmp_path):
     """`qsmprep` (console script, sys.exit(main())) exits 64 on usage errors and 0 for --version."""
     exe = shutil.which("qsmprep")
@@ -250,18 +251,17 @@ def test_input_error_format():
     assert str(err) == "/data/x.json: EchoTime is missing. Add it." and err.code == 65
 
 
-def test_parser_builds_quickly_and_has_no_heavy_imports():
-    """--help must stay quick: neither nipype nor pybids nor torch are imported to build the parser."""
+def test_parser_has_no_heavy_imports():
+    """--help must stay quick: neither nipype nor pybids nor torch are imported to build the parser.
+
+    Its wall time (target <= 20 s) is measured by benchmarks/bench_reports.py."""
     code = (
-        "import sys, time; t = time.perf_counter(); "
+        "import sys; "
         "from qsmprep.cli.parser import build_parser; build_parser(); "
-        "heavy = [m for m in ('nipype', 'bids', 'torch') if m in sys.modules]; "
-        "print(heavy, time.perf_counter() - t)"
+        "print([m for m in ('nipype', 'bids', 'torch') if m in sys.modules])"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    heavy, seconds = proc.stdout.rsplit("]", 1)
-    assert heavy.strip() == "[", proc.stdout
-    assert float(seconds) < 20.0
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def test_demo_rejects_foreign_folder(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import partial_volume_sphere
 
 from qsmprep.qsm import fft as qfft
 from qsmprep.qsm.geometry import (
@@ -15,19 +16,6 @@ from qsmprep.qsm.geometry import (
 )
 
 
-def _partial_volume_sphere(n: int, radius_vox: float, supersample: int = 4):
-    """A centred sphere with partial-volume edges (fraction of sub-voxels inside)."""
-    c = (np.arange(n) - n // 2).astype(np.float32)
-    x, y, z = np.meshgrid(c, c, c, indexing="ij")
-    chi = np.zeros((n, n, n), np.float32)
-    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
-    for dx in offsets:
-        for dy in offsets:
-            for dz in offsets:
-                chi += (x + dx) ** 2 + (y + dy) ** 2 + (z + dz) ** 2 <= radius_vox**2
-    return chi / supersample**3, (x, y, z)
-
-
 @pytest.mark.parametrize(
     "b0_dir",
     [np.array([0.0, 0.0, 1.0]), rotation_matrix([1.0, 0.3, 0.0], 20.0) @ np.array([0.0, 0.0, 1.0])],
@@ -36,7 +24,7 @@ def _partial_volume_sphere(n: int, radius_vox: float, supersample: int = 4):
 def test_sphere_field_matches_closed_form(b0_dir):
     """Outside a uniform sphere the field is that of a point dipole: a^3 dchi/3 (3cos^2 - 1)/r^3."""
     n, a, dchi = 80, 8.0, 0.5
-    chi, (x, y, z) = _partial_volume_sphere(n, a)
+    chi, (x, y, z) = partial_volume_sphere(n, a)
     field = forward_field_ppm(chi * dchi, (1.0, 1.0, 1.0), b0_dir, pad_voxels=40)
     r = np.sqrt(x**2 + y**2 + z**2)
     cos = (x * b0_dir[0] + y * b0_dir[1] + z * b0_dir[2]) / np.maximum(r, 1e-6)

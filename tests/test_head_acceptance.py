@@ -16,14 +16,16 @@ from qsmprep.qsm.constants import GAMMA_BAR_HZ_PER_T
 from qsmprep.qsm.multiecho import fit_b0_hz, mcpc3ds
 from qsmprep.qsm.registry import BGREMOVE, INVERSION
 from qsmprep.qsm.unwrap import romeo_unwrap_multiecho
-from qsmprep.simulate import make_head_phantom, simulate_gre
+from qsmprep.simulate import simulate_gre
+
+pytestmark = pytest.mark.integration
 
 TWO_PI = 2.0 * np.pi
 
 
 @pytest.fixture(scope="module")
-def phantom():
-    return make_head_phantom(downsample=2, seed=0)
+def phantom(head_phantom_2mm):
+    return head_phantom_2mm
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import save_nifti
 
 from qsmprep.interfaces.bids import DerivativesDataSink, QsmSidecars
 from qsmprep.interfaces.qsm import (
@@ -40,11 +41,7 @@ B0_T = 3.0
 
 
 def _save(path: Path, data, affine, dtype=np.float32) -> str:
-    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
-    return str(path)
+    return save_nifti(path, data, affine, dtype, scanner_codes=True)
 
 
 @pytest.fixture(scope="module")

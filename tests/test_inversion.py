@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
+from helpers import centred_grid_mm, ellipsoid
 
 from qsmprep.qsm import fft as qfft
 from qsmprep.qsm import inversion as inv
 from qsmprep.qsm.geometry import dipole_kernel, forward_field_ppm, rotation_matrix
+from qsmprep.qsm.metrics import nrmse
 from qsmprep.qsm.registry import INVERSION
 
 N = 64
@@ -14,18 +16,13 @@ NOISE_PPM = 2e-3
 OBLIQUE_B0 = rotation_matrix([1.0, 0.3, 0.0], 20.0) @ np.array([0.0, 0.0, 1.0])
 
 
-def _grid(shape, voxel_size_mm):
-    c = [(n - 1) / 2 for n in shape]
-    return np.meshgrid(*[(np.arange(n) - ci) * v for n, ci, v in zip(shape, c, voxel_size_mm)], indexing="ij")
-
-
 def make_phantom(shape=(N, N, N), voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0, 0, 1), noise=NOISE_PPM, seed=0):
     """Brain-like ellipsoid mask with a weakly diamagnetic 'white matter' core, deep-grey-matter-like
     ellipsoids (-0.08..+0.2 ppm) and three thin 'veins' (0.2 ppm); field = D*chi inside the mask + noise."""
-    x, y, z = _grid(shape, voxel_size_mm)
+    x, y, z = g = centred_grid_mm(shape, voxel_size_mm)
 
     def ell(c, s):
-        return ((x - c[0]) / s[0]) ** 2 + ((y - c[1]) / s[1]) ** 2 + ((z - c[2]) / s[2]) ** 2 <= 1
+        return ellipsoid(g, c, s)
 
     mask = ell((0, 0, 0), (26, 29, 23))
     chi = np.zeros(shape, np.float32)
@@ -50,13 +47,6 @@ def make_phantom(shape=(N, N, N), voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0, 0, 1
     rng = np.random.default_rng(seed)
     field = (field + rng.normal(0.0, noise, shape).astype(np.float32)) * mask
     return chi, field.astype(np.float32), mask
-
-
-def nrmse(x, t, m):
-    """Demeaned NRMSE (%) inside the mask (kept local so the test does not depend on metrics.py)."""
-    r = x[m] - x[m].mean()
-    g = t[m] - t[m].mean()
-    return 100.0 * np.linalg.norm(r - g) / np.linalg.norm(g)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from helpers import save_nifti
 
-torch = pytest.importorskip("torch")
-
-from qsmprep.methods import names as method_choices  # noqa: E402
-from qsmprep.cli.run import main  # noqa: E402
-from qsmprep.interfaces.qsm import BackgroundRemoval, DipoleInversion  # noqa: E402
-from qsmprep.nn.models import save_model  # noqa: E402
-from qsmprep.nn.unet import UNet3d  # noqa: E402
-from qsmprep.qsm.geometry import forward_field_ppm  # noqa: E402
-from qsmprep.methods import method_label, method_references  # noqa: E402
+from qsmprep.cli.run import main
+from qsmprep.interfaces.qsm import BackgroundRemoval, DipoleInversion
+from qsmprep.methods import method_label, method_references
+from qsmprep.methods import names as method_choices
+from qsmprep.nn.models import save_model
+from qsmprep.nn.unet import UNet3d
+from qsmprep.qsm.geometry import forward_field_ppm
 
 
 def test_learned_methods_are_cli_choices_with_references():
@@ -61,8 +61,7 @@ def _save_tiny_unet(directory: Path, name: str) -> dict:
 
 
 def _nifti(path: Path, data, dtype=np.float32) -> str:
-    nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), np.eye(4)), path)
-    return str(path)
+    return save_nifti(path, data, dtype=dtype)
 
 
 def test_interfaces_record_model_name_version_checksum(tmp_path, monkeypatch):
@@ -134,22 +133,20 @@ def test_unet_methods_are_linear_in_the_field_amplitude(tmp_path):
     assert np.all(deepqsm(0 * field, mask, device="cpu", model_dir=str(tmp_path)) == 0)
 
 
-def test_bids_app_with_the_shipped_varnet_records_the_model(tmp_path):
+@pytest.mark.integration
+def test_bids_app_with_the_shipped_varnet_records_the_model(tmp_path, shapes_bids):
     """``--inversion nextqsm`` end to end (Linear plugin, small shapes dataset): Chimap written, its sidecar
     names the model and its sha256, the boilerplate cites NeXtQSM."""
     import json
 
     from qsmprep.nn.models import model_dir, read_card
-    from qsmprep.simulate import make_shapes_phantom, simulate_gre, write_bids_dataset
 
     if not (model_dir() / "nextqsm-varnet.pt").is_file():
         pytest.skip("nextqsm-varnet is not shipped")
     card = read_card("nextqsm-varnet")[0]
-    ph = make_shapes_phantom(shape=(40, 40, 40), voxel_size_mm=(1.2, 1.2, 1.2), seed=1)
-    sim = simulate_gre(ph, echo_times_s=(0.004, 0.008, 0.012, 0.016), b0_tesla=3.0, snr=100, seed=1)
-    write_bids_dataset(tmp_path / "bids", sim, subjects=["01"])
+    bids, _, _ = shapes_bids()  # 40^3 shapes phantom, sub-01, 4 echoes (shared, read-only)
     out = tmp_path / "out"
-    rc = main([str(tmp_path / "bids"), str(out), "participant", "-w", str(tmp_path / "w"), "--nprocs", "1",
+    rc = main([str(bids), str(out), "participant", "-w", str(tmp_path / "w"), "--nprocs", "1",
                "--skip-bids-validation", "--inversion", "nextqsm", "--device", "cpu"])
     assert rc == 0
     chimap = out / "sub-01" / "anat" / "sub-01_Chimap.nii.gz"
@@ -182,6 +179,7 @@ def test_self_supervised_steps_option(tmp_path, capsys):
     assert cfg.self_supervised_steps == 0 and _inversion_params(cfg) == {}
 
 
+@pytest.mark.integration
 def test_missing_model_check_runs_in_a_fresh_process(tmp_path):
     """The learned methods are registered on demand: a fresh ``qsmprep`` process (nothing imported
     qsmprep.nn before) still refuses a missing model before looking at the data."""

@@ -379,6 +379,7 @@ def test_nextqsm_inversion_reduces_to_tkd(tmp_path):
     assert np.all(got[~m] == 0)
 
 
+@pytest.mark.integration
 def test_nextqsm_bgremove_is_pdf_alternated_with_the_varnet(tmp_path):
     """The learned background removal is pdf_harmonic_restored with the VarNet as ``invert`` (here one that
     reduces to TKD), demeaned in the mask; with no alternation it is PDF (demeaned)."""

@@ -22,16 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import qsmprep.nn.models as nn_models
+from qsmprep.nn.inference import NEXTQSM_BG_RIM_MM, deepqsm, nextqsm_bgremove, nextqsm_inversion
+from qsmprep.qsm import metrics
+from qsmprep.qsm.geometry import forward_field_ppm
+from qsmprep.qsm.inversion import tkd
+from qsmprep.qsm.masking import erode_mask_mm
+from qsmprep.simulate import make_head_phantom, simulate_gre
 
-from qsmprep.qsm import metrics  # noqa: E402
-from qsmprep.qsm.geometry import forward_field_ppm  # noqa: E402
-from qsmprep.qsm.inversion import tkd  # noqa: E402
-from qsmprep.simulate import make_head_phantom, simulate_gre  # noqa: E402
-
-import qsmprep.nn.models as nn_models  # noqa: E402
-from qsmprep.nn.inference import NEXTQSM_BG_RIM_MM, deepqsm, nextqsm_bgremove, nextqsm_inversion  # noqa: E402
-from qsmprep.qsm.masking import erode_mask_mm  # noqa: E402
+pytestmark = pytest.mark.integration
 
 SHIPPED_DIR = Path(nn_models.__file__).resolve().parent.parent / "data" / "models"
 MODEL_DIR = Path(os.environ.get("QSMPREP_TEST_MODEL_DIR") or SHIPPED_DIR)

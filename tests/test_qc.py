@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import save_nifti
 
 import qsmprep.qsm  # noqa: F401  (fills the registries)
 from qsmprep.qsm.constants import hz_to_ppm
@@ -58,10 +59,8 @@ def _chain(mag, phase, te, vs, b0_dir, erode_vox: int = 0) -> dict:
 
 
 @pytest.fixture(scope="module")
-def head_1mm():
-    from qsmprep.simulate import make_head_phantom
-
-    return make_head_phantom(downsample=1, seed=0)
+def head_1mm(head_phantom_1mm):
+    return head_phantom_1mm
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +83,7 @@ def _flagged(metrics) -> set[str]:
     return {f["metric"] for f in metrics["Flags"]}
 
 
+@pytest.mark.integration
 def test_good_run_is_not_flagged_and_metrics_are_plausible(runs):
     m = runs["good"]
     assert m["Flags"] == []
@@ -104,6 +104,7 @@ def test_good_run_is_not_flagged_and_metrics_are_plausible(runs):
     json.dumps(m, allow_nan=False)  # JSON-ready: numbers and strings only
 
 
+@pytest.mark.integration
 def test_all_echo_times_doubled_is_flagged_by_r2star(runs):
     m, good = runs["te_x2"], runs["good"]
     assert _flagged(m) == {"r2star_per_tesla"}  # measured 2.71 /s/T
@@ -113,6 +114,7 @@ def test_all_echo_times_doubled_is_flagged_by_r2star(runs):
     assert m["chi_std_ppm"] == pytest.approx(good["chi_std_ppm"] / 2, rel=0.1)
 
 
+@pytest.mark.integration
 def test_one_wrong_echo_time_is_flagged_by_the_effective_echo_times(runs):
     m, good = runs["te3_wrong"], runs["good"]
     assert "echo_time_error" in _flagged(m) and m["echo_time_error"] > 0.1  # measured 0.196
@@ -123,6 +125,7 @@ def test_one_wrong_echo_time_is_flagged_by_the_effective_echo_times(runs):
     assert flag["expected"] == "[-inf, 0.03]" and "EchoTime" in flag["reason"]
 
 
+@pytest.mark.integration
 def test_flipped_phase_sign_is_flagged_by_the_tail_asymmetry(runs):
     m, good = runs["flipped"], runs["good"]
     assert _flagged(m) == {"chi_tail_asymmetry"}
@@ -130,6 +133,7 @@ def test_flipped_phase_sign_is_flagged_by_the_tail_asymmetry(runs):
     assert m["chi_p99_ppm"] == pytest.approx(-good["chi_p1_ppm"], abs=2e-3)
 
 
+@pytest.mark.integration
 def test_eroded_mask_is_flagged_by_its_volume(runs):
     m = runs["eroded"]
     assert _flagged(m) == {"mask_volume_ml"}  # measured 624 mL
@@ -288,6 +292,7 @@ def test_roi_statistics_equal_brute_force():
         roi_statistics(chi, labels, mask=np.zeros(chi.shape, bool))
 
 
+@pytest.mark.integration
 def test_roi_medians_on_the_truth_equal_the_declared_nucleus_values(head_1mm):
     ph = head_1mm
     rows = {r["label"]: r for r in roi_statistics(ph.chi_ppm, ph.labels, mask=ph.brain_mask,
@@ -306,9 +311,7 @@ def test_roi_medians_on_the_truth_equal_the_declared_nucleus_values(head_1mm):
 
 
 def _touch_nifti(path: Path, shape=(4, 4, 4), affine=None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4) if affine is None else affine), str(path))
-    return path
+    return Path(save_nifti(path, np.zeros(shape, np.int16), affine))
 
 
 def test_find_segmentation_matches_entities_and_checks_the_grid(tmp_path):
@@ -349,17 +352,11 @@ def test_find_segmentation_matches_entities_and_checks_the_grid(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Raw BIDS (sub-01, ses-1, acq-qsm; 4 echoes) of a 40^3 shapes phantom + ground truth incl. _dseg."""
-    from qsmprep.simulate import make_shapes_phantom, simulate_gre, write_bids_dataset
-    from qsmprep.utils.bids import collect_runs
-
-    root = tmp_path_factory.mktemp("qcwf")
-    ph = make_shapes_phantom(shape=(40, 40, 40), voxel_size_mm=(1.2, 1.2, 1.2), seed=1)
-    sim = simulate_gre(ph, echo_times_s=TES, b0_tesla=B0_T, snr=100, seed=1)
-    write_bids_dataset(root / "bids", sim, subjects=["01"], sessions=["1"], acq="qsm")
-    (run,) = collect_runs(root / "bids")
-    return root, run, sim
+def dataset(tmp_path_factory, shapes_bids):
+    """Raw BIDS (sub-01, ses-1, acq-qsm; 4 echoes) of a 40^3 shapes phantom + ground truth incl. _dseg
+    (shared, read-only: see conftest.py), and a folder for this module's outputs."""
+    bids, (run,), sim = shapes_bids(sessions=["1"], acq="qsm")
+    return tmp_path_factory.mktemp("qcwf"), bids, run, sim
 
 
 def test_workflow_writes_qc_json_and_roi_tsv(dataset):
@@ -368,10 +365,10 @@ def test_workflow_writes_qc_json_and_roi_tsv(dataset):
     from qsmprep.config import QsmprepConfig
     from qsmprep.workflows.base import init_qsmprep_wf
 
-    root, run, sim = dataset
-    truth = root / "bids" / "derivatives" / "qsmprep-simulate"
+    root, bids, run, sim = dataset
+    truth = bids / "derivatives" / "qsmprep-simulate"
     # the classical chain: a 48 mm shapes phantom is no brain for the learned default
-    cfg = QsmprepConfig(bids_dir=root / "bids", output_dir=root / "out", work_dir=root / "work",
+    cfg = QsmprepConfig(bids_dir=bids, output_dir=root / "out", work_dir=root / "work",
                         omp_nthreads=1, nprocs=1, segmentation_dir=truth, bgremove="vsharp", inversion="rts")
     init_qsmprep_wf(cfg, [run]).run(plugin="Linear")
     anat = cfg.output_dir / "sub-01" / "ses-1" / "anat"

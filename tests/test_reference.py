@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import centred_grid_mm, ellipsoid
 
 from qsmprep.qsm import reference as ref
 from qsmprep.qsm.registry import REFERENCE
@@ -9,27 +10,18 @@ from qsmprep.qsm.registry import REFERENCE
 SHAPE = (48, 52, 44)
 
 
-def _grid(shape=SHAPE, voxel_size_mm=(1.0, 1.0, 1.0)):
-    c = [(n - 1) / 2 for n in shape]
-    return np.meshgrid(*[(np.arange(n) - ci) * v for n, ci, v in zip(shape, c, voxel_size_mm)], indexing="ij")
-
-
-def _ell(g, c, s):
-    return sum(((gi - ci) / si) ** 2 for gi, ci, si in zip(g, c, s)) <= 1
-
-
 @pytest.fixture(scope="module")
 def head():
     """Brain ellipsoid with two central 'ventricles' (one with a horn running outwards), a third, smaller
     central low-R2* blob, and peripheral 'sulcal' CSF far from the centre; tissue R2* 20 Hz, CSF 2 Hz."""
-    g = _grid()
-    brain = _ell(g, (0, 0, 0), (22, 24, 20))
-    vent_l = _ell(g, (-5, 0, 0), (3, 9, 4))
-    vent_r = _ell(g, (5, 0, 0), (3, 9, 4))
+    g = centred_grid_mm(SHAPE)
+    brain = ellipsoid(g, (0, 0, 0), (22, 24, 20))
+    vent_l = ellipsoid(g, (-5, 0, 0), (3, 9, 4))
+    vent_r = ellipsoid(g, (5, 0, 0), (3, 9, 4))
     horn = (np.abs(g[0] + 5) <= 1.5) & (np.abs(g[2]) <= 1.5) & (g[1] >= 0) & (g[1] <= 20)  # reaches 20 mm
-    small = _ell(g, (0, -14, 6), (1.5, 1.5, 1.5))  # third largest central component
-    sulcus = _ell(g, (0, 0, 17), (6, 6, 1.5))  # separate components 15-21 mm from the centre
-    far = _ell(g, (17, -12, 0), (2, 2, 2))
+    small = ellipsoid(g, (0, -14, 6), (1.5, 1.5, 1.5))  # third largest central component
+    sulcus = ellipsoid(g, (0, 0, 17), (6, 6, 1.5))  # separate components 15-21 mm from the centre
+    far = ellipsoid(g, (17, -12, 0), (2, 2, 2))
     csf_true = (vent_l | vent_r | horn) & brain
     r2s = np.full(SHAPE, 20.0, np.float32)
     r2s[csf_true | small | sulcus | far] = 2.0
@@ -44,7 +36,7 @@ def test_registry():
 def test_mean_reference():
     rng = np.random.default_rng(0)
     chi = rng.normal(0.3, 0.05, SHAPE).astype(np.float32)
-    m = _ell(_grid(), (0, 0, 0), (20, 22, 18))
+    m = ellipsoid(centred_grid_mm(SHAPE), (0, 0, 0), (20, 22, 18))
     out = REFERENCE.get("mean")(chi, m)
     assert out.dtype == np.float32
     assert abs(float(out[m].mean())) < 1e-6

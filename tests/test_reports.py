@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -120,10 +119,9 @@ def app(tmp_path_factory):
     bids, out, work = root / "bids", root / "out", root / "work"
     write_bids_dataset(bids, subjects=("1", "2"), phantom_kwargs={"downsample": 4},
                        simulate_kwargs={"echo_times_s": TES}, seed=3)
-    t0 = time.perf_counter()
     rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--r2star",
                "--skip-bids-validation"])
-    return {"root": root, "bids": bids, "out": out, "work": work, "rc": rc, "seconds": time.perf_counter() - t0}
+    return {"root": root, "bids": bids, "out": out, "work": work, "rc": rc}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,6 +129,7 @@ def app(tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_participant_run_writes_self_contained_reports(app):
     assert app["rc"] == 0
     out = app["out"]
@@ -157,6 +156,7 @@ def test_participant_run_writes_self_contained_reports(app):
             assert "no QC metrics file" in text
 
 
+@pytest.mark.integration
 def test_report_figures_show_the_maps(app):
     """The Chimap figure is drawn at the fixed window; the mask figure shows the red mask outline."""
     import matplotlib.image as mpimg
@@ -172,7 +172,9 @@ def test_report_figures_show_the_maps(app):
     assert fields.shape[0] > 2.5 * 200  # three rows: phase, total field, local field
 
 
-def test_reports_only_is_fast_and_runs_no_processing(app, tmp_path):
+@pytest.mark.integration
+def test_reports_only_runs_no_processing(app, tmp_path):
+    """Its wall time (target <= 10 s on 2 cores) is measured by benchmarks/bench_reports.py."""
     out = _copy_outputs(app, tmp_path)
     anat = out / "sub-1" / "anat"
     (anat / "sub-1_desc-qc_metrics.json").write_text(json.dumps(QC_FLAGGED))
@@ -182,11 +184,8 @@ def test_reports_only_is_fast_and_runs_no_processing(app, tmp_path):
         report.unlink()
     work_before = _tree_state(app["work"])
     maps_before = {k: v for k, v in _tree_state(out).items() if "/anat/" in k}
-    t0 = time.perf_counter()
     rc = main([str(app["bids"]), str(out), "participant", "-w", str(app["work"]), "--reports-only"])
-    seconds = time.perf_counter() - t0
     assert rc == 0
-    assert seconds < 10.0, f"--reports-only took {seconds:.1f} s"
     assert _tree_state(app["work"]) == work_before  # no node re-ran, nothing new in the work dir
     assert {k: v for k, v in _tree_state(out).items() if "/anat/" in k} == maps_before
     assert not (tmp_path / "work").exists()
@@ -202,6 +201,7 @@ def test_reports_only_is_fast_and_runs_no_processing(app, tmp_path):
     _check_self_contained(out / "sub-1.html")
 
 
+@pytest.mark.integration
 def test_report_lists_crash_files_and_missing_series(app, tmp_path):
     out = _copy_outputs(app, tmp_path)
     log = next((out / "sub-2" / "log").iterdir())
@@ -220,6 +220,7 @@ def test_report_lists_crash_files_and_missing_series(app, tmp_path):
     _check_self_contained(out / "sub-2.html")  # including the link to the crash file
 
 
+@pytest.mark.integration
 def test_report_without_raw_data_still_builds(app, tmp_path):
     """A moved raw dataset only drops the magnitude/phase panels (the mask figure shows the mask)."""
     out = _copy_outputs(app, tmp_path)
@@ -232,6 +233,7 @@ def test_report_without_raw_data_still_builds(app, tmp_path):
     assert {f.name for f in _check_self_contained(paths[0])} >= {"sub-1_desc-chimap.png", "sub-1_desc-fields.png"}
 
 
+@pytest.mark.integration
 def test_reports_only_errors(app, tmp_path, capsys):
     rc = main([str(app["bids"]), str(tmp_path / "nothing"), "participant", "--reports-only"])
     err = capsys.readouterr().err.strip()
@@ -241,6 +243,7 @@ def test_reports_only_errors(app, tmp_path, capsys):
     assert rc == 66 and err.count("\n") == 0 and "no outputs of participant 9" in err, err
 
 
+@pytest.mark.integration
 def test_segmentation_dir_option(app, tmp_path, capsys):
     missing = tmp_path / "no_such_seg"
     rc = main([str(app["bids"]), str(tmp_path / "o"), "participant", "--segmentation-dir", str(missing)])
@@ -263,6 +266,7 @@ def test_segmentation_dir_option(app, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_group_level_after_participant_run(app, tmp_path):
     out = _copy_outputs(app, tmp_path)
     (out / "sub-1" / "anat" / "sub-1_desc-qc_metrics.json").write_text(json.dumps(QC_FLAGGED))
@@ -285,6 +289,7 @@ def test_markdown_subset():
     assert html.count("<li>") == 2 and '<a href="https://doi.org/10.1000/xyz">' in html
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(app, tmp_path):
     out = _copy_outputs(app, tmp_path)

@@ -5,7 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
+from helpers import partial_volume_sphere
 from scipy import ndimage as ndi
 
 from qsmprep.qsm.bgremove import vsharp
@@ -44,15 +44,7 @@ def head_sim(head_2mm):
 
 def _sphere_phantom(n: int, radius_vox: float, dchi: float, supersample: int = 4) -> Phantom:
     """Uniform sphere with partial-volume edges (fraction of sub-voxels inside), in a chi = 0 medium."""
-    c = (np.arange(n) - n // 2).astype(np.float32)
-    x, y, z = np.meshgrid(c, c, c, indexing="ij")
-    frac = np.zeros((n, n, n), np.float32)
-    offs = (np.arange(supersample) + 0.5) / supersample - 0.5
-    for dx in offs:
-        for dy in offs:
-            for dz in offs:
-                frac += (x + dx) ** 2 + (y + dy) ** 2 + (z + dz) ** 2 <= radius_vox**2
-    frac /= supersample**3
+    frac, _ = partial_volume_sphere(n, radius_vox, supersample)
     return Phantom(
         chi_ppm=frac * np.float32(dchi),
         labels=(frac >= 0.5).astype(np.int16),
@@ -92,6 +84,7 @@ def test_shapes_phantom_types_values_and_determinism():
         make_shapes_phantom(voxel_size_mm=(1, 0, 1))
 
 
+@pytest.mark.integration
 def test_head_phantom_geometry_and_labels(head_1mm, head_2mm):
     ph = head_1mm
     assert ph.chi_ppm.shape == (197, 233, 189)
@@ -126,6 +119,7 @@ def test_head_phantom_geometry_and_labels(head_1mm, head_2mm):
     assert 0.8 < p2.brain_mask.sum() * 8 / ph.brain_mask.sum() < 1.0
 
 
+@pytest.mark.integration
 def test_head_phantom_chi_of_nuclei_and_lesions_as_declared(head_1mm):
     ph = head_1mm
     for lab, name in DGM_LABELS.items():
@@ -147,6 +141,7 @@ def test_head_phantom_chi_of_nuclei_and_lesions_as_declared(head_1mm):
     assert 0.28 < np.median(veins) < 0.46
 
 
+@pytest.mark.integration
 def test_head_phantom_deterministic_and_bad_input(head_2mm):
     again = make_head_phantom(downsample=2, lesions=True, seed=0)
     np.testing.assert_array_equal(again.chi_ppm, head_2mm.chi_ppm)
@@ -318,6 +313,7 @@ def test_oblique_background_field_is_harmonic_in_brain(vs, kwargs):
     assert resid["voxel_kernel"] > 0.3, resid
 
 
+@pytest.mark.integration
 def test_head_simulation_phase_wraps_fields_and_noise(head_sim, head_2mm):
     sim = head_sim
     assert isinstance(sim, GreSimulation)
@@ -469,6 +465,7 @@ def test_bids_writer_rad_units_and_errors(tmp_path):
         write_bids_dataset(tmp_path / "x", sim, subjects=("a_b",))
 
 
+@pytest.mark.integration
 def test_cli_small_head_dataset(tmp_path, capsys):
     out = tmp_path / "bids"
     rc = cli_main([str(out), "--small", "--echo-times", "5", "10", "20", "--tilt-deg", "10", "--seed", "2",

@@ -14,6 +14,8 @@ from qsmprep.training import losses as L
 from qsmprep.training.cli import main as cli_main
 from qsmprep.training.train import ConfigError, TrainConfig, export, learning_rate, read_loss_log, train
 
+#: the hybrid brain sampler crops the 2 mm head phantom (built once per process, seconds): tests that use it
+#: are marked integration
 HYB = dict(phantom_downsample=2, phantom_seeds=[0])
 
 
@@ -70,6 +72,7 @@ def test_qsmnet_plus_augmentation_range_and_sign():
     assert min(c.min() for c in extremes) < -0.5 and max(c.max() for c in extremes) > 0.5
 
 
+@pytest.mark.integration
 def test_hybrid_brain_samples():
     a = D.hybrid_brain_sample(np.random.default_rng(1), 16, target="chi", max_tilt_deg=30.0,
                               voxel_sizes_mm=((1, 1, 1), (0.75, 0.75, 1.5)), **HYB)
@@ -95,6 +98,7 @@ def test_hybrid_brain_samples():
         D.hybrid_brain_sample(np.random.default_rng(0), 16, target="bad", **HYB)
 
 
+@pytest.mark.integration
 def test_make_batch_and_validation_set():
     b = D.make_batch("deepqsm", np.random.default_rng(0), 3, 16)
     assert b["input"].shape == (3, 1, 16, 16, 16) and b["target"].dtype == np.float32
@@ -198,6 +202,7 @@ def test_time_budget_and_schedule(tmp_path):
     assert learning_rate(c, 25) == pytest.approx(2.5e-4)
 
 
+@pytest.mark.integration
 def test_varnet_and_uqsm_paths(tmp_path):
     cfg = _tiny_cfg(kind="nextqsm-varnet", model=dict(arch="varnet", steps=2, width=2, depth=0), batch_size=2,
                     steps=2, n_val=1, validate_every=2, data=dict(max_tilt_deg=30.0, **HYB))
@@ -299,6 +304,7 @@ def test_cli_bad_usage_exits_64(tmp_path, capsys):
     assert (tmp_path / "m" / "tiny.pt").is_file() and (tmp_path / "m" / "tiny.json").is_file()
 
 
+@pytest.mark.integration
 def test_deepqsm_brain_mix_and_tkd_primed_training(tmp_path):
     opts = dict(n_shapes=[4, 10], brain_prob=0.5, brain=dict(HYB))
     a = D.make_batch("deepqsm", np.random.default_rng(8), 6, 16, **opts)
@@ -342,6 +348,7 @@ def test_shipped_models_come_from_the_committed_configs():
         assert f"--steps {rec['steps']}" in card["command"] and f"--section {rec['section']}" in card["command"]
 
 
+@pytest.mark.integration
 def test_background_prior_samples_and_training(tmp_path):
     """Prior-guided background samples: 3 channels [V-SHARP local, total, V-SHARP mask] of the central patch
     of a larger context box (the prior erodes only at the brain boundary), deterministic, target demeaned."""
@@ -379,6 +386,7 @@ def test_background_prior_samples_and_training(tmp_path):
                   data=opts, scales=dict(input_scale=1.0, output_scale=1.0))
 
 
+@pytest.mark.integration
 def test_pdf_prior_whole_brain_samples_and_card(tmp_path):
     """PDF-guided samples: whole-brain boxes (centred on the brain, coarse voxels), PDF on the whole box, so
     its mask is the brain mask; the exported card records the prior and the coarse grid the inference uses."""
@@ -400,6 +408,7 @@ def test_pdf_prior_whole_brain_samples_and_card(tmp_path):
     assert card["prior"] == "pdf" and card["grid_mm"] == 4.0 and "PDF" in " ".join(card["references"])
 
 
+@pytest.mark.integration
 def test_hybrid_background_is_harmonic_in_the_mask():
     """The background of a background-removal sample must be a background field: harmonic in the brain mask,
     so that V-SHARP removes nearly all of it. Measured: 1.0 % of its SD left on average. Resampling it through

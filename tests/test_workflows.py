@@ -15,7 +15,6 @@ import pytest
 from qsmprep.cli.run import write_dataset_files
 from qsmprep.config import QsmprepConfig
 from qsmprep.qsm.metrics import nrmse
-from qsmprep.utils.bids import collect_runs
 from qsmprep.utils.errors import InputError
 from qsmprep.workflows.base import init_qsmprep_wf, init_single_subject_wf
 from qsmprep.workflows.qsm import init_qsm_wf, run_workflow_name
@@ -26,21 +25,16 @@ CORE_NODES = {"load_echoes", "phase_offset", "brain_mask", "unwrap", "fit_b0", "
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    """Raw BIDS (sub-01, ses-1, acq-qsm; 4 echoes, Siemens-unit phase) of a 40^3 shapes phantom + truth."""
-    from qsmprep.simulate import make_shapes_phantom, simulate_gre, write_bids_dataset
-
-    root = tmp_path_factory.mktemp("wf")
-    ph = make_shapes_phantom(shape=(40, 40, 40), voxel_size_mm=(1.2, 1.2, 1.2), seed=1)
-    sim = simulate_gre(ph, echo_times_s=TES, b0_tesla=3.0, snr=100, seed=1, phase_offset_rad=0.3)
-    write_bids_dataset(root / "bids", sim, subjects=["01"], sessions=["1"], acq="qsm", phase_units="arbitrary")
-    runs = collect_runs(root / "bids")
+def dataset(tmp_path_factory, shapes_bids):
+    """Raw BIDS (sub-01, ses-1, acq-qsm; 4 echoes, Siemens-unit phase) of a 40^3 shapes phantom + truth
+    (shared, read-only: see conftest.py), and a folder for this module's outputs (``root / tag``)."""
+    bids, runs, sim = shapes_bids({"phase_offset_rad": 0.3}, sessions=["1"], acq="qsm", phase_units="arbitrary")
     assert len(runs) == 1
-    return root, runs[0], sim
+    return tmp_path_factory.mktemp("wf"), runs[0], sim, bids
 
 
-def _config(root: Path, tag: str, **kw) -> QsmprepConfig:
-    return QsmprepConfig(bids_dir=root / "bids", output_dir=root / tag / "out", work_dir=root / tag / "work",
+def _config(root: Path, tag: str, bids: Path, **kw) -> QsmprepConfig:
+    return QsmprepConfig(bids_dir=bids, output_dir=root / tag / "out", work_dir=root / tag / "work",
                          omp_nthreads=1, nprocs=1, **kw)
 
 
@@ -61,8 +55,8 @@ def _nodes(wf):
 
 
 def test_graph_structure_names_and_crash_dirs(dataset):
-    root, run, _ = dataset
-    cfg = _config(root, "graph", masking="phase-quality")
+    root, run, _, bids = dataset
+    cfg = _config(root, "graph", bids, masking="phase-quality")
     wf = init_qsmprep_wf(cfg, [run], run_uuid="20260101-000000_test")
     assert wf.name == "qsmprep_wf" and wf.base_dir == str(cfg.work_dir)
     nodes = _nodes(wf)
@@ -93,7 +87,7 @@ def test_graph_structure_names_and_crash_dirs(dataset):
 
 
 def test_graph_options_r2star_csf_and_single_echo(dataset, tmp_path):
-    root, run, _ = dataset
+    _, run, _, _ = dataset
     cfg = QsmprepConfig(output_dir=tmp_path / "out", work_dir=tmp_path / "work", r2star=True, t2star=True,
                         reference="csf", bgremove="pdf", inversion="tv")
     wf = init_qsm_wf(run, cfg)
@@ -117,7 +111,7 @@ def test_graph_options_r2star_csf_and_single_echo(dataset, tmp_path):
 
 
 def test_workflow_names_and_subject_grouping(dataset, tmp_path):
-    root, run, _ = dataset
+    _, run, _, _ = dataset
     r2 = dataclasses.replace(run, session=None, acquisition=None, run="2")
     r3 = dataclasses.replace(run, subject="02", session=None, acquisition=None, run=None)
     assert run_workflow_name(run) == "qsm_ses_1_acq_qsm_wf"
@@ -141,9 +135,10 @@ def test_workflow_names_and_subject_grouping(dataset, tmp_path):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_end_to_end_outputs_accuracy_and_resume(dataset):
-    root, run, sim = dataset
-    cfg = _config(root, "e2e", r2star=True)
+    root, run, sim, bids = dataset
+    cfg = _config(root, "e2e", bids, r2star=True)
     wf = init_qsmprep_wf(cfg, [run], run_uuid="20260101-000000_e2e")
     write_dataset_files(cfg, [run], "20260101-000000_e2e", wf.visit_desc())
     wf.run(plugin="Linear")
@@ -165,7 +160,7 @@ def test_end_to_end_outputs_accuracy_and_resume(dataset):
     chi = nib.load(anat / f"{stem}Chimap.nii.gz").get_fdata()
     mask = nib.load(anat / f"{stem}desc-brain_mask.nii.gz").get_fdata() > 0
     assert not np.any(chi[~mask]) and abs(chi[mask].mean()) < 1e-4  # whole-brain referenced
-    truth_dir = root / "bids" / "derivatives" / "qsmprep-simulate" / "sub-01" / "ses-1" / "anat"
+    truth_dir = bids / "derivatives" / "qsmprep-simulate" / "sub-01" / "ses-1" / "anat"
     truth = nib.load(truth_dir / f"{stem}Chimap.nii.gz").get_fdata()
     brain = nib.load(truth_dir / f"{stem}desc-brain_mask.nii.gz").get_fdata() > 0
     roi = mask & brain
@@ -187,7 +182,7 @@ def test_end_to_end_outputs_accuracy_and_resume(dataset):
     assert json.loads((anat / f"{stem}desc-local_fieldmap.json").read_text())["Units"] == "ppm"
     assert json.loads((anat / f"{stem}R2starmap.json").read_text())["Units"] == "1/s"
     desc = json.loads((cfg.output_dir / "dataset_description.json").read_text())
-    assert desc["DatasetLinks"]["raw"] == (root / "bids").resolve().as_uri()
+    assert desc["DatasetLinks"]["raw"] == bids.resolve().as_uri()
     validator = shutil.which("bids-validator-deno")
     if validator:  # the derivative dataset passes the BIDS validator (warnings allowed)
         proc = subprocess.run([validator, str(cfg.output_dir), "--json"], capture_output=True, text=True, timeout=300)
@@ -206,9 +201,10 @@ def test_end_to_end_outputs_accuracy_and_resume(dataset):
     assert not list(cfg.output_dir.rglob("crash-*"))
 
 
+@pytest.mark.integration
 def test_end_to_end_csf_reference_and_t2star(dataset):
-    root, run, sim = dataset
-    cfg = _config(root, "csf", reference="csf", t2star=True, inversion="tkd")
+    root, run, sim, bids = dataset
+    cfg = _config(root, "csf", bids, reference="csf", t2star=True, inversion="tkd")
     init_qsmprep_wf(cfg, [run]).run(plugin="Linear")
     anat = cfg.output_dir / "sub-01" / "ses-1" / "anat"
     stem = "sub-01_ses-1_acq-qsm_"

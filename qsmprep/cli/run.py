@@ -28,6 +28,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Sequence
 
 from qsmprep.cli.parser import parse_config
@@ -217,13 +218,15 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        crashes = sorted(p for p in log_dir.glob("crash-*") if p.stat().st_mtime >= t0 - 1)
+        # crash files of this execution: per participant (sub-<label>/log/<run_uuid>/) or in logs/
+        found = list(cfg.output_dir.glob(f"sub-*/log/{run_uuid}/crash-*")) + list(log_dir.glob("crash-*"))
+        crashes = sorted(p for p in found if p.stat().st_mtime >= t0 - 1)
         if cfg.verbose:
             traceback.print_exc()
         _write_reports(cfg, runs)
         if crashes:
             print(
-                f"qsmprep: error: {log_dir}: {len(crashes)} processing step{'s' if len(crashes) != 1 else ''} failed "
+                f"qsmprep: error: {crashes[0].parent}: {len(crashes)} processing step{'s' if len(crashes) != 1 else ''} failed "
                 f"(first: {crashes[0].name}). Read the crash file, fix the cause and rerun; finished steps are "
                 f"reused from {cfg.work_dir}.",
                 file=sys.stderr,

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from qsmprep.__about__ import __version__
+from qsmprep.outputs import ROI_COLUMNS
 from qsmprep.reports import reader
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 ENTITY_COLUMNS = ("subject", "session", "acq", "run")
-ROI_COLUMNS = reader.ROI_COLUMNS
 MIN_RUNS_FOR_OUTLIERS = 5
 OUTLIER_Z = 3.5
 QC_TSV = "group_qc.tsv"

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
 from qsmprep.__about__ import __version__
+from qsmprep.outputs import ROI_COLUMNS
 from qsmprep.reports import reader
 from qsmprep.reports.figures import FigureResult, run_figures
 
@@ -303,7 +304,7 @@ def _roi_section(run: reader.ProcessedRun, output_dir: Path) -> str:
     rows = reader.read_roi_tsv(run.roi_tsv)
     if not rows:
         return ""
-    cols = [c for c in reader.ROI_COLUMNS if any(c in r for r in rows)]
+    cols = [c for c in ROI_COLUMNS if any(c in r for r in rows)]
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = []
     for r in rows:
