@@ -141,7 +141,7 @@ ARGS=(--participant-label 01 02 --bgremove vsharp --inversion rts --nprocs 2 --o
 
 # --- 5. container run --------------------------------------------------------------------------------------
 mkdir -p "$CI_DIR/ctr/out" "$CI_DIR/ctr/work"
-chown -R "$RUN_UID:$RUN_UID" "$CI_DIR/ctr"
+if [ "$(id -u)" = 0 ]; then chown -R "$RUN_UID:$RUN_UID" "$CI_DIR/ctr"; else chmod 777 "$CI_DIR/ctr/out" "$CI_DIR/ctr/work"; fi
 ctr_run() {  # ctr_run NAME LEVEL [ARGS...]
     local name=$1 level=$2; shift 2
     docker rm -f "$name" >/dev/null 2>&1 || true
