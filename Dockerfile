@@ -111,8 +111,8 @@ LABEL org.opencontainers.image.title="qsmprep (CPU)" \
 ENTRYPOINT ["qsmprep"]
 
 # ---------------------------------------------------------------------------------------------------
-# gpu (default target): CUDA PyTorch base; torch (TORCH_VERSION) comes with the base image and is
-# seen by the venv through --system-site-packages
+# gpu (default target): CUDA PyTorch base; torch (TORCH_VERSION) comes with the base image, and
+# qsmprep is installed into the base's own Python environment (conda in pytorch/pytorch)
 # ---------------------------------------------------------------------------------------------------
 FROM ${GPU_BASE_IMAGE} AS gpu
 ARG TORCH_VERSION
@@ -127,18 +127,18 @@ WORKDIR /src/qsmprep
 COPY pyproject.toml README.md LICENSE ./
 RUN set -e; \
     python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"; \
-    python -m venv --system-site-packages /opt/qsmprep; \
-    /opt/qsmprep/bin/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(x for x in d if not x.replace(' ', '').startswith('torch')))" > /tmp/requirements.txt; \
-    /opt/qsmprep/bin/pip install -r /tmp/requirements.txt; \
+    python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(x for x in d if not x.replace(' ', '').startswith('torch')))" > /tmp/requirements.txt; \
+    python -m pip install -r /tmp/requirements.txt; \
     rm -f /tmp/requirements.txt
 COPY qsmprep ./qsmprep
 RUN set -e; \
-    SETUPTOOLS_SCM_PRETEND_VERSION="${VERSION}" /opt/qsmprep/bin/pip install --no-deps . ; \
-    /opt/qsmprep/bin/pip check; \
-    /opt/qsmprep/bin/python -c "import qsmprep, torch; assert qsmprep.__version__ == '${VERSION}', qsmprep.__version__; print('qsmprep', qsmprep.__version__, 'torch', torch.__version__, 'CUDA', torch.version.cuda)"; \
+    SETUPTOOLS_SCM_PRETEND_VERSION="${VERSION}" python -m pip install --no-deps . ; \
+    # the base's own packages (conda) may carry pip-check complaints of their own: only qsmprep's count
+    python -m pip check > /tmp/pip-check.txt || { cat /tmp/pip-check.txt; ! grep -q '^qsmprep ' /tmp/pip-check.txt; }; \
+    rm -f /tmp/pip-check.txt; \
+    python -c "import qsmprep, torch; assert qsmprep.__version__ == '${VERSION}', qsmprep.__version__; print('qsmprep', qsmprep.__version__, 'torch', torch.__version__, 'CUDA', torch.version.cuda)"; \
     cd / && rm -rf /src/qsmprep
-ENV PATH=/opt/qsmprep/bin:${PATH} \
-    PYTHONDONTWRITEBYTECODE=1 \
+ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/home/qsmprep \
     MPLCONFIGDIR=/tmp/matplotlib \

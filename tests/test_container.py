@@ -21,8 +21,8 @@ def _logical_lines(text: str) -> list[str]:
     """Dockerfile instructions with their continuation lines joined; comments dropped."""
     out, cur = [], ""
     for line in text.splitlines():
-        if not cur and (not line.strip() or line.lstrip().startswith("#")):
-            continue
+        if line.lstrip().startswith("#") or (not cur and not line.strip()):
+            continue  # comment lines are dropped, also inside a continued instruction
         cur += line.rstrip("\\").rstrip() + " " if line.rstrip().endswith("\\") else line
         if not line.rstrip().endswith("\\"):
             out.append(cur.strip())
