@@ -50,6 +50,10 @@ stop)
         log "dockerd not running"
     fi
     if ip link show docker0 >/dev/null 2>&1; then ip link delete docker0 2>/dev/null || true; fi
+    # network namespaces stay bind-mounted under exec-root after the daemon exits
+    for m in "$ROOT"/exec/netns/*; do
+        if mountpoint -q "$m" 2>/dev/null; then umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; fi
+    done
     if [ "${2:-}" = --purge ]; then log "removing $ROOT"; rm -rf "$ROOT"; fi
     ;;
 *) echo "usage: $0 start|stop [--purge]" >&2; exit 2 ;;
