@@ -379,15 +379,15 @@ def test_collect_runs_sessions_runs_acq_and_echo_order(tmp_path):
     names = ["01", "02", "3", "4", "5", "6", "7", "8", "9", "10", "11"]  # zero padding and >9 echoes
     for ses in ("1", "2"):
         anat = root / "sub-01" / f"ses-{ses}" / "anat"
-        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-1", tes=tes11, shape=(4, 4, 4), echo_names=names)
-        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-2", shape=(4, 4, 4))
-        write_series(anat, f"sub-01_ses-{ses}_acq-fast_run-1", tes=TES[:2], shape=(4, 4, 4))
+        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-1", tes=tes11, shape=(8, 8, 8), echo_names=names)
+        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-2", shape=(8, 8, 8))
+        write_series(anat, f"sub-01_ses-{ses}_acq-fast_run-1", tes=TES[:2], shape=(8, 8, 8))
     anat2 = root / "sub-02" / "ses-1" / "anat"
     # single-echo T2starw (no echo entity) and a magnitude-only T2starw that is ignored
-    write_series(anat2, "sub-02_ses-1", tes=(0.02,), suffix="T2starw", shape=(4, 4, 4), echo_names=())
+    write_series(anat2, "sub-02_ses-1", tes=(0.02,), suffix="T2starw", shape=(8, 8, 8), echo_names=())
     _save(anat2 / "sub-02_ses-1_acq-mag_T2starw.nii.gz", np.ones((4, 4, 4), np.float32))
     # real/imaginary pairs with B0_dir
-    write_series(anat2, "sub-02_ses-1_acq-cplx", parts=("real", "imag"), shape=(4, 4, 4), meta_extra={"B0_dir": [0, 0, 2]})
+    write_series(anat2, "sub-02_ses-1_acq-cplx", parts=("real", "imag"), shape=(8, 8, 8), meta_extra={"B0_dir": [0, 0, 2]})
     for f in anat2.glob("sub-02_ses-1_acq-cplx*.json"):
         _edit_json(f, MagneticFieldStrength=None)
     before = tree_digest(root)
