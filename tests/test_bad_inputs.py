@@ -285,6 +285,134 @@ CASES = [
 ]
 
 
+
+# --------------------------------------------------------------------------------------------------
+# issue 17: the other classes of malformed input (each: one line naming the file, exit 65/66)
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_header(path: Path, **fields) -> None:
+    """Rewrite NIfTI header fields in place (values nibabel would fix or refuse on save)."""
+    import gzip
+    import io
+
+    raw = path.read_bytes()
+    gz = path.name.endswith(".gz")
+    data = gzip.decompress(raw) if gz else raw
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data), check=False)
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            for i, v in value.items():
+                hdr[key][i] = v
+        else:
+            hdr[key] = value
+    data = hdr.binaryblock + data[len(hdr.binaryblock):]
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def _truncated_gz(r):
+    path = _f(r, 1, "mag")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * 0.6)])
+
+
+def _truncated_nii(r):
+    rng = np.random.default_rng(6)
+    _f(r, 2, "phase").unlink()
+    plain = _f(r, 2, "phase", ".nii")
+    _save(plain, rng.uniform(-np.pi, np.pi, (N, N, N)).astype(np.float32))
+    raw = plain.read_bytes()
+    plain.write_bytes(raw[: len(raw) - 1000])
+
+
+def _resave_all(r, shape):
+    rng = np.random.default_rng(7)
+    for e in (1, 2, 3):
+        _save(_f(r, e, "mag"), rng.uniform(10, 100, shape).astype(np.float32))
+        _save(_f(r, e, "phase"), rng.uniform(-np.pi, np.pi, shape).astype(np.float32))
+
+
+def _too_small(r):
+    _resave_all(r, (2, 2, 2))
+
+
+def _single_slice(r):
+    _resave_all(r, (N, N, 1))
+
+
+def _inf_magnitude(r):
+    data = np.full((N, N, N), 50.0, np.float32)
+    data[1, 2, 3] = np.inf
+    _save(_f(r, 2, "mag"), data)
+
+
+def _zero_magnitude(r):
+    _save(_f(r, 3, "mag"), np.zeros((N, N, N), np.float32))
+
+
+def _constant_magnitude(r):
+    _save(_f(r, 1, "mag"), np.full((N, N, N), 7.0, np.float32))
+
+
+def _negative_magnitude(r):
+    rng = np.random.default_rng(8)
+    _save(_f(r, 2, "mag"), rng.uniform(-50, 50, (N, N, N)).astype(np.float32))
+
+
+def _negative_voxel_size(r):
+    _patch_header(_f(r, 1, "phase"), pixdim={1: -1.0})
+
+
+def _zero_voxel_size(r):
+    _patch_header(_f(r, 2, "mag"), pixdim={3: 0.0})
+
+
+def _nan_affine(r):
+    _patch_header(_f(r, 3, "phase"), srow_x={0: np.nan}, sform_code=1, qform_code=0)
+
+
+def _mixed_phase_dtype(r):
+    rng = np.random.default_rng(9)
+    _save(_f(r, 2, "phase"), rng.uniform(-np.pi, np.pi, (N, N, N)).astype(np.float64))
+
+
+def _echo_count_mismatch(r):
+    rng = np.random.default_rng(10)
+    _save(_f(r, 4, "mag"), rng.uniform(10, 100, (N, N, N)).astype(np.float32))
+    _json(_f(r, 4, "mag", ".json"), {"EchoTime": 0.016, "MagneticFieldStrength": 3.0})
+
+
+def _symlink_loop(r):
+    path = _f(r, 1, "mag")
+    path.unlink()
+    path.symlink_to(path.name)
+
+
+def _broken_symlink(r):
+    path = _f(r, 2, "phase")
+    path.unlink()
+    path.symlink_to("/nonexistent/qsmprep/phase.nii.gz")
+
+
+CASES += [
+    ("truncated-gzip", _truncated_gz, [], 65, ["magnitude image data are truncated or corrupt", "EOFError", "export the file again"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("truncated-plain", _truncated_nii, [], 65, ["phase image data are truncated or corrupt", "Expected 16384 bytes"], "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii"),
+    ("too-small-2x2x2", _too_small, [], 65, ["shape (2, 2, 2) is too small", "at least 8 voxels along each axis"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("single-slice", _single_slice, [], 65, ["single slice (shape (16, 16, 1))", "2D single-slice acquisitions cannot be processed"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("inf-magnitude", _inf_magnitude, [], 65, ["magnitude image contains infinite values in 1 voxel"], "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz"),
+    ("zero-magnitude", _zero_magnitude, [], 65, ["magnitude image is constant (all zero)", "carries no signal"], "sub-01/anat/sub-01_echo-3_part-mag_MEGRE.nii.gz"),
+    ("constant-magnitude", _constant_magnitude, [], 65, ["magnitude image is constant (every voxel 7)"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("negative-magnitude", _negative_magnitude, [], 65, ["magnitude image has negative values", "not swapped"], "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz"),
+    ("negative-voxel-size", _negative_voxel_size, [], 65, ["voxel sizes (pixdim) are -1 x 1 x 1 mm", "positive and finite"], "sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz"),
+    ("zero-voxel-size", _zero_voxel_size, [], 65, ["voxel sizes (pixdim) are 1 x 1 x 0 mm"], "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz"),
+    ("nan-affine", _nan_affine, [], 65, ["affine is invalid (singular or not finite)", "qform/sform"], "sub-01/anat/sub-01_echo-3_part-phase_MEGRE.nii.gz"),
+    ("mixed-phase-dtype", _mixed_phase_dtype, [], 65, ["phase image is stored as float64 but sub-01_echo-1_part-phase_MEGRE.nii.gz as float32", "one data type and scaling"], "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii.gz"),
+    ("echo-count-mismatch", _echo_count_mismatch, [], 65, ["echo 4 has a magnitude image but no phase image"], "sub-01/anat/sub-01_echo-4_part-mag_MEGRE.nii.gz"),
+    ("symlink-loop", _symlink_loop, [], 66, ["is a symbolic link loop"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("broken-symlink", _broken_symlink, [], 66, ["is a broken symbolic link (to /nonexistent/qsmprep/phase.nii.gz)"], "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii.gz"),
+]
+
+
 CASES = [c if hasattr(c, "marks") else pytest.param(*c, id=c[0]) for c in CASES]
 
 

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -160,11 +161,20 @@ def _run_files(run: "QsmRun") -> list[tuple[str, Path]]:
     return out
 
 
-def _check_openable(path: Path, kind: str) -> None:
-    """The file can be opened for reading (exit 66 otherwise: a missing or unreadable input)."""
+def _raw_header(path: Path, kind: str):
+    """The NIfTI header as stored (nibabel's loader silently "fixes" zero or negative voxel sizes), or
+    None when it cannot be parsed (then :func:`nibabel.load` reports the problem); an unreadable file:
+    exit 66 (a missing or unreadable input)."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
     try:
-        with open(path, "rb") as fh:
-            fh.read(1)
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+            block = fh.read(540)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             problem, fix = "is a symbolic link loop", "Replace the link with the image file (or a link to it)"
@@ -179,6 +189,11 @@ def _check_openable(path: Path, kind: str) -> None:
         else:
             problem, fix = f"{kind} image cannot be opened ({exc.strerror or exc})", "Check the file and its storage"
         raise InputError(path, problem, fix, EX_NOINPUT) from None
+    try:
+        klass = nib.Nifti2Header if len(block) >= 4 and int.from_bytes(block[:4], "little") in (540, 469893120) else nib.Nifti1Header
+        return klass.from_fileobj(io.BytesIO(block), check=False)
+    except Exception:
+        return None
 
 
 def _storage(img) -> tuple[str, float, float]:
@@ -194,7 +209,7 @@ def _describe_storage(st: tuple[str, float, float]) -> str:
     return dtype + ("" if (slope, inter) == (1.0, 0.0) else f" x {slope:g} + {inter:g}")
 
 
-def _check_grid(path: Path, kind: str, img) -> tuple[int, ...]:
+def _check_grid(path: Path, kind: str, img, raw_header=None) -> tuple[int, ...]:
     """Shape (3D, at least :data:`MIN_VOXELS_PER_AXIS` per axis), voxel sizes and affine of one image."""
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
@@ -219,7 +234,8 @@ def _check_grid(path: Path, kind: str, img) -> tuple[int, ...]:
             f"(at least {MIN_VOXELS_PER_AXIS} voxels along each axis are needed)",
             "Check the export (a localiser or a cropped test volume?); select the full 3D series",
         )
-    pixdim = np.asarray(img.header["pixdim"][1:4], dtype=np.float64) if "pixdim" in img.header else None
+    hdr = raw_header if raw_header is not None else img.header
+    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=np.float64) if "pixdim" in hdr else None
     if pixdim is not None and (not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0)):
         raise InputError(
             path,
@@ -242,14 +258,14 @@ def check_run_headers(run: "QsmRun") -> None:
     ref_path, ref_shape, ref_aff = None, None, None
     storage: dict[str, tuple[Path, tuple]] = {}
     for kind, path in _run_files(run):
-        _check_openable(path, kind)
+        raw_header = _raw_header(path, kind)
         try:
             img = nib.load(str(path))
         except OSError as exc:
             raise InputError(path, f"cannot be read ({exc.strerror or exc})", "Check the file and its storage", EX_NOINPUT) from None
         except Exception as exc:  # nibabel raises several types for corrupt files
             raise InputError(path, f"cannot be read as NIfTI ({exc})", "Replace the file with a valid NIfTI image") from None
-        shape = _check_grid(path, kind, img)
+        shape = _check_grid(path, kind, img, raw_header)
         aff = np.asarray(img.affine, dtype=np.float64)
         st = _storage(img)
         if kind not in storage:
@@ -296,14 +312,32 @@ def check_run_headers(run: "QsmRun") -> None:
             )
 
 
+def _read_data(path: Path) -> np.ndarray:
+    """The voxel data of a NIfTI file, read once and in full (a gzip stream is decompressed in one call,
+    which also verifies its CRC and length: a truncated file raises ``EOFError``)."""
+    import nibabel as nib
+
+    raw = Path(path).read_bytes()
+    if path.name.endswith(".gz"):
+        parts = []
+        while True:  # concatenated gzip members are one stream
+            d = zlib.decompressobj(31)
+            parts.append(d.decompress(raw))
+            if not d.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            raw = d.unused_data
+            if not raw.strip(b"\0"):
+                break
+        raw = b"".join(parts) if len(parts) > 1 else parts[0]
+    klass = nib.Nifti2Image if int.from_bytes(raw[:4], "little") in (540, 469893120) else nib.Nifti1Image
+    return np.asanyarray(klass.from_bytes(raw).dataobj)
+
+
 def _load_checked(path: Path, kind: str) -> np.ndarray:
     """Read one image in full (truncated data: exit 65) and check its values: no NaN/Inf; magnitude
     neither constant (e.g. all zero) nor negative."""
-    import nibabel as nib
-
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        data = _read_data(path)
     except Exception as exc:  # EOFError (gzip), OSError (short read), zlib.error, ValueError, ...
         detail = " ".join(str(exc).split()).split(" - could the file")[0]
         raise InputError(
