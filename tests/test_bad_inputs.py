@@ -647,3 +647,119 @@ def test_good_input_passes_the_validator(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     assert "BIDS validation passed" in err
     assert tree_digest(bids) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 17: unreadable files, --participant-label sub-<label>, phase images without a sidecar
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_bad(tmp_path, capsys, bids, *extra):
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = main([str(bids), str(out), "participant", "-w", str(work), *extra])
+    err = capsys.readouterr().err.strip()
+    return rc, err, out, work
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root reads files without read permission; see test_permission_denied_is_exit_66")
+def test_unreadable_file_is_exit_66(tmp_path, capsys):
+    bids = make_good(tmp_path / "bids")
+    path = _f(bids, 2, "mag")
+    path.chmod(0)
+    try:
+        rc, err, out, work = _run_bad(tmp_path, capsys, bids)
+    finally:
+        path.chmod(0o644)
+    assert rc == 66 and err == err.splitlines()[0], err
+    assert err.startswith(f"qsmprep: error: {path}: magnitude image cannot be read (permission denied)"), err
+    assert not out.exists() and not work.exists()
+
+
+def test_permission_denied_is_exit_66(tmp_path, capsys, monkeypatch):
+    """As root no chmod makes a file unreadable, so opening the one image raises PermissionError here."""
+    import builtins
+
+    bids = make_good(tmp_path / "bids")
+    before = tree_digest(bids)
+    denied = _f(bids, 2, "mag")
+    real_open = builtins.open
+
+    def fake_open(file, *args, **kwargs):
+        if str(file) == str(denied):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    rc, err, out, work = _run_bad(tmp_path, capsys, bids)
+    monkeypatch.undo()
+    assert rc == 66, err
+    assert "\n" not in err, err
+    assert err == (f"qsmprep: error: {denied}: magnitude image cannot be read (permission denied). Make it readable "
+                   "by the user running qsmprep (chmod a+r; in a container, check the mount).")
+    assert not out.exists() and not work.exists()
+    assert tree_digest(bids) == before
+
+
+def test_participant_label_with_sub_prefix(tmp_path, capsys, monkeypatch):
+    """``--participant-label sub-01`` selects participant 01 (the prefix is stripped by the parser)."""
+    bids = make_good(tmp_path / "bids")
+    _describe(bids, subjects=("01", "02"))
+    write_series(bids / "sub-02" / "anat", "sub-02", seed=3)
+    stub = _stub_workflow_module()
+    monkeypatch.setitem(sys.modules, "qsmprep.workflows.base", stub)
+    out = tmp_path / "out"
+    rc = main([str(bids), str(out), "participant", "--participant-label", "sub-01", "-w", str(tmp_path / "w"),
+               "--nprocs", "1", "--skip-bids-validation"] + _masking_arg())
+    assert rc == 0, capsys.readouterr().err
+    cfg, runs = stub.calls[-1]
+    assert cfg.participant_label == ["01"] or tuple(cfg.participant_label) == ("01",)
+    assert [r.subject for r in runs] == ["01"]
+    assert (out / "prefixes.txt").read_text() == "sub-01\n"
+
+
+def test_phase_images_without_sidecars(tmp_path, capsys, monkeypatch):
+    """No phase sidecar: EchoTime comes from the magnitude sidecar of each echo and the unit from the
+    values, each said in one warning line; an echo-level sidecar inherited by both parts (valid BIDS)
+    supplies EchoTime without a warning; no EchoTime anywhere is refused (exit 65)."""
+    monkeypatch.setitem(sys.modules, "qsmprep.workflows.base", _stub_workflow_module())
+    bids = make_good(tmp_path / "bids")
+    for e in (1, 2, 3):
+        _f(bids, e, "phase", ".json").unlink()
+    args = ["--nprocs", "1", "--skip-bids-validation"] + _masking_arg()
+    rc = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0, lines
+    warnings = [ln for ln in lines if ln.startswith(f"qsmprep: warning: {bids}")]  # the input's, not the reports'
+    assert not any(f"error: {bids}" in ln for ln in lines), lines
+    assert len(warnings) == 2, lines
+    te_line, units_line = warnings
+    assert te_line.startswith(f"qsmprep: warning: {_f(bids, 1, 'phase')}: no EchoTime in its sidecar or an inherited one (3 files"), te_line
+    assert "EchoTime of the other part of each echo (here sub-01_echo-1_part-mag_MEGRE.json)" in te_line
+    assert "sub-01_echo-1_MEGRE.json" in te_line
+    assert units_line.startswith(f"qsmprep: warning: {_f(bids, 1, 'phase')}: no \"Units\" in the sidecars"), units_line
+    assert "were taken as radians" in units_line
+
+    # an echo-level sidecar without the part entity is inherited by both parts: no EchoTime warning
+    good = make_good(tmp_path / "inherit")
+    for e in (1, 2, 3):
+        _f(good, e, "phase", ".json").unlink()
+        _json(good / ANAT / f"sub-01_echo-{e}_MEGRE.json", {"EchoTime": TES[e - 1]})
+        _edit_json(_f(good, e, "mag", ".json"), EchoTime=None)
+    rc = main([str(good), str(tmp_path / "out2"), "participant", "-w", str(tmp_path / "w2"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0, lines
+    assert not any("EchoTime" in ln for ln in lines), lines
+    assert sum("no \"Units\"" in ln for ln in lines) == 1, lines
+
+    # no EchoTime in any sidecar of echo 2: refused before any work
+    for part in ("mag", "phase"):
+        _edit_json(_f(good, 2, part, ".json"), EchoTime=None) if _f(good, 2, part, ".json").exists() else None
+    (good / ANAT / "sub-01_echo-2_MEGRE.json").unlink()
+    before = tree_digest(good)
+    out3 = tmp_path / "out3"
+    rc = main([str(good), str(out3), "participant", "-w", str(tmp_path / "w3"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 65 and "\n" not in err, err
+    assert err.startswith(f"qsmprep: error: {_f(good, 2, 'phase', '.json')}: \"EchoTime\" is missing (needed for echo 2)"), err
+    assert not out3.exists() and tree_digest(good) == before
