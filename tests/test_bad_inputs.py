@@ -282,6 +282,134 @@ CASES = [
 ]
 
 
+
+# --------------------------------------------------------------------------------------------------
+# issue 17: the other classes of malformed input (each: one line naming the file, exit 65/66)
+# --------------------------------------------------------------------------------------------------
+
+
+def _patch_header(path: Path, **fields) -> None:
+    """Rewrite NIfTI header fields in place (values nibabel would fix or refuse on save)."""
+    import gzip
+    import io
+
+    raw = path.read_bytes()
+    gz = path.name.endswith(".gz")
+    data = gzip.decompress(raw) if gz else raw
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(data), check=False)
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            for i, v in value.items():
+                hdr[key][i] = v
+        else:
+            hdr[key] = value
+    data = hdr.binaryblock + data[len(hdr.binaryblock):]
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def _truncated_gz(r):
+    path = _f(r, 1, "mag")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * 0.6)])
+
+
+def _truncated_nii(r):
+    rng = np.random.default_rng(6)
+    _f(r, 2, "phase").unlink()
+    plain = _f(r, 2, "phase", ".nii")
+    _save(plain, rng.uniform(-np.pi, np.pi, (N, N, N)).astype(np.float32))
+    raw = plain.read_bytes()
+    plain.write_bytes(raw[: len(raw) - 1000])
+
+
+def _resave_all(r, shape):
+    rng = np.random.default_rng(7)
+    for e in (1, 2, 3):
+        _save(_f(r, e, "mag"), rng.uniform(10, 100, shape).astype(np.float32))
+        _save(_f(r, e, "phase"), rng.uniform(-np.pi, np.pi, shape).astype(np.float32))
+
+
+def _too_small(r):
+    _resave_all(r, (2, 2, 2))
+
+
+def _single_slice(r):
+    _resave_all(r, (N, N, 1))
+
+
+def _inf_magnitude(r):
+    data = np.full((N, N, N), 50.0, np.float32)
+    data[1, 2, 3] = np.inf
+    _save(_f(r, 2, "mag"), data)
+
+
+def _zero_magnitude(r):
+    _save(_f(r, 3, "mag"), np.zeros((N, N, N), np.float32))
+
+
+def _constant_magnitude(r):
+    _save(_f(r, 1, "mag"), np.full((N, N, N), 7.0, np.float32))
+
+
+def _negative_magnitude(r):
+    rng = np.random.default_rng(8)
+    _save(_f(r, 2, "mag"), rng.uniform(-50, 50, (N, N, N)).astype(np.float32))
+
+
+def _negative_voxel_size(r):
+    _patch_header(_f(r, 1, "phase"), pixdim={1: -1.0})
+
+
+def _zero_voxel_size(r):
+    _patch_header(_f(r, 2, "mag"), pixdim={3: 0.0})
+
+
+def _nan_affine(r):
+    _patch_header(_f(r, 3, "phase"), srow_x={0: np.nan}, sform_code=1, qform_code=0)
+
+
+def _mixed_phase_dtype(r):
+    rng = np.random.default_rng(9)
+    _save(_f(r, 2, "phase"), rng.uniform(-np.pi, np.pi, (N, N, N)).astype(np.float64))
+
+
+def _echo_count_mismatch(r):
+    rng = np.random.default_rng(10)
+    _save(_f(r, 4, "mag"), rng.uniform(10, 100, (N, N, N)).astype(np.float32))
+    _json(_f(r, 4, "mag", ".json"), {"EchoTime": 0.016, "MagneticFieldStrength": 3.0})
+
+
+def _symlink_loop(r):
+    path = _f(r, 1, "mag")
+    path.unlink()
+    path.symlink_to(path.name)
+
+
+def _broken_symlink(r):
+    path = _f(r, 2, "phase")
+    path.unlink()
+    path.symlink_to("/nonexistent/qsmprep/phase.nii.gz")
+
+
+CASES += [
+    ("truncated-gzip", _truncated_gz, [], 65, ["magnitude image data are truncated or corrupt", "EOFError", "export the file again"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("truncated-plain", _truncated_nii, [], 65, ["phase image data are truncated or corrupt", "Expected 16384 bytes"], "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii"),
+    ("too-small-2x2x2", _too_small, [], 65, ["shape (2, 2, 2) is too small", "at least 8 voxels along each axis"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("single-slice", _single_slice, [], 65, ["single slice (shape (16, 16, 1))", "2D single-slice acquisitions cannot be processed"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("inf-magnitude", _inf_magnitude, [], 65, ["magnitude image contains infinite values in 1 voxel"], "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz"),
+    ("zero-magnitude", _zero_magnitude, [], 65, ["magnitude image is constant (all zero)", "carries no signal"], "sub-01/anat/sub-01_echo-3_part-mag_MEGRE.nii.gz"),
+    ("constant-magnitude", _constant_magnitude, [], 65, ["magnitude image is constant (every voxel 7)"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("negative-magnitude", _negative_magnitude, [], 65, ["magnitude image has negative values", "not swapped"], "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz"),
+    ("negative-voxel-size", _negative_voxel_size, [], 65, ["voxel sizes (pixdim) are -1 x 1 x 1 mm", "positive and finite"], "sub-01/anat/sub-01_echo-1_part-phase_MEGRE.nii.gz"),
+    ("zero-voxel-size", _zero_voxel_size, [], 65, ["voxel sizes (pixdim) are 1 x 1 x 0 mm"], "sub-01/anat/sub-01_echo-2_part-mag_MEGRE.nii.gz"),
+    ("nan-affine", _nan_affine, [], 65, ["affine is invalid (singular or not finite)", "qform/sform"], "sub-01/anat/sub-01_echo-3_part-phase_MEGRE.nii.gz"),
+    ("mixed-phase-dtype", _mixed_phase_dtype, [], 65, ["phase image is stored as float64 but sub-01_echo-1_part-phase_MEGRE.nii.gz as float32", "one data type and scaling"], "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii.gz"),
+    ("echo-count-mismatch", _echo_count_mismatch, [], 65, ["echo 4 has a magnitude image but no phase image"], "sub-01/anat/sub-01_echo-4_part-mag_MEGRE.nii.gz"),
+    ("symlink-loop", _symlink_loop, [], 66, ["is a symbolic link loop"], "sub-01/anat/sub-01_echo-1_part-mag_MEGRE.nii.gz"),
+    ("broken-symlink", _broken_symlink, [], 66, ["is a broken symbolic link (to /nonexistent/qsmprep/phase.nii.gz)"], "sub-01/anat/sub-01_echo-2_part-phase_MEGRE.nii.gz"),
+]
+
+
 CASES = [c if hasattr(c, "marks") else pytest.param(*c, id=c[0]) for c in CASES]
 
 
@@ -376,15 +504,15 @@ def test_collect_runs_sessions_runs_acq_and_echo_order(tmp_path):
     names = ["01", "02", "3", "4", "5", "6", "7", "8", "9", "10", "11"]  # zero padding and >9 echoes
     for ses in ("1", "2"):
         anat = root / "sub-01" / f"ses-{ses}" / "anat"
-        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-1", tes=tes11, shape=(4, 4, 4), echo_names=names)
-        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-2", shape=(4, 4, 4))
-        write_series(anat, f"sub-01_ses-{ses}_acq-fast_run-1", tes=TES[:2], shape=(4, 4, 4))
+        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-1", tes=tes11, shape=(8, 8, 8), echo_names=names)
+        write_series(anat, f"sub-01_ses-{ses}_acq-qsm_run-2", shape=(8, 8, 8))
+        write_series(anat, f"sub-01_ses-{ses}_acq-fast_run-1", tes=TES[:2], shape=(8, 8, 8))
     anat2 = root / "sub-02" / "ses-1" / "anat"
     # single-echo T2starw (no echo entity) and a magnitude-only T2starw that is ignored
-    write_series(anat2, "sub-02_ses-1", tes=(0.02,), suffix="T2starw", shape=(4, 4, 4), echo_names=())
+    write_series(anat2, "sub-02_ses-1", tes=(0.02,), suffix="T2starw", shape=(8, 8, 8), echo_names=())
     _save(anat2 / "sub-02_ses-1_acq-mag_T2starw.nii.gz", np.ones((4, 4, 4), np.float32))
     # real/imaginary pairs with B0_dir
-    write_series(anat2, "sub-02_ses-1_acq-cplx", parts=("real", "imag"), shape=(4, 4, 4), meta_extra={"B0_dir": [0, 0, 2]})
+    write_series(anat2, "sub-02_ses-1_acq-cplx", parts=("real", "imag"), shape=(8, 8, 8), meta_extra={"B0_dir": [0, 0, 2]})
     for f in anat2.glob("sub-02_ses-1_acq-cplx*.json"):
         _edit_json(f, MagneticFieldStrength=None)
     before = tree_digest(root)
@@ -517,3 +645,119 @@ def test_good_input_passes_the_validator(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     assert "BIDS validation passed" in err
     assert tree_digest(bids) == before
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 17: unreadable files, --participant-label sub-<label>, phase images without a sidecar
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_bad(tmp_path, capsys, bids, *extra):
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = main([str(bids), str(out), "participant", "-w", str(work), *extra])
+    err = capsys.readouterr().err.strip()
+    return rc, err, out, work
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root reads files without read permission; see test_permission_denied_is_exit_66")
+def test_unreadable_file_is_exit_66(tmp_path, capsys):
+    bids = make_good(tmp_path / "bids")
+    path = _f(bids, 2, "mag")
+    path.chmod(0)
+    try:
+        rc, err, out, work = _run_bad(tmp_path, capsys, bids)
+    finally:
+        path.chmod(0o644)
+    assert rc == 66 and err == err.splitlines()[0], err
+    assert err.startswith(f"qsmprep: error: {path}: magnitude image cannot be read (permission denied)"), err
+    assert not out.exists() and not work.exists()
+
+
+def test_permission_denied_is_exit_66(tmp_path, capsys, monkeypatch):
+    """As root no chmod makes a file unreadable, so opening the one image raises PermissionError here."""
+    import builtins
+
+    bids = make_good(tmp_path / "bids")
+    before = tree_digest(bids)
+    denied = _f(bids, 2, "mag")
+    real_open = builtins.open
+
+    def fake_open(file, *args, **kwargs):
+        if str(file) == str(denied):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    rc, err, out, work = _run_bad(tmp_path, capsys, bids)
+    monkeypatch.undo()
+    assert rc == 66, err
+    assert "\n" not in err, err
+    assert err == (f"qsmprep: error: {denied}: magnitude image cannot be read (permission denied). Make it readable "
+                   "by the user running qsmprep (chmod a+r; in a container, check the mount).")
+    assert not out.exists() and not work.exists()
+    assert tree_digest(bids) == before
+
+
+def test_participant_label_with_sub_prefix(tmp_path, capsys, monkeypatch):
+    """``--participant-label sub-01`` selects participant 01 (the prefix is stripped by the parser)."""
+    bids = make_good(tmp_path / "bids")
+    _describe(bids, subjects=("01", "02"))
+    write_series(bids / "sub-02" / "anat", "sub-02", seed=3)
+    stub = _stub_workflow_module()
+    monkeypatch.setitem(sys.modules, "qsmprep.workflows.base", stub)
+    out = tmp_path / "out"
+    rc = main([str(bids), str(out), "participant", "--participant-label", "sub-01", "-w", str(tmp_path / "w"),
+               "--nprocs", "1", "--skip-bids-validation"] + _masking_arg())
+    assert rc == 0, capsys.readouterr().err
+    cfg, runs = stub.calls[-1]
+    assert cfg.participant_label == ["01"] or tuple(cfg.participant_label) == ("01",)
+    assert [r.subject for r in runs] == ["01"]
+    assert (out / "prefixes.txt").read_text() == "sub-01\n"
+
+
+def test_phase_images_without_sidecars(tmp_path, capsys, monkeypatch):
+    """No phase sidecar: EchoTime comes from the magnitude sidecar of each echo and the unit from the
+    values, each said in one warning line; an echo-level sidecar inherited by both parts (valid BIDS)
+    supplies EchoTime without a warning; no EchoTime anywhere is refused (exit 65)."""
+    monkeypatch.setitem(sys.modules, "qsmprep.workflows.base", _stub_workflow_module())
+    bids = make_good(tmp_path / "bids")
+    for e in (1, 2, 3):
+        _f(bids, e, "phase", ".json").unlink()
+    args = ["--nprocs", "1", "--skip-bids-validation"] + _masking_arg()
+    rc = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "w"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0, lines
+    warnings = [ln for ln in lines if ln.startswith(f"qsmprep: warning: {bids}")]  # the input's, not the reports'
+    assert not any(f"error: {bids}" in ln for ln in lines), lines
+    assert len(warnings) == 2, lines
+    te_line, units_line = warnings
+    assert te_line.startswith(f"qsmprep: warning: {_f(bids, 1, 'phase')}: no EchoTime in its sidecar or an inherited one (3 files"), te_line
+    assert "EchoTime of the other part of each echo (here sub-01_echo-1_part-mag_MEGRE.json)" in te_line
+    assert "sub-01_echo-1_MEGRE.json" in te_line
+    assert units_line.startswith(f"qsmprep: warning: {_f(bids, 1, 'phase')}: no \"Units\" in the sidecars"), units_line
+    assert "were taken as radians" in units_line
+
+    # an echo-level sidecar without the part entity is inherited by both parts: no EchoTime warning
+    good = make_good(tmp_path / "inherit")
+    for e in (1, 2, 3):
+        _f(good, e, "phase", ".json").unlink()
+        _json(good / ANAT / f"sub-01_echo-{e}_MEGRE.json", {"EchoTime": TES[e - 1]})
+        _edit_json(_f(good, e, "mag", ".json"), EchoTime=None)
+    rc = main([str(good), str(tmp_path / "out2"), "participant", "-w", str(tmp_path / "w2"), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 0, lines
+    assert not any("EchoTime" in ln for ln in lines), lines
+    assert sum("no \"Units\"" in ln for ln in lines) == 1, lines
+
+    # no EchoTime in any sidecar of echo 2: refused before any work
+    for part in ("mag", "phase"):
+        _edit_json(_f(good, 2, part, ".json"), EchoTime=None) if _f(good, 2, part, ".json").exists() else None
+    (good / ANAT / "sub-01_echo-2_MEGRE.json").unlink()
+    before = tree_digest(good)
+    out3 = tmp_path / "out3"
+    rc = main([str(good), str(out3), "participant", "-w", str(tmp_path / "w3"), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 65 and "\n" not in err, err
+    assert err.startswith(f"qsmprep: error: {_f(good, 2, 'phase', '.json')}: \"EchoTime\" is missing (needed for echo 2)"), err
+    assert not out3.exists() and tree_digest(good) == before

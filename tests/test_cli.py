@@ -301,6 +301,11 @@ def test_saved_settings_load_back_with_config_file(tmp_path):
         ("[method_params.bgremove]\nradius_mm = 8", 65, "has no parameter 'radius_mm' (valid: radii_mm, threshold)"),
         ("[method_params.inversion]\nmaxit = \"ten\"", 65, "maxit = 'ten' should be a number"),
         ("[method_params.bgremoval]\nradii_mm = 8", 65, "expected tables named after stages"),
+        ("[method_params.bgremove]\nthreshold = 2", 65, "bgremove method 'vsharp': threshold = 2 is out of range (0, 1)"),
+        ("[method_params.bgremove]\nradii_mm = [6, -2]", 65, "radii_mm = [6, -2] is out of range (0, inf)"),
+        ("[method_params.inversion]\nmaxit = 0", 65, "inversion method 'rts': maxit = 0 is out of range [1, inf)"),
+        ("[method_params.masking]\nerosions = [3, -1]", 65, "masking method 'phase': erosions = [3, -1] is out of range [0, inf)"),
+        ("[method_params.reference]\nmin_voxels = 0", 65, "reference method 'mean' has no parameter 'min_voxels'"),
     ],
 )
 def test_method_parameters_are_checked_before_any_work(tmp_path, capsys, table, code, needle):
@@ -312,3 +317,34 @@ def test_method_parameters_are_checked_before_any_work(tmp_path, capsys, table, 
     line = _one_error_line(capsys.readouterr().err)
     assert rc == code and needle in line, line
     assert not out.exists()
+
+
+def test_parameter_ranges_are_declared_at_registration():
+    """Every declared range names a parameter of its method and holds the parameter's default; the
+    classical methods declare ranges for their numeric parameters (radii, tolerances, iterations, ...)."""
+    from qsmprep.methods import STAGES
+    from qsmprep.qsm.registry import Interval
+
+    declared = 0
+    for key, registry in STAGES.items():
+        for name in registry.names():
+            method = registry.method(name)
+            params = method.parameters()
+            assert set(method.ranges) <= set(params), (key, name, set(method.ranges) - set(params))
+            for param, interval in method.ranges.items():
+                default = params[param].default
+                assert default is None or interval.contains(default), (key, name, param, default, str(interval))
+                declared += 1
+    assert declared >= 50
+    for key, name, param in [("bgremove", "vsharp", "threshold"), ("bgremove", "pdf", "max_iter"),
+                             ("inversion", "rts", "maxit"), ("inversion", "tkd", "delta"),
+                             ("masking", "phase", "erosions"), ("reference", "csf", "radius_mm")]:
+        assert param in STAGES[key].method(name).ranges, (key, name, param)
+    iv = Interval.parse("(0, 1)")
+    assert str(iv) == "(0, 1)" and iv.contains(0.5) and not iv.contains(0) and not iv.contains(1)
+    assert not iv.contains(float("nan")) and not iv.contains(True) and not iv.contains("0.5")
+    assert str(Interval.parse("[1, inf)")) == "[1, inf)" and Interval.parse((0, None)).contains(1e9)
+    with pytest.raises(ValueError, match="invalid interval"):
+        Interval.parse("0..1")
+    with pytest.raises(ValueError, match="threshold = 2 is out of range \\(0, 1\\)"):
+        STAGES["bgremove"].method("vsharp").check_params({"threshold": 2})

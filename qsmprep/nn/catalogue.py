@@ -23,6 +23,7 @@ INVERSION.register_lazy(
     "brains with QSMnet+ range augmentation (field resampled to a B0-aligned 1 mm grid and back), followed by "
     "one exact dipole data-consistency step",
     references=("bollmann2019", "jung2020", "shmueli2009", "aggarwal2019"),
+    ranges={"tile": "[16, inf)", "overlap": "[0, inf)", "data_consistency_mu": "[0, inf)"},
 )
 INVERSION.register_lazy(
     "nextqsm",
@@ -31,6 +32,8 @@ INVERSION.register_lazy(
     description="a NeXtQSM-style variational network (unrolled steps of learned CNN regularisers, each followed "
     "by an exact dipole data-consistency solve) trained by qsmprep on simulated hybrid brains",
     references=("cognolato2023", "aggarwal2019", "jung2020"),
+    ranges={"pad_voxels": "[0, inf)", "self_supervised_steps": "[0, inf)", "self_supervised_lr": "(0, inf)",
+            "self_supervised_tv": "[0, inf)"},
 )
 BGREMOVE.register_lazy(
     "nextqsm",
@@ -42,6 +45,7 @@ BGREMOVE.register_lazy(
     "explain, which restores the smooth part of the local field that PDF alone removes; the network was trained "
     "by qsmprep on simulated hybrid brains",
     references=("liu2011", "cognolato2023"),
+    ranges={"n_outer": "[1, inf)", "refit_max_iter": "[1, inf)", "rim_mm": "[0, inf)"},
 )
 BGREMOVE.register_lazy(
     "nextqsm-unet",
@@ -51,4 +55,5 @@ BGREMOVE.register_lazy(
     "local field; a PDF-guided model predicts a smooth correction of PDF on a coarse B0-aligned grid of the "
     "whole brain",
     references=("cognolato2023", "liu2011"),
+    ranges={"tile": "[16, inf)", "overlap": "[0, inf)"},
 )

@@ -185,6 +185,7 @@ def _vsharp_defaults(params: dict, data) -> dict:
     references=("wu2012", "li2011"),
     aliases=("v-sharp",),
     defaults=_vsharp_defaults,
+    ranges={"radii_mm": "(0, inf)", "threshold": "(0, 1)"},
 )
 def vsharp(
     total_field_ppm,
@@ -222,6 +223,7 @@ def vsharp(
     label="SHARP",
     description="sophisticated harmonic artifact reduction for phase data (SHARP)",
     references=("schweser2011",),
+    ranges={"radius_mm": "(0, inf)", "threshold": "(0, 1)"},
 )
 def sharp(
     total_field_ppm,
@@ -254,6 +256,7 @@ def sharp(
     description="projection onto dipole fields (PDF)",
     references=("liu2011",),
     data_args=("weight",),
+    ranges={"tol": "(0, inf)", "max_iter": "[1, inf)", "pad_voxels": "[0, inf)"},
 )
 def pdf(
     total_field_ppm,
@@ -433,6 +436,7 @@ def _cg(apply_a, b, x0, tol, max_iter):
     description="the iterative spherical mean value method (iSMV)",
     references=("wen2014",),
     aliases=("i-smv",),
+    ranges={"radius_mm": "(0, inf)", "tol": "(0, inf)", "max_iter": "[1, inf)"},
 )
 def ismv(
     total_field_ppm,
@@ -517,6 +521,7 @@ def _interior(mask: np.ndarray) -> np.ndarray:
     label="LBV",
     description="the Laplacian boundary value method (LBV)",
     references=("zhou2014",),
+    ranges={"tol": "(0, inf)", "max_iter": "[1, inf)", "peel": "[0, inf)"},
 )
 def lbv(
     total_field_ppm,

@@ -252,6 +252,7 @@ def data_consistency(
     label="TKD",
     description="truncated k-space division (TKD)",
     references=("shmueli2009",),
+    ranges={"delta": "(0, 1)", "pad_voxels": "[0, inf)"},
 )
 def tkd(
     local_field_ppm,
@@ -281,6 +282,7 @@ def tkd(
     label="TSVD",
     description="truncated singular value decomposition in k-space (TSVD)",
     references=("wharton2010",),
+    ranges={"delta": "(0, 1)", "pad_voxels": "[0, inf)"},
 )
 def tsvd(
     local_field_ppm,
@@ -308,6 +310,7 @@ _TIKHONOV_REG = ("identity", "gradient", "laplacian")
     label="Tikhonov",
     description="closed-form L2 (Tikhonov) regularised dipole inversion",
     references=("bilgic2014l2",),
+    ranges={"lam": "(0, inf)", "pad_voxels": "[0, inf)"},
 )
 def tikhonov(
     local_field_ppm,
@@ -478,6 +481,8 @@ def _admm_tv(
     label="RTS",
     description="rapid two-step dipole inversion (RTS)",
     references=("kames2018",),
+    ranges={"delta": "(0, 1)", "mu": "(0, inf)", "rho": "(0, inf)", "tol": "(0, inf)", "maxit": "[1, inf)",
+            "lstol": "[1, inf)", "tau": "(0, inf)", "gamma": "(0, inf)", "pad_voxels": "[0, inf)"},
 )
 def rts(
     local_field_ppm,
@@ -536,6 +541,7 @@ def rts(
     description="total-variation regularised dipole inversion solved by ADMM",
     references=("bilgic2014tv",),
     aliases=("tv-admm", "tvadmm"),
+    ranges={"lam": "(0, inf)", "rho": "(0, inf)", "tol": "(0, inf)", "maxit": "[1, inf)", "pad_voxels": "[0, inf)"},
 )
 def tv(
     local_field_ppm,

@@ -446,6 +446,7 @@ def magnitude_mask(
     aliases=("phase-quality", "phase_quality", "phasequality", "quality"),
     data_args=("return_unfilled",),
     forwards=(phase_quality_mask,),
+    ranges={"factor": "(0, inf)", "threshold": "[0, inf)", "erosions": "[0, inf)", "gaussian_sigma_vox": "(0, inf)"},
 )
 def phase(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
     """MASKING entry: :func:`phase_quality_mask`. ``voxel_size_mm`` is unused.
@@ -468,6 +469,7 @@ def phase(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm
     references=("stewart2022",),
     aliases=("mag",),
     forwards=(magnitude_mask,),
+    ranges={"factor": "(0, inf)", "threshold": "[0, inf)", "erosions": "[0, inf)", "gaussian_sigma_vox": "(0, inf)"},
 )
 def magnitude(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
     """MASKING entry: :func:`magnitude_mask`. Phase, echo times and voxel size are unused."""
@@ -482,6 +484,7 @@ def magnitude(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_siz
     description="a robust threshold of the combined magnitude (noise and signal levels from quantiles, as in "
     "MriResearchTools) with smoothing and hole filling",
     forwards=(robust_mask,),
+    ranges={"factor": "(0, inf)", "threshold": "[0, inf)", "max_samples": "[1, inf)"},
 )
 def robust(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
     """MASKING entry: :func:`robust_mask` of the RSS magnitude over echoes."""

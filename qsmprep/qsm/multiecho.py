@@ -172,6 +172,7 @@ def smooth_phase(phase_rad, weight, sigma_vox, min_weight_fraction: float = 1e-4
     references=("eckstein2018",),
     aliases=("mcpc-3d-s", "mcpc3d-s"),
     data_args=("unwrapper",),
+    ranges={"echoes": "[0, inf)", "sigma_mm": "(0, inf)"},
 )
 def mcpc3ds(
     phase_rad_4d,
@@ -499,6 +500,7 @@ def fit_r2star(
     "loglinear",
     label="log-linear fit",
     description="a weighted log-linear least-squares fit of the magnitude decay",
+    ranges={"max_r2star_hz": "(0, inf)"},
 )
 def r2star_loglinear(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float = 1000.0, reweight: bool = True):
     """R2STAR entry: :func:`fit_r2star` with ``method="loglinear"``."""
@@ -510,6 +512,7 @@ def r2star_loglinear(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float
     label="ARLO",
     description="auto-regression on linear operations (ARLO)",
     references=("pei2015",),
+    ranges={"max_r2star_hz": "(0, inf)"},
 )
 def r2star_arlo(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float = 1000.0):
     """R2STAR entry: :func:`fit_r2star` with ``method="arlo"`` (>= 3 equally spaced echoes)."""

@@ -61,6 +61,8 @@ def reference_none(chi_ppm, mask=None) -> np.ndarray:
     "thresholding near the brain centre",
     references=("liu2018csf", "consensus2024"),
     forwards=("qsmprep.qsm.reference:csf_mask_from_r2star",),
+    ranges={"threshold_hz": "(0, inf)", "radius_mm": "(0, inf)", "min_voxels": "[1, inf)", "n_central": "[1, inf)",
+            "erode_mm": "[0, inf)"},
 )
 def reference_csf(
     chi_ppm,

@@ -13,6 +13,9 @@ know about it is declared there::
   supplied by the pipeline; every other keyword parameter of the function (and of the functions in
   ``forwards`` it passes ``**kwargs`` to) is a user parameter (``[method_params.<stage>]``), checked by
   :meth:`Method.check_params` and recorded with its value by :meth:`Method.resolve_params`;
+- ``ranges``: the allowed values of numeric parameters in interval notation (``{"threshold": "(0, 1)",
+  "max_iter": "[1, inf)"}``), checked by :meth:`Method.check_params` before any work (each element of a
+  list parameter); parameters without a declared range are checked for name and type only;
 - ``defaults(params, data)`` fills parameters whose default depends on the data (V-SHARP's radii);
 - learned methods (:mod:`qsmprep.nn`, which imports PyTorch) are registered with
   :meth:`Registry.register_lazy` by a light manifest (:mod:`qsmprep.nn.catalogue`): their names and
@@ -26,10 +29,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 __all__ = [
+    "Interval",
     "Method",
     "Registry",
     "MASKING",
@@ -69,6 +75,8 @@ class Method:
     forwards: tuple[Callable | str, ...] = ()
     defaults: DefaultsHook | None = None
     learned: bool = False
+    #: parameter name -> allowed interval (:class:`Interval`, from the ``ranges`` of the registration)
+    ranges: Mapping[str, "Interval"] = field(default_factory=dict, compare=False)
     #: the function, or ``"module:function"`` imported on first use (learned methods)
     target: Callable | str = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
@@ -95,7 +103,8 @@ class Method:
 
     def check_params(self, user: Mapping[str, Any]) -> dict:
         """``user`` checked against :meth:`parameters`: ``ValueError`` (one line, with the valid names)
-        for an unknown name or a value whose type does not fit the parameter's default."""
+        for an unknown name, a value whose type does not fit the parameter's default, or a value outside
+        the parameter's declared range (:attr:`ranges`)."""
         params = self.parameters()
         for key, value in dict(user or {}).items():
             if key not in params:
@@ -107,6 +116,10 @@ class Method:
                     f"{self.stage} method {self.name!r}: {key} = {value!r} should be "
                     f"{_kind(default)} like its default {default!r}"
                 )
+            interval = self.ranges.get(key)
+            if interval is not None and value is not None and not interval.contains(value):
+                raise ValueError(f"{self.stage} method {self.name!r}: {key} = {value!r} is out of range {interval}"
+                                 + ("" if _numbers(value) is not None else " (a number is expected)"))
         return dict(user or {})
 
     def resolve_params(self, user: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None) -> dict:
@@ -115,6 +128,66 @@ class Method:
         out = {name: p.default for name, p in self.parameters().items()}
         out.update(dict(user or {}))
         return self.defaults(out, data) if self.defaults is not None else out
+
+
+_INTERVAL = re.compile(r"^\s*([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])\s*$")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An interval of allowed values, written ``"[0, 1]"``, ``"(0, inf)"``, ``"[1, inf)"`` (``inf``/``-inf``
+    for no bound); a 2-tuple ``(low, high)`` is closed, None meaning no bound."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def parse(cls, spec: "str | Sequence | Interval") -> "Interval":
+        if isinstance(spec, Interval):
+            return spec
+        if isinstance(spec, str):
+            m = _INTERVAL.match(spec)
+            if m is None:
+                raise ValueError(f"invalid interval {spec!r}; write e.g. '[0, 1]' or '(0, inf)'")
+            low, high = float(m.group(2)), float(m.group(3))
+            out = cls(low, high, m.group(1) == "(" or math.isinf(low), m.group(4) == ")" or math.isinf(high))
+        else:
+            lo, hi = spec
+            out = cls(-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi),
+                      lo is None, hi is None)
+        if not out.low <= out.high:
+            raise ValueError(f"empty interval {spec!r}")
+        return out
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` (a number or each number of a list) lies in the interval."""
+        values = _numbers(value)
+        if values is None:
+            return False
+        for v in values:
+            if math.isnan(v):
+                return False
+            if v < self.low or (self.low_open and v == self.low):
+                return False
+            if v > self.high or (self.high_open and v == self.high):
+                return False
+        return True
+
+    def __str__(self) -> str:
+        def num(x: float) -> str:
+            return ("-inf" if x < 0 else "inf") if math.isinf(x) else f"{x:g}"
+
+        return f"{'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
+
+
+def _numbers(value: Any) -> list[float] | None:
+    """``value`` as a list of floats (a number, or a list/tuple of numbers); None if it is not numeric."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
+        return None
+    return [float(v) for v in items]
 
 
 def _kind(default: Any) -> str:
@@ -164,31 +237,34 @@ class Registry:
         return method
 
     def _method(self, name: str, target, label: str, description: str, references, aliases, data_args,
-                forwards, defaults, learned) -> Method:
+                forwards, defaults, learned, ranges=None) -> Method:
         return Method(stage=self.key, name=name.lower(), label=label, description=description,
                       references=tuple(references), aliases=tuple(aliases),
                       data_args=self.data_args + tuple(data_args), forwards=tuple(forwards),
-                      defaults=defaults, learned=learned, target=target)
+                      defaults=defaults, learned=learned, target=target,
+                      ranges={k: Interval.parse(v) for k, v in dict(ranges or {}).items()})
 
     def register(self, name: str, *, label: str, description: str, references: Sequence[str] = (),
                  aliases: Sequence[str] = (), data_args: Sequence[str] = (),
-                 forwards: Sequence[Callable | str] = (), defaults: DefaultsHook | None = None
-                 ) -> Callable[[Callable], Callable]:
-        """Decorator registering a function under ``name`` with its catalogue entry."""
+                 forwards: Sequence[Callable | str] = (), defaults: DefaultsHook | None = None,
+                 ranges: Mapping[str, Any] | None = None) -> Callable[[Callable], Callable]:
+        """Decorator registering a function under ``name`` with its catalogue entry (``ranges``: allowed
+        interval of numeric parameters, see :class:`Interval`)."""
 
         def deco(func: Callable) -> Callable:
             self._add(self._method(name, func, label, description, references, aliases, data_args, forwards,
-                                   defaults, learned=False))
+                                   defaults, learned=False, ranges=ranges))
             return func
 
         return deco
 
     def register_lazy(self, name: str, target: str, *, label: str, description: str,
                       references: Sequence[str] = (), aliases: Sequence[str] = (), data_args: Sequence[str] = (),
-                      defaults: DefaultsHook | None = None, learned: bool = True) -> Method:
+                      defaults: DefaultsHook | None = None, learned: bool = True,
+                      ranges: Mapping[str, Any] | None = None) -> Method:
         """Register ``"module:function"`` without importing it (learned methods: torch stays unloaded)."""
         return self._add(self._method(name, target, label, description, references, aliases, data_args, (),
-                                      defaults, learned))
+                                      defaults, learned, ranges))
 
     def unregister(self, name: str) -> None:
         """Remove a method and its aliases (for plug-ins and tests that register a method temporarily)."""

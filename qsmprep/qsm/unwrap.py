@@ -718,6 +718,7 @@ def _romeo_defaults(params: dict, data) -> dict:
     "echoes temporally)",
     references=("dymerska2021",),
     defaults=_romeo_defaults,
+    ranges={"template_echo": "[0, inf)"},
 )
 def romeo(phase_rad, magnitude=None, mask=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0),
           template_echo: int = 0, global_correction: bool | None = None, weights="auto"):

@@ -15,6 +15,7 @@ is indexed in memory (``database_path=None``): nothing is written into the datas
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections import defaultdict
@@ -28,6 +29,8 @@ __all__ = [
     "QsmRun", "collect_runs", "load_bids_filters", "check_filters", "make_layout", "strip_label", "sidecar_path",
     "QUERIES",
 ]
+
+LOGGER = logging.getLogger("qsmprep")
 
 #: pybids queries of the inputs qsmprep uses; ``--bids-filter-file`` refines them by name.
 QUERIES: dict[str, dict[str, Any]] = {
@@ -344,13 +347,25 @@ def _build_run(layout, key: tuple, files: list) -> QsmRun | None:
     files_of = {p: tuple(by_echo[e][p] for e in echoes) if all(p in by_echo[e] for e in echoes) else () for p in names}
     tes = []
     all_paths, all_metas = [], []
+    borrowed: list[tuple[Path, Path]] = []  # (file without EchoTime, file of the same echo that has it)
     for e in echoes:
         paths = [by_echo[e][p] for p in ("phase", "mag", "real", "imag") if p in by_echo[e]]
         metas = [layout.get_metadata(str(p)) for p in paths]
         tes.append(_echo_time(paths, metas, e, suffix))
+        given = [p for p, m in zip(paths, metas) if m.get("EchoTime") is not None]
+        borrowed += [(p, given[0]) for p, m in zip(paths, metas) if m.get("EchoTime") is None]
         all_paths += paths
         all_metas += metas
     phase_metas = [m for p, m in zip(all_paths, all_metas) if p in set(files_of["phase"])]
+    if borrowed:
+        missing, source = borrowed[0]
+        LOGGER.warning(
+            "%s: no EchoTime in its sidecar or an inherited one (%d file%s of this series); qsmprep uses the "
+            "EchoTime of the other part of each echo (here %s). BIDS requires EchoTime for every file: add it to "
+            "these sidecars or to one per echo without the part entity (e.g. %s)",
+            missing, len(borrowed), "s" if len(borrowed) != 1 else "", sidecar_path(source).name,
+            re.sub(r"_part-[a-z]+_", "_", sidecar_path(missing).name),
+        )
     return QsmRun(
         subject=str(ents["subject"]),
         session=ents.get("session"),

@@ -1,19 +1,25 @@
 """Checks of qsmprep's input before anything is written: paths, the BIDS validator, QSM data.
 
 Every problem raises :class:`~qsmprep.utils.errors.InputError` (one line ``<file>: <problem>. <fix>``;
-its ``code`` is the exit status). Only image headers are read, except
-for phase (and real/imaginary) images, which are loaded to check for NaNs and to detect their units
-with :func:`qsmprep.qsm.phase.detect_phase_units` (the function the workflow uses to scale them).
-Nothing here writes to disk.
+its ``code`` is the exit status). :func:`check_run_headers` reads the headers (shape, voxel size,
+affine, storage type); :func:`check_run_data` then reads every image of a series once, in full (a
+truncated gzip stream is only found at its end): it refuses truncated or unreadable data, NaN/Inf
+values, constant (e.g. all-zero) or negative magnitude, and phase in no recognised unit (with
+:func:`qsmprep.qsm.phase.detect_phase_units`, the function the workflow uses to scale it). The files
+of a series are read in a few threads (decompression releases the GIL). Nothing here writes to disk.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -39,6 +45,14 @@ LOGGER = logging.getLogger("qsmprep")
 
 #: Largest difference (mm) tolerated between the voxel-to-world affines of the images of one run.
 AFFINE_TOL_MM = 1e-3
+#: Fewest voxels along each of the three axes of a series. The default pipeline erodes the mask by up to 3
+#: voxels and smooths with a Gaussian of sigma 5 voxels, ROMEO compares 3x3x3 neighbourhoods, the
+#: SHARP/V-SHARP kernels span radii of several voxels (eroding the mask by the largest), and every
+#: dipole inversion works in 3D k-space: below 8 voxels per axis nothing of the brain survives the
+#: erosions and a 2D (single-slice) acquisition has no dipole field along the slice axis.
+MIN_VOXELS_PER_AXIS = 8
+#: Threads reading the images of one series in :func:`check_run_data`.
+READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Validator executable (PyPI ``bids-validator-deno``).
 VALIDATOR = "bids-validator-deno"
 
@@ -147,30 +161,127 @@ def _run_files(run: "QsmRun") -> list[tuple[str, Path]]:
     return out
 
 
+def _raw_header(path: Path, kind: str):
+    """The NIfTI header as stored (nibabel's loader silently "fixes" zero or negative voxel sizes), or
+    None when it cannot be parsed (then :func:`nibabel.load` reports the problem); an unreadable file:
+    exit 66 (a missing or unreadable input)."""
+    import gzip
+    import io
+
+    import nibabel as nib
+
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+            block = fh.read(540)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            problem, fix = "is a symbolic link loop", "Replace the link with the image file (or a link to it)"
+        elif exc.errno == errno.ENOENT:
+            problem, fix = (f"is a broken symbolic link (to {os.readlink(path)})" if os.path.islink(path)
+                            else "disappeared while it was being checked"), "Restore the image file"
+        elif exc.errno in (errno.EACCES, errno.EPERM):
+            problem, fix = (f"{kind} image cannot be read (permission denied)",
+                            "Make it readable by the user running qsmprep (chmod a+r; in a container, check the mount)")
+        elif exc.errno == errno.EISDIR:
+            problem, fix = "is a directory, not an image file", "Replace it with the NIfTI image"
+        else:
+            problem, fix = f"{kind} image cannot be opened ({exc.strerror or exc})", "Check the file and its storage"
+        raise InputError(path, problem, fix, EX_NOINPUT) from None
+    try:
+        klass = nib.Nifti2Header if len(block) >= 4 and int.from_bytes(block[:4], "little") in (540, 469893120) else nib.Nifti1Header
+        return klass.from_fileobj(io.BytesIO(block), check=False)
+    except Exception:
+        return None
+
+
+def _storage(img) -> tuple[str, float, float]:
+    """On-disk data type and scaling (slope, intercept) of an image."""
+    dtype = np.dtype(img.get_data_dtype()).name
+    slope = getattr(img.dataobj, "slope", 1.0)
+    inter = getattr(img.dataobj, "inter", 0.0)
+    return dtype, float(slope), float(inter)
+
+
+def _describe_storage(st: tuple[str, float, float]) -> str:
+    dtype, slope, inter = st
+    return dtype + ("" if (slope, inter) == (1.0, 0.0) else f" x {slope:g} + {inter:g}")
+
+
+def _check_grid(path: Path, kind: str, img, raw_header=None) -> tuple[int, ...]:
+    """Shape (3D, at least :data:`MIN_VOXELS_PER_AXIS` per axis), voxel sizes and affine of one image."""
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) > 3:
+        raise InputError(
+            path,
+            f"{kind} image is {len(shape)}D with shape {shape}; qsmprep expects one echo per file (3D)",
+            "Split it into one file per echo (echo-<index> entity, EchoTime in each sidecar)",
+        )
+    if len(shape) < 3 or shape[2] == 1:
+        raise InputError(
+            path,
+            f"{kind} image is a single slice (shape {shape}); QSM needs a 3D volume "
+            f"(at least {MIN_VOXELS_PER_AXIS} voxels along each axis)",
+            "Acquire or export the series as a 3D volume; 2D single-slice acquisitions cannot be processed",
+        )
+    if min(shape) < MIN_VOXELS_PER_AXIS:
+        raise InputError(
+            path,
+            f"{kind} image of shape {shape} is too small to process "
+            f"(at least {MIN_VOXELS_PER_AXIS} voxels along each axis are needed)",
+            "Check the export (a localiser or a cropped test volume?); select the full 3D series",
+        )
+    hdr = raw_header if raw_header is not None else img.header
+    pixdim = np.asarray(hdr["pixdim"][1:4], dtype=np.float64) if "pixdim" in hdr else None
+    if pixdim is not None and (not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0)):
+        raise InputError(
+            path,
+            f"the header's voxel sizes (pixdim) are {' x '.join(f'{v:g}' for v in pixdim)} mm; "
+            "they must be positive and finite",
+            "Fix the NIfTI header (pixdim[1..3] = voxel size in mm; the orientation belongs in qform/sform)",
+        )
+    aff = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise InputError(path, "the voxel-to-world affine is invalid (singular or not finite)", "Fix the NIfTI qform/sform")
+    return shape
+
+
 def check_run_headers(run: "QsmRun") -> None:
-    """One 3D volume per file, one grid (shape and affine) for all images, increasing EchoTime."""
+    """Per file: readable, one 3D volume of at least :data:`MIN_VOXELS_PER_AXIS` voxels per axis, positive
+    voxel sizes, a finite affine. Per series: one grid (shape and affine) for all images, one storage type
+    and scaling per part, increasing EchoTime."""
     import nibabel as nib
 
     ref_path, ref_shape, ref_aff = None, None, None
+    storage: dict[str, tuple[Path, tuple]] = {}
     for kind, path in _run_files(run):
+        raw_header = _raw_header(path, kind)
         try:
             img = nib.load(str(path))
+        except OSError as exc:
+            raise InputError(path, f"cannot be read ({exc.strerror or exc})", "Check the file and its storage", EX_NOINPUT) from None
         except Exception as exc:  # nibabel raises several types for corrupt files
             raise InputError(path, f"cannot be read as NIfTI ({exc})", "Replace the file with a valid NIfTI image") from None
-        shape = tuple(int(s) for s in img.shape)
-        if len(shape) == 4 and shape[3] == 1:
-            shape = shape[:3]
-        if len(shape) > 3:
-            raise InputError(
-                path,
-                f"{kind} image is {len(shape)}D with shape {shape}; qsmprep expects one echo per file (3D)",
-                "Split it into one file per echo (echo-<index> entity, EchoTime in each sidecar)",
-            )
-        if len(shape) < 3:
-            raise InputError(path, f"{kind} image is {len(shape)}D with shape {shape}; a 3D volume is expected", "Export a 3D volume")
+        shape = _check_grid(path, kind, img, raw_header)
         aff = np.asarray(img.affine, dtype=np.float64)
-        if not np.all(np.isfinite(aff)) or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
-            raise InputError(path, "the voxel-to-world affine is invalid (singular or not finite)", "Fix the NIfTI qform/sform")
+        st = _storage(img)
+        if kind not in storage:
+            storage[kind] = (path, st)
+        else:
+            first, st0 = storage[kind]
+            # magnitude: nibabel applies each file's scaling, so only integer/float mixing is refused;
+            # phase (real, imaginary): one sidecar Units and one unit detection for the whole series
+            mixed = (np.dtype(st[0]).kind == "f") != (np.dtype(st0[0]).kind == "f") if kind == "magnitude" else st != st0
+            if mixed:
+                raise InputError(
+                    path,
+                    f"{kind} image is stored as {_describe_storage(st)} but {first.name} as {_describe_storage(st0)} "
+                    "(echoes of one series from different exports?)",
+                    "Export every echo of the series with one data type and scaling",
+                )
         if ref_path is None:
             ref_path, ref_shape, ref_aff = path, shape, aff
             continue
@@ -201,67 +312,135 @@ def check_run_headers(run: "QsmRun") -> None:
             )
 
 
-def _load_checked(path: Path, kind: str) -> np.ndarray:
+def _read_data(path: Path) -> np.ndarray:
+    """The voxel data of a NIfTI file, read once and in full (a gzip stream is decompressed in one call,
+    which also verifies its CRC and length: a truncated file raises ``EOFError``)."""
     import nibabel as nib
 
-    img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    raw = Path(path).read_bytes()
+    if path.name.endswith(".gz"):
+        parts = []
+        while True:  # concatenated gzip members are one stream
+            d = zlib.decompressobj(31)
+            parts.append(d.decompress(raw))
+            if not d.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            raw = d.unused_data
+            if not raw.strip(b"\0"):
+                break
+        raw = b"".join(parts) if len(parts) > 1 else parts[0]
+    klass = nib.Nifti2Image if int.from_bytes(raw[:4], "little") in (540, 469893120) else nib.Nifti1Image
+    return np.asanyarray(klass.from_bytes(raw).dataobj)
+
+
+def _load_checked(path: Path, kind: str) -> np.ndarray:
+    """Read one image in full (truncated data: exit 65) and check its values: no NaN/Inf; magnitude
+    neither constant (e.g. all zero) nor negative."""
+    try:
+        data = _read_data(path)
+    except Exception as exc:  # EOFError (gzip), OSError (short read), zlib.error, ValueError, ...
+        detail = " ".join(str(exc).split()).split(" - could the file")[0]
+        raise InputError(
+            path,
+            f"{kind} image data are truncated or corrupt ({type(exc).__name__}: {detail})",
+            "The header is readable but the voxel data are not; copy or export the file again",
+        ) from None
     if data.ndim == 4:
         data = data[..., 0]
     if np.issubdtype(data.dtype, np.complexfloating):
         raise InputError(path, f"{kind} image holds complex values", "Store magnitude and phase (or real and imaginary) as real-valued images")
-    if np.issubdtype(data.dtype, np.floating):
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         n_nan = int(np.count_nonzero(np.isnan(data)))
         n_inf = int(np.count_nonzero(np.isinf(data)))
-        if n_nan or n_inf:
-            what = " and ".join(
-                f"{what} values in {n} voxel{'s' if n != 1 else ''}"
-                for what, n in (("NaN", n_nan), ("infinite", n_inf))
-                if n
-            )
+        what = " and ".join(
+            f"{what} values in {n} voxel{'s' if n != 1 else ''}"
+            for what, n in (("NaN", n_nan), ("infinite", n_inf))
+            if n
+        )
+        raise InputError(
+            path,
+            f"{kind} image contains {what}",
+            "Export the data without NaNs or infinities (e.g. replace them with 0 outside the head)",
+        )
+    if kind == "magnitude":
+        lo, hi = float(data.min()), float(data.max())
+        if hi <= lo:
             raise InputError(
                 path,
-                f"{kind} image contains {what}",
-                "Export the data without NaNs (e.g. replace them with 0 outside the head)",
+                f"magnitude image is constant ({'all zero' if lo == 0 else f'every voxel {lo:g}'})",
+                "Check the export: this file carries no signal, and QSM needs the magnitude for the brain mask and the weighting",
+            )
+        if lo < 0:
+            raise InputError(
+                path,
+                f"magnitude image has negative values (minimum {lo:g})",
+                "Magnitude must be >= 0; check that part-mag and part-phase (or real/imag) are not swapped",
             )
     return data
 
 
+def _check_phase_file(path: Path, units) -> tuple[str, float, float]:
+    """:func:`_load_checked` plus the unit detection of the workflow; returns (unit, min, max)."""
+    data = _load_checked(path, "phase")
+    lo, hi = float(np.min(data)), float(np.max(data))
+    try:
+        return detect_phase_units(data, units), lo, hi
+    except ValueError as exc:
+        msg = str(exc).split(";")[0]
+        sidecar = sidecar_path(path)
+        if hi <= lo:
+            raise InputError(path, f"phase image is constant ({lo:g})", "Check the export: this file carries no phase information") from None
+        if units is None:
+            fix = (
+                f'Add "Units": "arbitrary" (scanner units, rescaled to -pi..pi) or "rad" to {sidecar.name}, '
+                "or convert the phase to wrapped radians"
+            )
+        elif str(units).strip().lower() in ("rad", "radian", "radians"):
+            fix = f'Store wrapped phase in radians (-pi..pi), or set "Units": "arbitrary" in {sidecar.name}'
+        elif str(units).strip().lower() in ("arbitrary",):
+            fix = "Store wrapped phase in radians (-pi..pi) or scanner integers (e.g. -4096..4095)"
+        else:
+            fix = f'Set "Units" to "rad" or "arbitrary" in {sidecar.name}'
+        if "span" not in msg and "Units" not in msg:
+            msg += f" (values span [{lo:.4g}, {hi:.4g}])"
+        raise InputError(
+            path,
+            f"phase is not in a recognised unit: {msg} (sidecar Units: {units if units is not None else 'missing'})",
+            fix,
+        ) from None
+
+
 def check_run_data(run: "QsmRun") -> None:
-    """Load phase (or real/imaginary) images: no NaN/Inf, phase in a recognised unit."""
-    for path in run.phase_files:
-        path = Path(path)
-        data = _load_checked(path, "phase")
-        units = run.phase_units
-        try:
-            detect_phase_units(data, units)
-        except ValueError as exc:
-            lo, hi = float(np.min(data)), float(np.max(data))
-            msg = str(exc).split(";")[0]
-            sidecar = sidecar_path(path)
-            if hi <= lo:
-                raise InputError(path, f"phase image is constant ({lo:g})", "Check the export: this file carries no phase information") from None
-            if units is None:
-                fix = (
-                    f'Add "Units": "arbitrary" (scanner units, rescaled to -pi..pi) or "rad" to {sidecar.name}, '
-                    "or convert the phase to wrapped radians"
-                )
-            elif str(units).strip().lower() in ("rad", "radian", "radians"):
-                fix = f'Store wrapped phase in radians (-pi..pi), or set "Units": "arbitrary" in {sidecar.name}'
-            elif str(units).strip().lower() in ("arbitrary",):
-                fix = "Store wrapped phase in radians (-pi..pi) or scanner integers (e.g. -4096..4095)"
-            else:
-                fix = f'Set "Units" to "rad" or "arbitrary" in {sidecar.name}'
-            if "span" not in msg and "Units" not in msg:
-                msg += f" (values span [{lo:.4g}, {hi:.4g}])"
-            raise InputError(
-                path,
-                f"phase is not in a recognised unit: {msg} (sidecar Units: {units if units is not None else 'missing'})",
-                fix,
-            ) from None
-    for kind, files in (("real", run.real_files), ("imaginary", run.imag_files)):
-        for path in files:
-            _load_checked(Path(path), kind)
+    """Read every image of ``run`` once, in full: no truncated data, no NaN/Inf, magnitude neither
+    constant nor negative, phase in a recognised unit. Without a sidecar ``Units`` (BIDS does not
+    require it) the unit detected from the values is logged as one warning line."""
+    jobs = []
+    for kind, path in _run_files(run):
+        if kind == "phase":
+            jobs.append((path, lambda p=path: _check_phase_file(p, run.phase_units)))
+        else:
+            jobs.append((path, lambda p=path, k=kind: _load_checked(p, k) is None))
+    if READ_THREADS > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="qsmprep-check") as pool:
+            futures = [pool.submit(job) for _, job in jobs]
+            try:
+                results = [f.result() for f in futures]  # the first failing file in series order
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    else:
+        results = [job() for _, job in jobs]
+    phase = [r for (p, _), r in zip(jobs, results) if isinstance(r, tuple)]
+    if phase and run.phase_units is None:
+        kinds = sorted({u for u, _, _ in phase})
+        lo, hi = min(r[1] for r in phase), max(r[2] for r in phase)
+        LOGGER.warning(
+            '%s: no "Units" in the sidecars of the phase images (nor in an inherited %s.json); the values '
+            "[%.4g, %.4g] were taken as %s. Add \"Units\": \"rad\" or \"arbitrary\" to make this explicit",
+            run.phase_files[0], run.suffix, lo, hi, " and ".join(
+                {"rad": "radians", "integer": "a scanner integer range", "arbitrary": "arbitrary units"}[k] for k in kinds),
+        )
 
 
 def check_runs(runs: Iterable["QsmRun"], check_data: bool = True) -> None:
