@@ -376,7 +376,7 @@ def _mixed_phase_dtype(r):
 def _echo_count_mismatch(r):
     rng = np.random.default_rng(10)
     _save(_f(r, 4, "mag"), rng.uniform(10, 100, (N, N, N)).astype(np.float32))
-    _json(_f(r, 4, "mag", ".json"), {"EchoTime": 0.016, "MagneticFieldStrength": 3.0})
+    write_json(_f(r, 4, "mag", ".json"), {"EchoTime": 0.016, "MagneticFieldStrength": 3.0})
 
 
 def _symlink_loop(r):
@@ -742,7 +742,7 @@ def test_phase_images_without_sidecars(tmp_path, capsys, monkeypatch):
     good = make_good(tmp_path / "inherit")
     for e in (1, 2, 3):
         _f(good, e, "phase", ".json").unlink()
-        _json(good / ANAT / f"sub-01_echo-{e}_MEGRE.json", {"EchoTime": TES[e - 1]})
+        write_json(good / ANAT / f"sub-01_echo-{e}_MEGRE.json", {"EchoTime": TES[e - 1]})
         _edit_json(_f(good, e, "mag", ".json"), EchoTime=None)
     rc = main([str(good), str(tmp_path / "out2"), "participant", "-w", str(tmp_path / "w2"), *args])
     lines = capsys.readouterr().err.strip().splitlines()
