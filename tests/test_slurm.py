@@ -108,7 +108,7 @@ def test_qsmprep_through_slurm(slurm_cluster, tmp_path):  # noqa: F811
     rerun_jobs = submitted_job_ids(log, off)
     rerun_table = wait_for_jobs(rerun_jobs)
     resubmitted = sorted(name for name, _ in rerun_table.values())
-    assert not [n for n in resubmitted if any(re.search(rf"_{p}$", n) for p in PROCESSING)], (
+    assert not [n for n in resubmitted if any(re.fullmatch(rf"j\d+_{p}", n) for p in PROCESSING)], (
         f"the rerun resubmitted processing nodes: {resubmitted}")
     assert all(state == "COMPLETED" for _, state in rerun_table.values()), rerun_table
     # the reports of the first call were written before the jobs ran: write them again with every output
