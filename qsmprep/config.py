@@ -13,6 +13,8 @@ their choices come from the registries, so registering a method makes it a valid
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -131,7 +133,7 @@ class QsmprepConfig:
         self.method_params = MethodParams.from_mapping(self.method_params)
         from qsmprep.methods import STAGES
 
-        for name, stage in self.method_fields().items():
+        for name, stage in _method_fields(type(self)):
             setattr(self, name, STAGES[stage].canonical(getattr(self, name)))
 
     # ----------------------------------------------------------------------------------------------
@@ -140,19 +142,15 @@ class QsmprepConfig:
     @classmethod
     def method_fields(cls) -> dict[str, str]:
         """Method field name -> stage key (from the :class:`Stage` annotations)."""
-        hints = typing.get_type_hints(cls, include_extras=True)
-        out = {}
-        for f in fields(cls):
-            for meta in getattr(hints[f.name], "__metadata__", ()):
-                if isinstance(meta, Stage):
-                    out[f.name] = meta.key
-        return out
+        return dict(_method_fields(cls))
 
     def chosen_methods(self) -> dict[str, str]:
-        """Stage key -> registered method name for every stage of a run (fixed stages included)."""
-        out = {stage: getattr(self, name) for name, stage in self.method_fields().items()}
-        out.update({"offset": "mcpc3ds", "b0": "weighted"})
-        return out
+        """Stage key -> registered method name for every stage of a run; a stage without a config field
+        (phase offset, B0 fit) has one registered method."""
+        from qsmprep.methods import STAGES
+
+        chosen = {stage: getattr(self, name) for name, stage in _method_fields(type(self))}
+        return {key: chosen.get(key) or registry.names()[0] for key, registry in STAGES.items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "QsmprepConfig":
@@ -222,12 +220,12 @@ class QsmprepConfig:
     def check_runs(self, runs: Sequence[Any]) -> None:
         """Choices the data cannot support (``runs``: the :class:`~qsmprep.utils.bids.QsmRun` to process)."""
         for run in runs:
-            if self.reference == "csf" and (len(run.echo_times_s) < 2 or not _has_magnitude(run)):
+            if self.reference == "csf" and (len(run.echo_times_s) < 2 or not run.has_magnitude):
                 raise InputError(
                     run.prefix(),
                     f"--reference csf needs an R2* map, which needs >= 2 echoes with magnitude (this series has "
                     f"{len(run.echo_times_s)} echo{'es' if len(run.echo_times_s) != 1 else ''}"
-                    f"{'' if _has_magnitude(run) else ' and no magnitude'})",
+                    f"{'' if run.has_magnitude else ' and no magnitude'})",
                     "Use --reference mean, or select series with several echoes (--bids-filter-file)",
                     EX_USAGE,
                 )
@@ -267,8 +265,12 @@ class QsmprepConfig:
                                  EX_USAGE) from None
 
 
-def _has_magnitude(run: Any) -> bool:
-    return bool(getattr(run, "magnitude_files", ())) or bool(getattr(run, "real_files", ()))
+@functools.cache
+def _method_fields(cls: type) -> tuple[tuple[str, str], ...]:
+    """``(field, stage key)`` of the method fields of a config class (type hints are evaluated once)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return tuple((f.name, meta.key) for f in fields(cls)
+                 for meta in getattr(hints[f.name], "__metadata__", ()) if isinstance(meta, Stage))
 
 
 def _convert(tp: Any, value: Any) -> Any:
@@ -276,7 +278,7 @@ def _convert(tp: Any, value: Any) -> Any:
     if value is None:
         return None
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and args:
         tp = args[0]
     if tp is Path:
         return Path(value).expanduser().absolute()

@@ -26,21 +26,12 @@ from qsmprep.qsm.registry import (
 )
 
 __all__ = [
-    "STAGES", "CHOSEN_STAGES", "Method", "Registry", "stage", "method", "names", "method_label", "method_references",
+    "STAGES", "Method", "Registry", "stage", "method", "names", "method_label", "method_references",
 ]
 
 #: stage key (as in ``[method_params.<stage>]``) -> registry, in pipeline order
 STAGES: dict[str, Registry] = {
     r.key: r for r in (MASKING, OFFSET, UNWRAP, B0FIT, BGREMOVE, INVERSION, REFERENCE, R2STAR)
-}
-#: stages whose method the user chooses (``--masking``, ..., ``--r2star-method``), by config field
-CHOSEN_STAGES: dict[str, str] = {
-    "masking": "masking",
-    "unwrapping": "unwrapping",
-    "bgremove": "bgremove",
-    "inversion": "inversion",
-    "reference": "reference",
-    "r2star_method": "r2star",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 
 import qsmprep
 from qsmprep.config import MethodParams, QsmprepConfig
-from qsmprep.methods import CHOSEN_STAGES, STAGES
+from qsmprep.methods import STAGES
 from qsmprep.references import REFERENCES
 
 PACKAGE = Path(qsmprep.__file__).parent
@@ -143,7 +143,7 @@ def test_every_registered_method_has_a_complete_catalogue_entry():
 def test_every_config_default_is_a_registered_name_and_stages_match():
     defaults = QsmprepConfig()
     fields = QsmprepConfig.method_fields()
-    assert fields == CHOSEN_STAGES
+    assert set(fields.values()) <= set(STAGES) and len(set(fields.values())) == len(fields)
     for name, stage in fields.items():
         assert getattr(defaults, name) in STAGES[stage], (name, getattr(defaults, name))
     assert set(MethodParams.stages()) == set(STAGES)

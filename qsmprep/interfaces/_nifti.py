@@ -14,14 +14,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from qsmprep.utils.derivatives import jsonable  # noqa: F401  (re-exported for the interfaces)
 
 __all__ = [
     "load_float",
     "load_mask",
     "save_like",
     "set_threads",
-    "jsonable",
 ]
 
 

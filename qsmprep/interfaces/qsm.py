@@ -29,8 +29,9 @@ from nipype.interfaces.base import (
 )
 
 from qsmprep.__about__ import __version__
-from qsmprep.interfaces._nifti import jsonable, load_float, load_mask, save_like, set_threads
+from qsmprep.interfaces._nifti import load_float, load_mask, save_like, set_threads
 from qsmprep.methods import STAGES
+from qsmprep.utils.derivatives import jsonable
 
 __all__ = [
     "LoadEchoes",

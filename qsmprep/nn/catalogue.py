@@ -10,10 +10,6 @@ from qsmprep.qsm.registry import BGREMOVE, INVERSION
 
 __all__: list[str] = []
 
-#: arguments every learned method takes from the run, not from ``[method_params]``: the device comes
-#: from ``--device``
-_RUN_ARGS = ("device",)
-
 INVERSION.register_lazy(
     "deepqsm",
     "qsmprep.nn.inference:deepqsm",

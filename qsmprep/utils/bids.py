@@ -75,6 +75,11 @@ class QsmRun:
         return len(self.echo_times_s)
 
     @property
+    def has_magnitude(self) -> bool:
+        """True when magnitude images are given or can be computed (real/imaginary pairs)."""
+        return bool(self.magnitude_files) or bool(self.real_files)
+
+    @property
     def is_complex(self) -> bool:
         """True when the series is given as real/imaginary pairs (no phase files)."""
         return not self.phase_files and bool(self.real_files)

@@ -138,8 +138,7 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
     reference = config.reference
     params = config.method_params
     want_r2 = bool(config.r2star or config.t2star)
-    has_mag = bool(getattr(run, "magnitude_files", ())) or bool(getattr(run, "real_files", ()))
-    if want_r2 and (n_e < 2 or not has_mag):
+    if want_r2 and (n_e < 2 or not run.has_magnitude):
         LOGGER.warning("%s: R2*/T2* maps need >= 2 echoes with magnitude; not computed", run.prefix())
         want_r2 = False
     do_r2 = want_r2 or reference == "csf"
