@@ -200,7 +200,9 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
         g.add_argument(
             option, *([f"--{name}"] if "_" in name else []), dest=name, choices=registry.names(),
             type=registry.canonical, metavar="{" + ",".join(registry.names()) + "}",
-            help=f"{registry.title} method (default: {getattr(d, name)})",
+            help=f"{registry.title} method: "
+            + "; ".join(f"{n} = {registry.method(n).label}" for n in registry.names())
+            + f" (default: {getattr(d, name)})",
         )
     g.add_argument(
         "--r2star",
