@@ -18,7 +18,8 @@ as errors, as in the QSM-CI scorer), both maps demeaned over that mask:
 - Dice against the true brain mask of the output brain mask (after background removal's erosion) and of
   the masking step's mask (where the total field map is defined), and that mask's voxels outside it.
 
-Anatomies: ``mni`` (the MNI152-based head the networks were trained on) and ``zubal`` (the Zubal head,
+Anatomies: ``qsmforward`` (the simple cylinder phantom of the independent simulator qsm-forward, its
+own BIDS writer; one row at 7 T), ``mni`` (the MNI152-based head the networks were trained on) and ``zubal`` (the Zubal head,
 never seen in training; needs the data of ``$QSMPREP_ZUBAL_DIR`` or ``../shared/data/zubal``, not
 shipped). Rows whose anatomy is missing are skipped with a line saying why.
 """
@@ -26,7 +27,9 @@ shipped). Rows whose anatomy is missing are skipped with a line saying why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -74,12 +77,54 @@ def make_phantom(anatomy: str, downsample: int, lesions: bool, seed: int):
     raise LookupError(f"unknown anatomy {anatomy!r}")
 
 
+def cases(args):
+    """(anatomy, B0, tilt, lesions, write(bids_dir) -> (chi truth, brain mask, labels)) for every row."""
+    for anatomy in args.anatomies:
+        if anatomy == "qsmforward":
+            yield anatomy, 7.0, 0.0, 0, write_qsm_forward
+            continue
+        for lesions in args.lesions:
+            for b0 in args.fields:
+                for tilt in args.tilts:
+                    def write(bids, anatomy=anatomy, lesions=lesions, b0=b0, tilt=tilt):
+                        phantom = make_phantom(anatomy, args.downsample, bool(lesions), args.seed)
+                        sim = simulate_gre(phantom, echo_times_s=ECHOES[b0], b0_tesla=b0, tilt_deg=tilt, snr=50.0,
+                                           seed=args.seed)
+                        write_bids_dataset(bids, {"1": sim}, subjects=["1"], derivatives=False)
+                        return sim.chi_ppm, sim.brain_mask, sim.labels
+                    yield anatomy, b0, tilt, lesions, write
+
+
+def write_qsm_forward(bids: Path):
+    """The simple phantom of the independent simulator qsm-forward (its example: 100^3 at 1 mm, cylinders
+    of 0.05-0.5 ppm in 0.005 ppm, 7 T, 4 echoes 4-28 ms, peak SNR 100), as its own BIDS dataset."""
+    import qsm_forward
+
+    recon = qsm_forward.ReconParams()
+    recon.subject, recon.peak_snr, recon.random_seed = "1", 100, 0
+    tissue = qsm_forward.TissueParams(chi=qsm_forward.generate_susceptibility_phantom(
+        resolution=[100, 100, 100], background=0, large_cylinder_val=0.005,
+        small_cylinder_radii=[4, 4, 4, 7], small_cylinder_vals=[0.05, 0.1, 0.2, 0.5]))
+    cwd = os.getcwd()
+    try:  # qsm-forward prints its progress; keep the table clean
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            qsm_forward.generate_bids(tissue, recon, str(bids))
+    finally:
+        os.chdir(cwd)
+    d = bids / "derivatives" / "qsm-forward" / "sub-1" / "anat"
+    chi = np.asarray(nib.load(d / "sub-1_Chimap.nii").dataobj, dtype=np.float32)
+    mask = np.asarray(nib.load(d / "sub-1_mask.nii").dataobj) > 0
+    seg = np.asarray(nib.load(d / "sub-1_dseg.nii").dataobj).astype(np.int16)
+    shutil.rmtree(bids / "derivatives")  # the App must not see the truth
+    return chi, mask, np.where(seg > 0, seg + 100, 0)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float(np.count_nonzero(a & b)) / max(1, int(a.sum()) + int(b.sum()))
 
 
-def score(chi: np.ndarray, out_mask: np.ndarray, step_mask: np.ndarray, sim) -> dict:
-    truth, brain, labels = sim.chi_ppm, sim.brain_mask.astype(bool), sim.labels
+def score(chi: np.ndarray, out_mask: np.ndarray, step_mask: np.ndarray, truth, brain, labels) -> dict:
+    brain = brain.astype(bool)
     x = np.where(brain, chi, 0.0) - chi[brain].mean()
     t = np.where(brain, truth, 0.0) - truth[brain].mean()
     dgm = np.isin(labels, list(NUCLEI)) & brain
@@ -136,33 +181,26 @@ def main(argv=None) -> int:
             "Dice output mask", "Dice masking step", "masking-step voxels outside brain", *NUCLEI.values(), "wall s"]
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     print("\n".join(lines + table), flush=True)
-    for anatomy in args.anatomies:
-        for lesions in args.lesions:
+    for anatomy, b0, tilt, lesions, write in cases(args):
+        with tempfile.TemporaryDirectory(prefix="bench_anat_") as tmp:
+            tmp = Path(tmp)
             try:
-                phantom = make_phantom(anatomy, args.downsample, bool(lesions), args.seed)
+                truth = write(tmp / "bids")
             except LookupError as exc:
                 print(f"<!-- {anatomy}: skipped: {exc} -->", flush=True)
                 lines.append(f"{anatomy}: skipped: {exc}")
-                break
-            for b0 in args.fields:
-                for tilt in args.tilts:
-                    sim = simulate_gre(phantom, echo_times_s=ECHOES[b0], b0_tesla=b0, tilt_deg=tilt, snr=50.0,
-                                       seed=args.seed)
-                    with tempfile.TemporaryDirectory(prefix="bench_anat_") as tmp:
-                        tmp = Path(tmp)
-                        write_bids_dataset(tmp / "bids", {"1": sim}, subjects=["1"], derivatives=False)
-                        for chain in args.chains:
-                            chi, out_mask, step_mask, wall = run_chain(tmp / "bids", tmp / f"out-{chain}", tmp / "work",
-                                                            chain, args.nprocs)
-                            r = score(chi, out_mask, step_mask, sim)
-                            cells = [anatomy, f"{b0:g} T", f"{tilt:g}", "yes" if lesions else "no", chain,
-                                     f"{r['NRMSE']:.1f}", f"{r['HFEN']:.1f}", f"{r['XSIM']:.3f}",
-                                     f"{r['DGM NRMSE']:.1f}", f"{r['Dice']:.3f}", f"{r['step Dice']:.3f}",
-                                     str(r["mask outside"]),
-                                     *(f"{r[n]:+.3f}" for n in NUCLEI.values()), f"{wall:.0f}"]
-                            row = "| " + " | ".join(cells) + " |"
-                            table.append(row)
-                            print(row, flush=True)
+                continue
+            for chain in args.chains:
+                chi, out_mask, step_mask, wall = run_chain(tmp / "bids", tmp / f"out-{chain}", tmp / "work",
+                                                           chain, args.nprocs)
+                r = score(chi, out_mask, step_mask, *truth)
+                cells = [anatomy, f"{b0:g} T", f"{tilt:g}", "yes" if lesions else "no", chain,
+                         f"{r['NRMSE']:.1f}", f"{r['HFEN']:.1f}", f"{r['XSIM']:.3f}",
+                         f"{r['DGM NRMSE']:.1f}", f"{r['Dice']:.3f}", f"{r['step Dice']:.3f}",
+                         str(r["mask outside"]), *(f"{r[n]:+.3f}" for n in NUCLEI.values()), f"{wall:.0f}"]
+                row = "| " + " | ".join(cells) + " |"
+                table.append(row)
+                print(row, flush=True)
     if args.out:
         args.out.write_text("\n".join(lines + [""] + table) + "\n", encoding="utf-8")
     return 0
