@@ -120,9 +120,17 @@ class QsmprepConfig:
     bgremove: BgremoveMethod = "nextqsm"
     inversion: InversionMethod = "nextqsm"
     reference: ReferenceMethod = "mean"
-    r2star_method: R2starMethod = "loglinear"
+    r2star_method: R2starMethod = "auto"
     r2star: bool = False
     t2star: bool = False
+    #: CLEAR-SWI and its minimum-intensity projection (qsmprep.qsm.swi)
+    swi: bool = False
+    #: minIP slab thickness (mm) along the slice axis: 16 mm, about CLEAR-SWI's 7 slices of 2-2.3 mm
+    swi_minip_slab_mm: float = 16.0
+    #: SWI phase-mask scaling: CLEAR-SWI's "tanh" or Haacke's "positive" (linear mask to a power)
+    swi_phase_scaling: str = "tanh"
+    #: tanh strength or power of the phase mask (4: the CLEAR-SWI and Haacke 2004 defaults)
+    swi_phase_strength: float = 4.0
     # reports and group level
     reports_only: bool = False
     segmentation_dir: Path | None = None
@@ -213,6 +221,7 @@ class QsmprepConfig:
         if self.self_supervised_steps and self.inversion != "nextqsm":
             raise InputError("--self-supervised-steps", f"applies to --inversion nextqsm, not {self.inversion}",
                              "add --inversion nextqsm or drop the option", EX_USAGE)
+        self._check_swi()
         self._check_device()
         self._check_models()
         return self
@@ -229,6 +238,18 @@ class QsmprepConfig:
                     "Use --reference mean, or select series with several echoes (--bids-filter-file)",
                     EX_USAGE,
                 )
+
+    def _check_swi(self) -> None:
+        from qsmprep.qsm.swi import SWI_PHASE_SCALINGS
+
+        if self.swi_phase_scaling not in SWI_PHASE_SCALINGS:
+            raise InputError("--swi-phase-scaling", f"{self.swi_phase_scaling!r} is not a scaling",
+                             f"Use one of {', '.join(SWI_PHASE_SCALINGS)}", EX_USAGE)
+        for name in ("swi_minip_slab_mm", "swi_phase_strength"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+                option = "--" + name.replace("_", "-")
+                raise InputError(option, f"{value!r} is not a positive number", f"Pass {option} > 0", EX_USAGE)
 
     def _check_device(self) -> None:
         if self.device != "cuda":

@@ -103,6 +103,12 @@ OUTPUTS: tuple[Output, ...] = (
            when="`--r2star`"),
     Output("t2starmap", "T2starmap", "T2* = 1/R2*", "s", "masking-step mask; 0 outside and where R2* <= 0",
            when="`--t2star`"),
+    Output("swi", "T2starw", "susceptibility-weighted image (CLEAR-SWI): root-sum-of-squares magnitude over echoes "
+           "x phase mask of the in-plane high-pass filtered B0 field (darkens paramagnetic veins)", "a.u.",
+           "whole image", when="`--swi`", desc="swi"),
+    Output("minip", "T2starw", "minimum-intensity projection of the SWI over a slab along the slice axis "
+           "(`--swi-minip-slab-mm`, moving window, same grid)", "a.u.", "whole image", when="`--swi`",
+           desc="minIP"),
     Output("reference_mask", "mask", "reference region of `--reference csf` (ventricular CSF)", "0/1", "whole image",
            when="`--reference csf`", label="CSF", dtype="uint8"),
     Output("qc_metrics", "metrics", "QC metrics and their flags (see docs/qc.md)", when="always", desc="qc",

@@ -118,6 +118,17 @@ REFERENCES: dict[str, tuple[str, str]] = {
         "2018;79:2795-2803.",
         "10.1002/mrm.26946",
     ),
+    "eckstein2021": (
+        "Eckstein K, Bachrata B, Hangel G, et al. Improved susceptibility weighted imaging at ultra-high field "
+        "using bipolar multi-echo acquisition and optimized image processing: CLEAR-SWI. NeuroImage. "
+        "2021;237:118175.",
+        "10.1016/j.neuroimage.2021.118175",
+    ),
+    "haacke2004": (
+        "Haacke EM, Xu Y, Cheng YCN, Reichenbach JR. Susceptibility weighted imaging (SWI). Magn Reson Med. "
+        "2004;52:612-618.",
+        "10.1002/mrm.20198",
+    ),
     "pei2015": (
         "Pei M, Nguyen TD, Thimmappa ND, et al. Algorithm for fast monoexponential fitting based on "
         "Auto-Regression on Linear Operations (ARLO) of data. Magn Reson Med. 2015;73:843-850.",

@@ -22,6 +22,7 @@ from typing import NoReturn, Sequence
 from qsmprep.__about__ import __version__
 from qsmprep.config import DEVICES, MethodParams, QsmprepConfig
 from qsmprep.methods import STAGES
+from qsmprep.qsm.swi import SWI_PHASE_SCALINGS
 from qsmprep.utils.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, InputError
 
 __all__ = ["Flag", "build_parser", "parse_config", "load_config_file", "load_plugin_file", "parse_mem_gb"]
@@ -80,6 +81,16 @@ def _positive_int(text: str) -> int:
 
 
 _MEM_UNITS = {"": 1.0, "k": 1e-6, "m": 1e-3, "g": 1.0, "t": 1e3}
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def parse_mem_gb(text) -> float:
@@ -213,6 +224,36 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
         "--t2star",
         action=Flag,
         help=f"also write a T2* map (s) from the magnitude decay (default: {d.t2star})",
+    )
+    g.add_argument(
+        "--swi",
+        action=Flag,
+        help="also write a susceptibility-weighted image (CLEAR-SWI: echo-combined magnitude x phase mask of the "
+        f"high-pass filtered field) and its minimum-intensity projection (default: {d.swi})",
+    )
+    g.add_argument(
+        "--swi-minip-slab-mm",
+        "--swi_minip_slab_mm",
+        dest="swi_minip_slab_mm",
+        type=_positive_float,
+        metavar="MM",
+        help=f"slab thickness of the SWI minimum-intensity projection along the slice axis (default: {d.swi_minip_slab_mm:g})",
+    )
+    g.add_argument(
+        "--swi-phase-scaling",
+        "--swi_phase_scaling",
+        dest="swi_phase_scaling",
+        choices=list(SWI_PHASE_SCALINGS),
+        help="SWI phase mask: tanh (CLEAR-SWI) or positive (Haacke 2004: linear mask of the positive field to a "
+        f"power) (default: {d.swi_phase_scaling})",
+    )
+    g.add_argument(
+        "--swi-phase-strength",
+        "--swi_phase_strength",
+        dest="swi_phase_strength",
+        type=_positive_float,
+        metavar="X",
+        help=f"strength (tanh) or power (positive) of the SWI phase mask (default: {d.swi_phase_strength:g})",
     )
     g.add_argument(
         "--device",

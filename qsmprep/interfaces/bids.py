@@ -105,6 +105,7 @@ class _QsmSidecarsInputSpec(BaseInterfaceInputSpec):
     inversion = traits.Dict(mandatory=True)
     reference = traits.Dict(mandatory=True)
     r2star = traits.Dict(usedefault=True)
+    swi = traits.Dict(usedefault=True)
 
 
 class _QsmSidecarsOutputSpec(TraitedSpec):
@@ -115,6 +116,8 @@ class _QsmSidecarsOutputSpec(TraitedSpec):
     r2starmap = traits.Dict()
     t2starmap = traits.Dict()
     reference_mask = traits.Dict()
+    swi = traits.Dict()
+    minip = traits.Dict()
 
 
 class QsmSidecars(SimpleInterface):
@@ -137,6 +140,7 @@ class QsmSidecars(SimpleInterface):
             inversion=i.inversion,
             reference=i.reference,
             r2star=i.r2star or None,
+            swi=i.swi or None,
         )
         self._results.update(cars)
         return runtime

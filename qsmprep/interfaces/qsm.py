@@ -43,6 +43,7 @@ __all__ = [
     "DipoleInversion",
     "R2Star",
     "Reference",
+    "SWI",
 ]
 
 
@@ -568,13 +569,15 @@ class R2Star(SimpleInterface):
     output_spec = _R2sOutputSpec
 
     def _run_interface(self, runtime):
-        from qsmprep.qsm.multiecho import t2star_s
+        from qsmprep.qsm.multiecho import r2star_method_for, t2star_s
 
         set_threads(self.inputs.num_threads)
-        method = STAGES["r2star"].method(self.inputs.method)
+        requested = STAGES["r2star"].method(self.inputs.method)
+        # "auto": the method chosen for these echo times runs and is recorded (with its own parameters)
+        method = STAGES["r2star"].method(r2star_method_for(requested.name, self.inputs.echo_times))
         mag, ref = load_float(self.inputs.magnitude)
         mask = load_mask(self.inputs.mask) if isdefined(self.inputs.mask) else None
-        kw = dict(self.inputs.method_params)
+        kw = {k: v for k, v in dict(self.inputs.method_params).items() if k in method.parameters()}
         r2, s0 = method.function(mag, self.inputs.echo_times, mask=mask, **kw)
         self._results["r2star"] = save_like(r2, ref, _out("r2star_hz.nii"))
         self._results["t2star"] = save_like(t2star_s(r2), ref, _out("t2star_s.nii"))
@@ -582,6 +585,64 @@ class R2Star(SimpleInterface):
         self._results["params"] = {
             "Method": method.name,
             "Parameters": jsonable(method.resolve_params(kw)),
+        }
+        if requested.name != method.name:
+            self._results["params"]["MethodRequested"] = requested.name
+            self._results["params"]["MethodChoice"] = "ARLO for >= 3 equally spaced echoes, else the log-linear fit"
+        return runtime
+
+
+class _SWIInputSpec(_ThreadsInputSpec):
+    magnitude = File(exists=True, mandatory=True, desc="magnitude (3D or 4D, echoes last)")
+    fieldmap_hz = File(exists=True, mandatory=True, desc="B0 field map (Hz) from the unwrapped echoes")
+    mask = File(exists=True, mandatory=True, desc="mask of the field map")
+    voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="voxel size (mm)")
+    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction (voxel frame)")
+    highpass_sigma_voxels = traits.Float(4.0, usedefault=True, desc="in-plane Gaussian sigma (voxels)")
+    phase_scaling = traits.Str("tanh", usedefault=True, desc="phase-mask scaling (qsmprep.qsm.swi)")
+    phase_strength = traits.Float(4.0, usedefault=True, desc="tanh strength or power of the phase mask")
+    minip_slab_mm = traits.Float(16.0, usedefault=True, desc="minIP slab thickness (mm)")
+
+
+class _SWIOutputSpec(TraitedSpec):
+    swi = File(exists=True, desc="SWI (magnitude units)")
+    minip = File(exists=True, desc="minimum-intensity projection of the SWI")
+    params = traits.Dict()
+
+
+class SWI(SimpleInterface):
+    """CLEAR-SWI and its minIP (:func:`qsmprep.qsm.swi.swi`, :func:`~qsmprep.qsm.swi.minimum_intensity_projection`)."""
+
+    input_spec = _SWIInputSpec
+    output_spec = _SWIOutputSpec
+
+    def _run_interface(self, runtime):
+        from qsmprep.qsm.swi import minimum_intensity_projection, slice_axis, swi
+
+        set_threads(self.inputs.num_threads)
+        i = self.inputs
+        mag, ref = load_float(i.magnitude)
+        field, _ = load_float(i.fieldmap_hz)
+        mask = load_mask(i.mask)
+        image, _ = swi(mag, field, mask, i.b0_dir, i.highpass_sigma_voxels, i.phase_scaling, i.phase_strength)
+        axis = slice_axis(i.b0_dir)
+        minip = minimum_intensity_projection(image, i.voxel_size, axis, i.minip_slab_mm)
+        self._results["swi"] = save_like(image, ref, _out("swi.nii"))
+        self._results["minip"] = save_like(minip, ref, _out("minip.nii"))
+        n_slices = max(1, int(round(i.minip_slab_mm / i.voxel_size[axis])))
+        self._results["params"] = {
+            "Method": "clearswi",
+            "Parameters": {
+                "magnitude_combination": "root-sum-of-squares",
+                "highpass_sigma_voxels": float(i.highpass_sigma_voxels),
+                "highpass_sigma_mm": [0.0 if a == axis else float(i.highpass_sigma_voxels * v)
+                                      for a, v in enumerate(i.voxel_size)],
+                "phase_scaling": i.phase_scaling,
+                "phase_strength": float(i.phase_strength),
+                "minip_slab_mm": float(i.minip_slab_mm),
+                "minip_slices": n_slices,
+                "minip_axis": axis,
+            },
         }
         return runtime
 

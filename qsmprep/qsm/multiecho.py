@@ -5,7 +5,8 @@
   MriResearchTools ``mcpc3ds`` (phase difference unwrapped with ROMEO), for coil-combined 4D data.
 - B0 from unwrapped echoes: ROMEO/MRT ``calculateB0_unwrapped`` weighted averages; weighted linear
   fit with intercept (HS-QSM ``echofit``, QSM.rs ``multi_echo_linear_fit``).
-- R2*: weighted log-linear least squares, or ARLO (Pei M et al., MRM 2015;73:843).
+- R2*: weighted log-linear least squares, or ARLO (Pei M et al., MRM 2015;73:843); ``auto`` (the
+  default) takes ARLO for >= 3 equally spaced echoes (:func:`echoes_equally_spaced`), else log-linear.
 
 Conventions: (x, y, z, echo) float32 arrays, echo times in seconds, phase in radians, frequencies
 in Hz, rates in 1/s (Hz).
@@ -28,7 +29,11 @@ __all__ = [
     "fit_b0_hz",
     "fit_b0_hz_with_offset",
     "fit_r2star",
+    "echoes_equally_spaced",
+    "r2star_method_for",
     "t2star_s",
+    "ARLO_SPACING_RTOL",
+    "ARLO_SPACING_ATOL_S",
     "B0_WEIGHTINGS",
 ]
 
@@ -413,6 +418,33 @@ def _weighted_line(Y: np.ndarray, t: np.ndarray, W: np.ndarray) -> tuple[np.ndar
 # R2*
 # --------------------------------------------------------------------------------------------------
 
+#: Echo spacings count as equal when each differs from their mean by at most this fraction of it ...
+ARLO_SPACING_RTOL = 0.01
+#: ... or by at most this many seconds (10 us: BIDS sidecars often round EchoTime to 10 us).
+ARLO_SPACING_ATOL_S = 1e-5
+
+
+def echoes_equally_spaced(echo_times_s) -> bool:
+    """Whether >= 3 echo times increase with equal spacing, as ARLO's Simpson integrals assume (Pei et
+    al., MRM 2015): every ``TE_{i+1} - TE_i`` within ``max(ARLO_SPACING_RTOL * mean, ARLO_SPACING_ATOL_S)``
+    of the mean spacing."""
+    te = np.asarray(echo_times_s, dtype=np.float64).reshape(-1)
+    if te.size < 3:
+        return False
+    d = np.diff(te)
+    step = float(d.mean())
+    return bool(step > 0 and np.all(np.abs(d - step) <= max(ARLO_SPACING_RTOL * step, ARLO_SPACING_ATOL_S)))
+
+
+def r2star_method_for(method: str, echo_times_s) -> str:
+    """The R2* method a series is fitted with: ``"auto"`` is ``"arlo"`` for >= 3 equally spaced echoes
+    (:func:`echoes_equally_spaced`) and ``"loglinear"`` otherwise (2 echoes, unequal spacing); any
+    other name is returned as it is."""
+    if str(method).lower() != "auto":
+        return str(method).lower()
+    return "arlo" if echoes_equally_spaced(echo_times_s) else "loglinear"
+
+
 
 def fit_r2star(
     magnitude_4d,
@@ -430,8 +462,8 @@ def fit_r2star(
       weights correlated with the noise. Needs >= 2 echoes; echoes with ``M_e <= 0`` get zero weight.
     - ``"arlo"``: auto-regression on linear operations (Pei et al., MRM 2015): Simpson integrals
       ``s_i = dTE/3 (M_i + 4 M_{i+1} + M_{i+2})``, ``d_i = M_i - M_{i+2}``,
-      ``R2* = (dTE/3 sum d^2 + sum s d) / (sum s^2 + dTE/3 sum s d)``; needs >= 3 equally spaced echoes.
-      S0 is then the LS amplitude for that decay.
+      ``R2* = (dTE/3 sum d^2 + sum s d) / (sum s^2 + dTE/3 sum s d)``; needs >= 3 equally spaced echoes
+      (:func:`echoes_equally_spaced`; ``dTE`` is the mean spacing). S0 is then the LS amplitude for that decay.
 
     R2* is clipped to ``[0, max_r2star_hz]``; non-finite values and voxels outside ``mask`` are 0.
     Returns float32 ``(r2star_hz, s0)``.
@@ -450,8 +482,7 @@ def fit_r2star(
     if key == "arlo":
         if n_e < 3:
             raise ValueError(f"ARLO needs at least 3 echoes, got {n_e}")
-        d = np.diff(te)
-        if not np.allclose(d, d[0], rtol=1e-3, atol=1e-7) or d[0] <= 0:
+        if not echoes_equally_spaced(te):
             raise ValueError(f"ARLO needs equally spaced, increasing echo times, got {te.tolist()}")
     M = _gather(mag, m)
     if key == "loglinear":
@@ -470,7 +501,7 @@ def fit_r2star(
             r2 = -slope * np.float32(1e3)
             s0 = np.exp(yc - slope * np.float32(tc))
     else:
-        a = np.float32(np.diff(te)[0] * 1e3 / 3.0)  # ms
+        a = np.float32(np.mean(np.diff(te)) * 1e3 / 3.0)  # ms
         n = M.shape[1]
         sss, ssd, sdd = (np.zeros(n, np.float32) for _ in range(3))
         for i in range(n_e - 2):
@@ -517,6 +548,23 @@ def r2star_loglinear(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float
 def r2star_arlo(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float = 1000.0):
     """R2STAR entry: :func:`fit_r2star` with ``method="arlo"`` (>= 3 equally spaced echoes)."""
     return fit_r2star(magnitude_4d, echo_times_s, mask, "arlo", max_r2star_hz)
+
+
+@R2STAR.register(
+    "auto",
+    label="automatic R2* fit",
+    description="ARLO (auto-regression on linear operations) for series with at least 3 equally spaced echoes "
+    "and a weighted log-linear least-squares fit otherwise",
+    references=("pei2015",),
+    ranges={"max_r2star_hz": "(0, inf)"},
+)
+def r2star_auto(magnitude_4d, echo_times_s, mask=None, max_r2star_hz: float = 1000.0, reweight: bool = True):
+    """R2STAR entry: :func:`fit_r2star` with the method of :func:`r2star_method_for` (``reweight`` applies
+    to the log-linear fit only)."""
+    method = r2star_method_for("auto", echo_times_s)
+    if method == "arlo":
+        return fit_r2star(magnitude_4d, echo_times_s, mask, "arlo", max_r2star_hz)
+    return fit_r2star(magnitude_4d, echo_times_s, mask, "loglinear", max_r2star_hz, reweight)
 
 
 def t2star_s(r2star_hz) -> np.ndarray:

@@ -30,6 +30,7 @@ __all__ = [
     "choose_cuts",
     "mosaic",
     "run_figures",
+    "swi_figure",
     "strip_box_plot",
     "metric_strips",
 ]
@@ -430,7 +431,32 @@ def run_figures(
     if run.has("r2starmap") or run.has("t2starmap"):
         attempt("relaxation", "R2* / T2*", "Relaxation maps from the multi-echo magnitude decay "
                 "(window 0 to the 99th percentile).", fig_relax)
+
+    # 5. SWI / minIP
+    if run.has("swi") or run.has("minip"):
+        attempt("swi", "SWI / minIP", SWI_CAPTION, lambda: swi_figure(run, zooms, cuts3, crop, fig_dir))
     return results
+
+
+SWI_CAPTION = ("Susceptibility-weighted image (CLEAR-SWI; veins dark) and its minimum-intensity projection over "
+               "a slab along the slice axis (window 0 to the 99.5th percentile inside the brain box).")
+
+
+def swi_figure(run: Any, zooms: np.ndarray, cuts: Sequence[tuple[int, int]], crop: tuple[slice, ...],
+               fig_dir: str | Path) -> Path | None:
+    """Rows of the run's SWI and minIP (grey, 0 to the 99.5th percentile in ``crop``); None without either."""
+    rows = []
+    for key, label in (("swi", "SWI"), ("minip", "minIP")):
+        if not run.has(key):
+            continue
+        vol, _ = load_volume(run.path(key))
+        vals = vol[tuple(crop)]
+        vals = vals[np.isfinite(vals)]
+        vmax = float(np.percentile(vals, 99.5)) if vals.size else 1.0
+        rows.append(Row(vol, label, "gray", 0.0, vmax or 1.0, "a.u."))
+    if not rows:
+        return None
+    return mosaic(rows, zooms, cuts, crop, Path(fig_dir) / f"{run.prefix}_desc-swi.png")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -147,7 +147,20 @@ def build_boilerplate(config: "QsmprepConfig", runs: Sequence[Any] | None = None
             "T2* (s) maps were" if t2star and not r2star else "R2* (1/s) maps were")
         if not (r2star or t2star):
             r2_text = "An R2* map (1/s) was"
-        steps.append(f"{r2_text} estimated from the multi-echo magnitude with a weighted log-linear least-squares fit.")
+        steps.append(f"{r2_text} estimated from the multi-echo magnitude with {_r2star_text(config, runs, c)}.")
+    if config.swi:
+        power = (f"(1 + tanh(1 - f/m))/2, m being the median positive filtered field times 10/"
+                 f"{config.swi_phase_strength:g}" if config.swi_phase_scaling == "tanh"
+                 else f"a linear mask of the positive filtered field raised to the power {config.swi_phase_strength:g}"
+                 f"{c.cite(['haacke2004'])}")
+        steps.append(
+            "Susceptibility-weighted images (SWI) were computed as in CLEAR-SWI"
+            f"{c.cite(['eckstein2021', 'haacke2004'])}: the root-sum-of-squares of the echo magnitudes was "
+            "multiplied by a phase mask of the B0 field map, high-pass filtered by subtracting its in-plane "
+            f"Gaussian-smoothed version (sigma 4 voxels), which darkens positive (paramagnetic) field with {power}; "
+            f"minimum-intensity projections were taken over {config.swi_minip_slab_mm:g} mm slabs along the slice "
+            "axis."
+        )
     text, refs = describe("reference")
     if reference == "none":
         steps.append("Susceptibility values were not referenced; their mean is arbitrary.")
@@ -167,6 +180,30 @@ def build_boilerplate(config: "QsmprepConfig", runs: Sequence[Any] | None = None
     refs_md = "\n".join(f"{i + 1}. {format_reference(k)}" for i, k in enumerate(c.order))
     p.append("### References\n\n" + refs_md)
     return "\n\n".join(p).strip() + "\n"
+
+
+def _r2star_text(config: "QsmprepConfig", runs: Sequence[Any] | None, c: _Citer) -> str:
+    """The R2* method used: with ``runs``, the method each series with >= 2 echoes is fitted with
+    (``auto`` resolved per series, :func:`qsmprep.qsm.multiecho.r2star_method_for`); without, the
+    configured method's description."""
+    from qsmprep.qsm.multiecho import r2star_method_for
+
+    registry = STAGES["r2star"]
+    if runs:
+        used = list(dict.fromkeys(r2star_method_for(config.r2star_method, r.echo_times_s)
+                                  for r in runs if len(r.echo_times_s) >= 2))
+    else:
+        used = [config.r2star_method]
+    if not used:
+        used = [config.r2star_method]
+    parts = []
+    for name in used:
+        method = registry.method(name)
+        parts.append(method.description + c.cite(method.references))
+    if len(parts) == 1:
+        return parts[0]
+    return " for series with at least 3 equally spaced echoes, and ".join(
+        sorted(parts, key=lambda t: not t.startswith("auto-regression"))) + " for the others"
 
 
 def _version(dist: str) -> str:

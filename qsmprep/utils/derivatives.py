@@ -224,11 +224,12 @@ def build_sidecars(
     reference: Mapping[str, Any],
     offset: Mapping[str, Any] | None = None,
     r2star: Mapping[str, Any] | None = None,
+    swi: Mapping[str, Any] | None = None,
 ) -> dict[str, dict]:
     """JSON sidecars of one run's outputs from the ``params`` of each processing step.
 
     Returns ``{"chimap", "brain_mask", "total_fieldmap", "local_fieldmap", "r2starmap", "t2starmap",
-    "reference_mask"}`` -> dict. Keys follow BIDS (``Units``, ``SkullStripped``, ``Sources``,
+    "reference_mask", "swi", "minip"}`` -> dict. Keys follow BIDS (``Units``, ``SkullStripped``, ``Sources``,
     ``Description``, ``EstimationAlgorithm``, ``EstimationReference``, ``MagneticFieldStrength``,
     ``EchoTime`` array, mask ``Type``); qsmprep adds ``B0Direction`` (voxel frame), ``ReferenceRegion``,
     ``ReferenceOffsetPPM``, ``ProcessingSteps`` (every step's method and parameters) and
@@ -355,7 +356,9 @@ def build_sidecars(
         "SkullStripped": True,
         "SpatialReference": "orig",
         "Sources": list(sources),
-        "EstimationAlgorithm": f"{method_label('r2star', r2_method)} of the multi-echo magnitude",
+        "EstimationAlgorithm": f"{method_label('r2star', r2_method)} of the multi-echo magnitude"
+        + (f" (chosen by --r2star-method {r2star['MethodRequested']}: {r2star.get('MethodChoice', '')})"
+           if (r2star or {}).get("MethodRequested") else ""),
         "EstimationReference": cites(method_references("r2star", r2_method)),
         "MagneticFieldStrength": acq["MagneticFieldStrength"],
         "EchoTime": acq["EchoTime"],
@@ -376,6 +379,36 @@ def build_sidecars(
             "ProcessingSoftware": versions,
         }
     )
+    swi_params = dict((swi or {}).get("Parameters", {}))
+    swi_common = {
+        "Units": "arbitrary",
+        "SkullStripped": False,
+        "SpatialReference": "orig",
+        "Sources": list(sources),
+        "EstimationReference": cites(list(field_refs) + ["eckstein2021", "haacke2004"]),
+        "MagneticFieldStrength": acq["MagneticFieldStrength"],
+        "EchoTime": acq["EchoTime"],
+        "B0Direction": acq["B0Direction"],
+        "ProcessingSteps": clean({**steps_field, "SWI": _step(swi)}),
+        "ProcessingSoftware": versions,
+    }
+    scaling = swi_params.get("phase_scaling", "tanh")
+    swi_algo = (
+        "CLEAR-SWI: root-sum-of-squares magnitude over echoes x phase mask of the B0 field map ("
+        + "; ".join(field_algo) + f") high-pass filtered in-plane (Gaussian, sigma "
+        f"{swi_params.get('highpass_sigma_voxels', 4.0):g} voxels), phase mask "
+        + (f"(1 + tanh(1 - f/m))/2 with strength {swi_params.get('phase_strength', 4.0):g}" if scaling == "tanh"
+           else f"linear on the positive field to the power {swi_params.get('phase_strength', 4.0):g}")
+        + " (positive, paramagnetic field darkened)"
+    )
+    swi_map = clean(dict(swi_common, EstimationAlgorithm=swi_algo,
+                         Description="Susceptibility-weighted image (CLEAR-SWI); veins dark"))
+    minip_map = clean(dict(
+        swi_common,
+        EstimationAlgorithm=swi_algo + f"; minimum-intensity projection over {swi_params.get('minip_slab_mm', 16.0):g} mm"
+        f" ({swi_params.get('minip_slices', '?')} slices) along voxel axis {swi_params.get('minip_axis', 2)}",
+        Description="Minimum-intensity projection of the SWI (moving slab along the slice axis, same grid)",
+    ))
     return {
         "chimap": chimap,
         "brain_mask": brain_mask,
@@ -384,6 +417,8 @@ def build_sidecars(
         "r2starmap": r2map,
         "t2starmap": t2map,
         "reference_mask": ref_mask,
+        "swi": swi_map,
+        "minip": minip_map,
     }
 
 

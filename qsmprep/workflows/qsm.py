@@ -4,6 +4,7 @@ Graph (node names are stable: they are the keys of Nipype's cache in the work di
 
     load_echoes -> phase_offset (MCPC-3D-S) -> brain_mask -> unwrap -> fit_b0 -> bgremove -> inversion
                                                                  [r2star] ------------------> reference
+                                          fit_b0 + magnitude -> [swi] (SWI and minIP)
     every step's ``params`` -> sidecars -> ds_* (DerivativesDataSink)
     reference + intermediate maps -> qc (QC metrics JSON) -> ds_qc_metrics
     reference + segmentation (config.segmentation_dir) -> [roi_stats] -> [ds_roi_stats]
@@ -35,6 +36,7 @@ from qsmprep.interfaces.qsm import (
     PhaseOffsetCorrection,
     R2Star,
     Reference,
+    SWI,
     Unwrap,
 )
 from qsmprep.interfaces.reports import (
@@ -65,6 +67,8 @@ QSM_OUTPUTS = [
     "r2star",
     "t2star",
     "reference_mask",
+    "swi",
+    "minip",
     "sidecars",
     "qc_metrics",
     "roi_stats",
@@ -125,7 +129,8 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
     background removal -> inversion -> referencing, plus output sinks when ``config.output_dir`` is set.
 
     Outputs (``outputnode``): ``chi`` (referenced, ppm), ``mask`` (final, eroded), ``fieldmap_hz``,
-    ``total_field_ppm``, ``local_field_ppm``, ``r2star``/``t2star`` (when computed),
+    ``total_field_ppm``, ``local_field_ppm``, ``r2star``/``t2star`` (when computed), ``swi``/``minip``
+    (``config.swi``: CLEAR-SWI of the echo-combined magnitude and the B0 map, and its minIP),
     ``reference_mask`` (CSF referencing), ``sidecars`` (the Chimap's sidecar metadata),
     ``qc_metrics`` (QC JSON, always) and ``roi_stats`` (ROI TSV, when ``config.segmentation_dir`` holds a
     segmentation of this series on its grid; one on another grid is an error: registration is not
@@ -142,6 +147,10 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         LOGGER.warning("%s: R2*/T2* maps need >= 2 echoes with magnitude; not computed", run.prefix())
         want_r2 = False
     do_r2 = want_r2 or reference == "csf"
+    do_swi = bool(config.swi)
+    if do_swi and not run.has_magnitude:
+        LOGGER.warning("%s: SWI needs magnitude images; not computed", run.prefix())
+        do_swi = False
 
     wf = pe.Workflow(name=name or run_workflow_name(run))
     outputnode = pe.Node(niu.IdentityInterface(fields=QSM_OUTPUTS), name="outputnode")
@@ -293,6 +302,24 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         if reference == "csf":
             wf.connect(r2star, "r2star", ref, "r2star")
 
+    swi = None
+    if do_swi:
+        swi = pe.Node(
+            SWI(phase_scaling=config.swi_phase_scaling, phase_strength=float(config.swi_phase_strength),
+                minip_slab_mm=float(config.swi_minip_slab_mm)),
+            name="swi",
+            mem_gb=0.2 + 2 * vol4_gb + 10 * vol_gb,
+        )
+        # fmt: off
+        wf.connect([
+            (load, swi, [("magnitude", "magnitude"), ("voxel_size", "voxel_size"), ("b0_dir", "b0_dir")]),
+            (fit_b0, swi, [("fieldmap_hz", "fieldmap_hz")]),
+            (mask, swi, [("mask_file", "mask")]),
+            (swi, sidecars, [("params", "swi")]),
+            (swi, outputnode, [("swi", "swi"), ("minip", "minip")]),
+        ])
+        # fmt: on
+
     output_dir = config.output_dir
     if output_dir is not None:
         # the images written (keys of the output spec) and the node output that holds each
@@ -302,6 +329,9 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
             images["r2starmap"] = (r2star, "r2star")
         if want_r2 and config.t2star:
             images["t2starmap"] = (r2star, "t2star")
+        if swi is not None:
+            images["swi"] = (swi, "swi")
+            images["minip"] = (swi, "minip")
         if reference == "csf":
             images["reference_mask"] = (ref, "reference_mask")
         ds_wf = init_ds_qsm_wf(run, output_dir, list(images))
