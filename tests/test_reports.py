@@ -330,3 +330,93 @@ def test_report_renders_in_headless_chromium(app, tmp_path):
     total, failed, console = loaded("p3")
     assert total == 4 and failed == 1
     assert any("figure not loaded" in ln and "sub-1_desc-chimap.png" in ln for ln in console), console
+
+
+# --------------------------------------------------------------------------------------------------
+# methods text and bibliography
+# --------------------------------------------------------------------------------------------------
+
+
+def _boilerplate_variants():
+    """Boilerplates of every method of every stage the config chooses, with R2*/T2*, each reference and
+    single-echo / complex series."""
+    import dataclasses
+
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.methods import names
+    from qsmprep.utils.boilerplate import build_boilerplate
+
+    class _Run:  # what the boilerplate reads of a QsmRun
+        def __init__(self, n_echoes, is_complex=False, subject="01"):
+            self.subject, self.echo_times_s = subject, TES[:n_echoes]
+            self.field_strength_t, self.is_complex = 3.0, is_complex
+
+    run_sets = [None, [_Run(1)], [_Run(3, is_complex=True), _Run(1, subject="02")]]
+    fields = {f.name for f in dataclasses.fields(QsmprepConfig)}
+    configs = [QsmprepConfig(), QsmprepConfig(r2star=True, t2star=True), QsmprepConfig(t2star=True)]
+    for stage, field_name in (("masking", "masking"), ("unwrapping", "unwrapping"), ("bgremove", "bgremove"),
+                              ("inversion", "inversion"), ("reference", "reference"), ("r2star", "r2star_method")):
+        assert field_name in fields
+        configs += [QsmprepConfig(**{field_name: n, "r2star": True}) for n in names(stage)]
+    for cfg in configs:
+        for runs in run_sets:
+            yield cfg, runs, build_boilerplate(cfg, runs)
+
+
+def _repeats(text: str) -> list[str]:
+    """Immediately repeated words or phrases (1-4 words) of ``text``, ignoring case, punctuation, code
+    spans and numbers (a version such as 0.0.1 is not a repeated word)."""
+    text = re.sub(r"`[^`]*`", " ", text)
+    words = [w.lower() for w in re.findall(r"[^\W\d][\w'-]*", text)]
+    found = []
+    for n in range(1, 5):
+        for i in range(len(words) - 2 * n + 1):
+            if words[i:i + n] == words[i + n:i + 2 * n]:
+                found.append(" ".join(words[i:i + 2 * n]))
+    return found
+
+
+def test_repeat_check_finds_repeated_words_and_phrases():
+    assert _repeats("was removed with the the method") == ["the the"]
+    assert _repeats("The mask was eroded. The mask was eroded again.") == ["the mask was eroded the mask was eroded"]
+    assert _repeats("qsmprep 0.0.1 with 12 mm radii_mm, a b a c") == []
+
+
+def test_methods_text_has_no_repeated_words():
+    n = 0
+    for cfg, runs, text in _boilerplate_variants():
+        n += 1
+        assert not _repeats(text), (cfg.chosen_methods(), _repeats(text))
+    assert n > 60
+
+
+def _bib_entries(text: str) -> dict[str, dict[str, str]]:
+    entries = {}
+    for m in re.finditer(r"@(\w+)\{([^,\s]+),\n(.*?)\n\}", text, re.S):
+        entries[m.group(2)] = dict(re.findall(r"^\s*(\w+) = \{(.*)\},?$", m.group(3), re.M))
+    return entries
+
+
+def test_citation_bib_lists_exactly_the_methods_used(tmp_path):
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.references import REFERENCES
+    from qsmprep.utils.boilerplate import cited_references, write_citation
+
+    cfg = QsmprepConfig(masking="phase", bgremove="vsharp", inversion="rts", reference="mean")
+    md = write_citation(tmp_path, cfg)
+    bib = _bib_entries((tmp_path / "logs" / "CITATION.bib").read_text())
+    # Nipype and the consensus (general), MCPC-3D-S, the QSMxT mask on ROMEO quality, V-SHARP, RTS
+    expected = {"gorgolewski2011", "consensus2024", "eckstein2018", "stewart2022", "dymerska2021", "wu2012",
+                "li2011", "kames2018"}
+    assert set(bib) == expected == set(cited_references(cfg))
+    for key, fields in bib.items():
+        for name in ("author", "title", "journal", "year", "doi"):
+            assert fields.get(name, "").strip("{} "), (key, name)
+        assert re.fullmatch(r"(19|20)\d\d", fields["year"]) and fields["doi"] == REFERENCES[key].doi
+        assert f"doi:{fields['doi']}" in md.read_text()  # and each is cited in the text
+    # another method set: PDF, TV and the CSF reference (R2*) replace V-SHARP, RTS
+    bib2 = _bib_entries(write_citation(tmp_path / "b", QsmprepConfig(bgremove="pdf", inversion="tv",
+                                                                      reference="csf")).with_suffix(".bib").read_text())
+    assert {"liu2011", "bilgic2014tv", "liu2018csf"} <= set(bib2)
+    assert not {"wu2012", "li2011", "kames2018"} & set(bib2)
+    assert bib["kames2018"]["author"] == "Kames, C. and Wiggermann, V. and Rauscher, A."
