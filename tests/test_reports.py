@@ -420,3 +420,105 @@ def test_citation_bib_lists_exactly_the_methods_used(tmp_path):
     assert {"liu2011", "bilgic2014tv", "liu2018csf"} <= set(bib2)
     assert not {"wu2012", "li2011", "kames2018"} & set(bib2)
     assert bib["kames2018"]["author"] == "Kames, C. and Wiggermann, V. and Rauscher, A."
+
+
+# --------------------------------------------------------------------------------------------------
+# figures: fixed windows, orientation letters and slice positions (small crafted series, no app run)
+# --------------------------------------------------------------------------------------------------
+
+
+def _crafted_run(out: Path, prefix: str, affine, scale: float, seed: int, shape=(24, 28, 20)):
+    """A processed series of smooth random maps (``scale`` sets their amplitude) with a central mask."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    from qsmprep.reports.reader import MAPS, ProcessedRun, parse_prefix
+
+    rng = np.random.default_rng(seed)
+    anat = out / f"sub-{parse_prefix(prefix)['sub']}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = sum(g ** 2 for g in grid) < 0.6
+    maps = {"brain_mask": mask.astype(np.uint8)}
+    for key, amp in (("chimap", 0.1), ("local_fieldmap", 0.03), ("total_fieldmap", 80.0), ("r2starmap", 20.0)):
+        vol = gaussian_filter(rng.standard_normal(shape), 2) * amp * scale * 5
+        if key == "r2starmap":
+            vol = np.abs(vol) + 10 * scale
+        maps[key] = np.where(mask, vol, 0).astype(np.float32)
+    for key, data in maps.items():
+        nib.save(nib.Nifti1Image(data, affine), str(anat / f"{prefix}_{MAPS[key]}.nii.gz"))
+    return ProcessedRun(prefix, anat, parse_prefix(prefix))
+
+
+def test_windows_are_identical_across_runs(tmp_path):
+    from qsmprep.reports.figures import CHI_WINDOW_PPM, WINDOWS, run_figures, window
+
+    a = _crafted_run(tmp_path / "a", "sub-1", np.diag([2.0, 2.0, 2.0, 1.0]), scale=1.0, seed=1)
+    oblique = np.array([[-1.9, 0.3, 0, 20], [0.3, 1.9, 0.2, -30], [0, -0.2, 2.5, 5], [0, 0, 0, 1]])
+    b = _crafted_run(tmp_path / "b", "sub-2", oblique, scale=4.0, seed=2, shape=(30, 22, 18))
+    figs_a = {f.key: f for f in run_figures(a, tmp_path / "fa", field_strength_t=3.0)}
+    figs_b = {f.key: f for f in run_figures(b, tmp_path / "fb", field_strength_t=3.0)}
+    assert set(figs_a) == set(figs_b) == {"mask", "fields", "chimap", "relaxation"}
+    assert all(f.path is not None and f.path.is_file() for f in [*figs_a.values(), *figs_b.values()])
+    # the local field and Chimap windows are the same for both series though their values differ 4x
+    assert figs_a["fields"].windows["local field"] == figs_b["fields"].windows["local field"] == (-0.05, 0.05, "ppm")
+    assert figs_a["chimap"].windows == figs_b["chimap"].windows == {"susceptibility": (*CHI_WINDOW_PPM, "ppm")}
+    assert figs_a["fields"].windows["total field"] == figs_b["fields"].windows["total field"]
+    assert figs_a["relaxation"].windows == figs_b["relaxation"].windows
+    lo, hi, _ = figs_a["fields"].windows["total field"]
+    assert lo == -hi and 127 < hi < 128.5  # +-1 ppm at 3 T
+    # field-strength dependent windows scale with B0; the quantitative ones do not
+    assert window("r2star", 7.0)[1] == pytest.approx(7 / 3 * window("r2star", 3.0)[1])
+    assert window("t2star", 7.0)[1] == pytest.approx(3 / 7 * window("t2star", 3.0)[1])
+    assert window("local_field", 7.0) == window("local_field", 3.0)
+    assert set(WINDOWS) >= {"chimap", "local_field", "total_field", "r2star", "t2star", "magnitude", "phase"}
+    # the captions state the windows, the orientation and the slice positions
+    assert "-0.05 to 0.05 ppm" in figs_a["fields"].caption and "127.7 Hz" in figs_a["fields"].caption
+    assert figs_a["chimap"].orientation == figs_b["chimap"].orientation == "RAS"
+    assert re.fullmatch(r"sagittal x = -?\d+ mm", figs_a["chimap"].slices[0]), figs_a["chimap"].slices
+    assert "slices at sagittal x = " in figs_b["chimap"].caption
+
+
+def test_windows_table_in_docs_matches_the_code():
+    from qsmprep.reports.figures import windows_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "reports.md"
+    assert windows_markdown() in docs.read_text(encoding="utf-8")
+
+
+def test_orientation_letters_follow_the_affine(tmp_path):
+    """A bright blob on the subject's left ends up on the panel side labelled L, whether the image is
+    stored RAS, LPS or obliquely; the titles give the world positions of the cuts."""
+    from qsmprep.reports.figures import Row, load_volume_affine, mosaic_figure, orientation_labels
+    from helpers import save_nifti
+
+    shape = (20, 24, 16)
+    world = {}
+    for name, affine in (("ras", np.diag([2.0, 2.0, 2.0, 1.0])), ("lps", np.diag([-2.0, -2.0, 2.0, 1.0])),
+                         ("oblique", np.array([[0, -2.0, 0.3, 0], [-2.0, 0, 0, 0], [0, 0.2, 2.0, 0], [0, 0, 0, 1]]))):
+        aff = affine.copy()
+        aff[:3, 3] = -aff[:3, :3] @ (np.array(shape) - 1) / 2  # world origin at the centre
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+        xyz = (aff[:3, :3] @ ijk.T).T + aff[:3, 3]
+        blob = ((xyz[:, 0] < -8) & (np.abs(xyz[:, 1]) < 6) & (np.abs(xyz[:, 2]) < 6)).reshape(shape)  # x < 0: left
+        save_nifti(tmp_path / f"{name}.nii.gz", blob.astype(np.float32), aff)
+        data, zooms, raff = load_volume_affine(tmp_path / f"{name}.nii.gz")
+        crop = tuple(slice(0, n) for n in data.shape)
+        centre = [int(round(float(np.mean(i)))) for i in np.nonzero(data > 0.5)]
+        cuts = [(1, centre[1]), (2, centre[2]), (0, centre[0])]
+        fig = mosaic_figure([Row(data, "blob", vmin=0, vmax=1)], zooms, cuts, crop, affine=raff)
+        axes = [ax for ax in fig.axes if ax.images][:3]
+        for ax, (axis, _) in zip(axes, cuts):
+            letters = {t.get_gid(): t.get_text() for t in ax.texts}
+            assert letters == {f"orientation-{k}": v for k, v in orientation_labels(raff, axis).items()}
+            assert sorted(letters.values()) == sorted({0: "PAIS", 1: "LRIS", 2: "LRPA"}[axis])
+            assert ax.get_title().startswith(("sagittal", "coronal", "axial")[axis])
+            if axis in (1, 2):  # coronal and axial: the blob is on the side of the L
+                img = np.asarray(ax.images[0].get_array(), float)
+                cols = np.nonzero(np.nan_to_num(img).max(axis=0) > 0.5)[0]
+                side = "left" if cols.mean() < img.shape[1] / 2 else "right"
+                assert letters[f"orientation-{side}"] == "L", (name, axis, side, letters)
+        world[name] = [ax.get_title() for ax in axes]
+    # the same world cut positions however the voxels are stored (the blob's centre, about x = -13 mm)
+    assert world["ras"] == world["lps"], world
+    assert world["ras"][2].startswith("sagittal x = -1"), world["ras"]

@@ -323,7 +323,13 @@ def _figure_html(fig: FigureResult, output_dir: Path) -> str:
     if fig.path is None:
         return (f"<h3>{escape(fig.title)}</h3><div class=\"flagbox\">This figure could not be made: "
                 f"{escape(fig.error)}</div>")
-    return (f"<h3>{escape(fig.title)}</h3><figure><img src=\"{relative_link(fig.path, output_dir)}\" alt=\"{escape(fig.title)}\" "
+    alt = fig.title
+    if fig.orientation:  # what the panels show, for screen readers and automated checks
+        alt += (f"; neurological view, {fig.orientation} axes; edge letters L/R, A/P, S/I; "
+                + "; ".join(fig.slices))
+    windows = "; ".join(f"{k}: {lo:.4g} to {hi:.4g} {u}".rstrip() for k, (lo, hi, u) in fig.windows.items())
+    return (f"<h3>{escape(fig.title)}</h3><figure data-figure=\"{escape(fig.key)}\" data-orientation=\"{escape(fig.orientation)}\" "
+            f"data-windows=\"{escape(windows)}\"><img src=\"{relative_link(fig.path, output_dir)}\" alt=\"{escape(alt)}\" "
             f"loading=\"eager\"><figcaption>{escape(fig.caption)}</figcaption></figure>")
 
 
