@@ -522,3 +522,89 @@ def test_orientation_letters_follow_the_affine(tmp_path):
     # the same world cut positions however the voxels are stored (the blob's centre, about x = -13 mm)
     assert world["ras"] == world["lps"], world
     assert world["ras"][2].startswith("sagittal x = -1"), world["ras"]
+
+
+# --------------------------------------------------------------------------------------------------
+# QC table: every metric documented with its expected range; no trivial rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _full_qc(reference: str = "mean") -> dict:
+    """Every metric :func:`qc_metrics` can write, on a smooth synthetic multi-echo series."""
+    from qsmprep.qsm.qc import flag_metrics, qc_metrics
+    from qsmprep.qsm.reference import REFERENCE
+
+    n = 24
+    g = np.meshgrid(*[np.linspace(-1, 1, n)] * 3, indexing="ij")
+    mask = sum(x ** 2 for x in g) < 0.7
+    rng = np.random.default_rng(0)
+    from scipy.ndimage import gaussian_filter
+
+    chi = np.where(mask, gaussian_filter(rng.standard_normal((n, n, n)), 1.5) * 0.2 + 0.02, 0).astype(np.float32)
+    if reference == "mean":
+        chi = REFERENCE.get("mean")(chi, mask)
+    local = np.where(mask, gaussian_filter(rng.standard_normal((n, n, n)), 2) * 0.05, 0).astype(np.float32)
+    hz = (local * 127.7 + 5 * g[0]).astype(np.float32)
+    te = np.array(TES)
+    unwrapped = np.stack([2 * np.pi * hz * t for t in te], -1).astype(np.float32)
+    mag = np.stack([np.exp(-25 * t) * mask for t in te], -1).astype(np.float32)
+    extra = {"series": "sub-1", "qsmprep_version": "1.0", "masking_method": "phase", "inversion_method": "rts",
+             "reference_method": reference, "model_name": "net", "model_checksum": "abc"}
+    m = qc_metrics(chi, mask, (2, 2, 2), (0, 0, 1), local_field_ppm=local, unwrapped_phase_4d=unwrapped,
+                   fieldmap_hz=hz, magnitude_4d=mag, echo_times_s=te, field_strength_t=3.0, reference=reference,
+                   extra=extra)
+    m["Flags"] = flag_metrics(m)
+    return m
+
+
+def test_every_qc_metric_has_docs_and_an_expected_range():
+    from qsmprep.qsm.qc import EXPECTED_RANGES, QC_METRICS, format_range, is_recorded_value, metrics_markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "qc.md").read_text(encoding="utf-8")
+    assert metrics_markdown() in docs  # the generated part is up to date
+    sections = dict(re.findall(r"^### (\w+)\n(.*?)(?=^##|\Z)", docs, re.S | re.M))
+    recorded = set(re.findall(r"^\| `([\w*]+)` \|", docs, re.M))
+    metrics = {k: v for k, v in _full_qc("csf").items() if k != "Flags"}
+    assert len(metrics) > 25
+    for name, value in metrics.items():
+        if is_recorded_value(name):
+            assert name in recorded or (name.endswith("_method") and "*_method" in recorded), name
+            continue
+        assert isinstance(value, float), name
+        assert name in QC_METRICS and name in sections, f"{name} has no entry in docs/qc.md"
+        info = QC_METRICS[name]
+        assert info.low is not None or info.high is not None, name
+        assert f"Expected: **{format_range(name)}**" in sections[name] and "When outside:" in sections[name]
+        assert info.means and info.reason
+    assert set(QC_METRICS) == set(sections)
+    # the flags use the same ranges
+    assert all(EXPECTED_RANGES[k][:2] == (QC_METRICS[k].low, QC_METRICS[k].high) for k in EXPECTED_RANGES)
+
+
+def test_mean_chi_is_left_out_when_mean_referencing_makes_it_zero():
+    csf, mean = _full_qc("csf"), _full_qc("mean")
+    assert abs(csf["chi_mean_ppm"]) > 1e-3  # informative with another reference
+    assert "chi_mean_ppm" not in mean and "chi_median_ppm" in mean
+
+
+def test_report_qc_table_shows_range_meaning_and_docs_link(tmp_path):
+    from qsmprep.qsm.qc import QC_METRICS, format_range
+    from qsmprep.reports.html import QC_DOCS_URL, build_subject_report
+
+    out = tmp_path / "out"
+    run = _crafted_run(out, "sub-1", np.diag([2.0, 2.0, 2.0, 1.0]), scale=1.0, seed=1)
+    qc = _full_qc("mean")
+    qc["chi_mean_ppm"] = -1e-10  # as written by older versions: must not be shown
+    qc["chi_p99_ppm"] = 0.9  # outside its typical range: marked, not flagged
+    run.qc_json.write_text(json.dumps(qc))
+    text = build_subject_report(out, "1").read_text(encoding="utf-8")
+    rows = dict(re.findall(r'<tr(?: class="\w+")? data-metric="(\w+)">(.*?)</tr>', text, re.S))
+    shown = {k for k in qc if k in QC_METRICS and k != "chi_mean_ppm"}
+    assert set(rows) == shown and "chi_mean_ppm" not in rows
+    for name in shown:
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[name], re.S)
+        assert f'href="{QC_DOCS_URL}#{name}"' in cells[0], cells
+        assert cells[2].startswith(format_range(name).replace("<", "&lt;").replace(">", "&gt;")), (name, cells)
+        assert cells[3] == QC_METRICS[name].means.replace("'", "&#x27;").replace(">", "&gt;").replace("<", "&lt;")
+    assert re.search(r'<tr class="outside" data-metric="chi_p99_ppm">.*outside the typical range', text)
+    assert "recorded values" in text and "<th>inversion_method</th>" in text
