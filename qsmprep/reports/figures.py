@@ -45,6 +45,8 @@ __all__ = [
     "run_figures",
     "strip_box_plot",
     "metric_strips",
+    "robust_limits",
+    "OUTLIER_FENCE_IQR",
 ]
 
 #: gyromagnetic ratio / 2 pi of 1H (MHz/T = Hz/ppm/T)
@@ -609,6 +611,40 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+#: group plots show values within the quartiles +- this many interquartile ranges (Tukey's far-out fence);
+#: points beyond are drawn as triangles at the edge of the plot
+OUTLIER_FENCE_IQR = 3.0
+
+
+def robust_limits(values: Sequence[float | None]) -> tuple[float, float]:
+    """``(low, high)`` of the y axis of a group plot: the finite values' range, cut at the quartiles
+    +- :data:`OUTLIER_FENCE_IQR` IQR so that one wild value does not squash the others; 5 % margin."""
+    v = np.asarray([np.nan if x is None else x for x in values], float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return -1.0, 1.0
+    q1, q3 = np.percentile(v, [25, 75])
+    iqr = q3 - q1
+    lo, hi = float(v.min()), float(v.max())
+    if iqr > 0:
+        lo, hi = max(lo, q1 - OUTLIER_FENCE_IQR * iqr), min(hi, q3 + OUTLIER_FENCE_IQR * iqr)
+    span = hi - lo
+    pad = 0.05 * span if span > 0 else (0.1 * abs(hi) or 1.0)
+    return lo - pad, hi + pad
+
+
+def _clipped_scatter(ax, x, vals, lim, **kw) -> int:
+    """Scatter ``vals``; those outside ``lim`` as triangles at its edge. Returns how many were clipped."""
+    lo, hi = lim
+    below, above = vals < lo, vals > hi
+    inside = ~(below | above)
+    ax.scatter(x[inside], vals[inside], **kw)
+    style = {k: v for k, v in kw.items() if k != "marker"}
+    ax.scatter(x[above], np.full(int(above.sum()), hi), marker="^", **style)
+    ax.scatter(x[below], np.full(int(below.sum()), lo), marker="v", **style)
+    return int(below.sum() + above.sum())
+
+
 def _jitter(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-0.18, 0.18, n)
 
@@ -631,16 +667,25 @@ def strip_box_plot(
         ax.boxplot([data[i] for i in nonempty], positions=positions[nonempty], widths=0.55, showfliers=False,
                    medianprops={"color": "#444"}, boxprops={"color": "#888"}, whiskerprops={"color": "#888"},
                    capprops={"color": "#888"})
+    lim = robust_limits([v for d in data for v in d])
+    clipped = 0
     for i, (name, vals, flagged, labels) in enumerate(groups):
         vals = np.asarray([np.nan if v is None else v for v in vals], float)
         flagged = np.asarray(flagged, bool) if len(flagged) == len(vals) else np.zeros(len(vals), bool)
         x = positions[i] + _jitter(len(vals), i)
         ok = np.isfinite(vals)
-        ax.scatter(x[ok & ~flagged], vals[ok & ~flagged], s=16, color="#1f77b4", alpha=0.8, zorder=3)
-        ax.scatter(x[ok & flagged], vals[ok & flagged], s=28, color="#d62728", marker="D", zorder=4)
+        clipped += _clipped_scatter(ax, x[ok & ~flagged], vals[ok & ~flagged], lim, s=16, color="#1f77b4",
+                                    alpha=0.8, zorder=3)
+        clipped += _clipped_scatter(ax, x[ok & flagged], vals[ok & flagged], lim, s=28, color="#d62728",
+                                    marker="D", zorder=4)
         for xi, yi, fl, lab in zip(x, vals, flagged, labels):
             if fl and math.isfinite(yi):
-                ax.annotate(lab, (xi, yi), fontsize=6, color="#d62728", xytext=(3, 2), textcoords="offset points")
+                ax.annotate(lab, (xi, min(max(yi, lim[0]), lim[1])), fontsize=6, color="#d62728", xytext=(3, 2),
+                            textcoords="offset points")
+    ax.set_ylim(*lim)
+    if clipped:
+        ax.text(0.99, 0.99, f"{clipped} beyond the plotted range (triangles)", fontsize=7, ha="right", va="top",
+                transform=ax.transAxes, color="#555")
     ax.set_xticks(positions)
     ax.set_xticklabels([g[0] for g in groups], rotation=40, ha="right", fontsize=8)
     ax.set_xlim(0.4, n + 0.6)
@@ -671,17 +716,20 @@ def metric_strips(
         fl = np.asarray(flagged.get(name, [False] * len(vals)), bool)
         x = _jitter(len(vals), k)
         ok = np.isfinite(vals)
-        ax.scatter(x[ok & ~fl], vals[ok & ~fl], s=14, color="#1f77b4", alpha=0.8)
-        ax.scatter(x[ok & fl], vals[ok & fl], s=26, color="#d62728", marker="D")
+        lim = robust_limits(vals)
+        clipped = _clipped_scatter(ax, x[ok & ~fl], vals[ok & ~fl], lim, s=14, color="#1f77b4", alpha=0.8)
+        clipped += _clipped_scatter(ax, x[ok & fl], vals[ok & fl], lim, s=26, color="#d62728", marker="D")
         for xi, yi, f, lab in zip(x, vals, fl, labels):
             if f and math.isfinite(yi):
-                ax.annotate(lab, (xi, yi), fontsize=6, color="#d62728", xytext=(3, 2), textcoords="offset points")
+                ax.annotate(lab, (xi, min(max(yi, lim[0]), lim[1])), fontsize=6, color="#d62728", xytext=(3, 2),
+                            textcoords="offset points")
         if ok.any():
             ax.boxplot(vals[ok], positions=[0], widths=0.6, showfliers=False, medianprops={"color": "#444"},
                        boxprops={"color": "#aaa"}, whiskerprops={"color": "#aaa"}, capprops={"color": "#aaa"})
         ax.set_xlim(-0.6, 0.6)
+        ax.set_ylim(*lim)
         ax.set_xticks([])
-        ax.set_title(name, fontsize=8)
+        ax.set_title(name + (f" ({clipped} clipped)" if clipped else ""), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", color="#eee")
     fig.subplots_adjust(hspace=0.45, wspace=0.45)
