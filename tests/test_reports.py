@@ -24,7 +24,7 @@ import pytest
 from qsmprep.cli.parser import parse_config
 from qsmprep.cli.run import main
 from qsmprep.reports import generate_reports
-from qsmprep.reports.html import markdown_to_html
+from qsmprep.reports.html import QC_DOCS_URL, markdown_to_html
 
 TES = (0.004, 0.008, 0.012)
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
@@ -88,7 +88,7 @@ def _check_self_contained(html_path: Path) -> list[Path]:
         if tag == "script":
             assert "src" not in a, f"external script in {html_path.name}: {a}"
     for tag, href in refs.href:  # local links must resolve; only doi links leave the page
-        if href.startswith("#") or href.startswith("https://doi.org/"):
+        if href.startswith("#") or href.startswith(("https://doi.org/", QC_DOCS_URL)):
             continue
         assert not re.match(r"^[a-z]+:", href), href
         assert (html_path.parent / unquote(href.split("#")[0])).exists(), f"{html_path.name}: broken link {href}"
@@ -119,9 +119,27 @@ def app(tmp_path_factory):
     bids, out, work = root / "bids", root / "out", root / "work"
     write_bids_dataset(bids, subjects=("1", "2"), phantom_kwargs={"downsample": 4},
                        simulate_kwargs={"echo_times_s": TES}, seed=3)
-    rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--r2star",
-               "--skip-bids-validation"])
-    return {"root": root, "bids": bids, "out": out, "work": work, "rc": rc}
+    # the console output at the file-descriptor level (worker processes and Nipype's handlers included)
+    import contextlib
+    import sys
+
+    console = root / "console.txt"
+    saved = [os.dup(1), os.dup(2)]
+    with open(console, "w", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--r2star",
+                       "--skip-bids-validation"])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+    return {"root": root, "bids": bids, "out": out, "work": work, "rc": rc,
+            "console": console.read_text(errors="replace")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,10 +339,21 @@ def test_report_renders_in_headless_chromium(app, tmp_path):
         m = re.search(r'data-images-total="(\d+)" data-images-failed="(\d+)"', proc.stdout)
         assert m, f"the report's load check did not run:\n{proc.stdout[:500]}\n{proc.stderr[-2000:]}"
         console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
+        loaded.dom = proc.stdout
         return int(m.group(1)), int(m.group(2)), console
 
     total, failed, console = loaded("p2")
     assert total == 4 and failed == 0 and not console, console
+    # every map figure, as rendered, carries its orientation letters and slice positions (alt text) and
+    # its windows; the QC metrics link to their documentation
+    figures = re.findall(r'<figure data-figure="(\w+)" data-orientation="(\w*)" data-windows="([^"]*)"><img [^>]*alt="([^"]*)"',
+                         loaded.dom)
+    assert {f[0] for f in figures} == {"mask", "fields", "chimap", "relaxation"}, figures
+    for key, orientation, windows, alt in figures:
+        assert orientation == "RAS" and "edge letters L/R, A/P, S/I" in alt, alt
+        assert re.search(r"sagittal x = -?\d+ mm; coronal y = -?\d+ mm; axial z = -?\d+ mm", alt), alt
+    assert "local field: -0.05 to 0.05 ppm" in dict((f[0], f[2]) for f in figures)["fields"]
+    assert 'href="https://github.com/qsmprep/qsmprep/blob/main/docs/qc.md#mask_volume_ml"' in loaded.dom
     # the check can fail: a deleted figure is reported, on the page and on the console
     (out / "sub-1" / "figures" / "sub-1_desc-chimap.png").unlink()
     total, failed, console = loaded("p3")
@@ -608,3 +637,61 @@ def test_report_qc_table_shows_range_meaning_and_docs_link(tmp_path):
         assert cells[3] == QC_METRICS[name].means.replace("'", "&#x27;").replace(">", "&gt;").replace("<", "&lt;")
     assert re.search(r'<tr class="outside" data-metric="chi_p99_ppm">.*outside the typical range', text)
     assert "recorded values" in text and "<th>inversion_method</th>" in text
+
+
+
+# --------------------------------------------------------------------------------------------------
+# console output
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_default_console_shows_one_line_per_step_and_no_nipype_info(app):
+    console = app["console"]
+    steps = re.findall(r"^qsmprep: sub-(\d) (\w+) done in (\d+\.\d) s$", console, re.M)
+    for sub in ("1", "2"):
+        done = {name for s, name, _ in steps if s == sub}
+        assert {"load_echoes", "brain_mask", "unwrap", "bgremove", "inversion", "qc", "ds_chimap"} <= done, console
+    assert all(float(t) < 600 for _, _, t in steps)
+    for nipype_line in ("nipype.workflow INFO", "[Node] Finished", "[Node] Setting-up", "Workflow qsmprep_wf settings",
+                        "[MultiProc] Running"):
+        assert nipype_line not in console, nipype_line
+    import logging
+
+    # Nipype's main-process handler may predate the capture: its level says it printed nothing at INFO
+    assert logging.getLogger("nipype.workflow").getEffectiveLevel() >= logging.WARNING
+
+
+def test_step_reporter_lines_and_plugins(caplog):
+    import logging
+
+    from nipype.pipeline.plugins.linear import LinearPlugin
+
+    from qsmprep.utils.plugins import SafeMultiProcPlugin, SafeSLURMPlugin, StepReporter, make_plugin
+
+    class Node:
+        def __init__(self, fullname):
+            self.fullname, self.name = fullname, fullname.rsplit(".", 1)[-1]
+
+    rep = StepReporter(logging.getLogger("qsmprep.test"))
+    unwrap, inv = Node("qsmprep_wf.sub_01_wf.qsm_run_2_wf.unwrap"), Node("qsmprep_wf.sub_01_wf.qsm_wf.inversion")
+    with caplog.at_level(logging.INFO, logger="qsmprep.test"):
+        rep(unwrap, "start")
+        rep(unwrap, "end")
+        rep.cached.add(inv.fullname)
+        rep(inv, "end")
+        rep(inv, "start")
+        rep(inv, "exception")
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"sub-01 run_2 unwrap done in 0\.\d s", lines[0]), lines
+    assert lines[1:] == ["sub-01 inversion reused from the work directory", lines[2]]
+    assert re.fullmatch(r"sub-01 inversion failed after 0\.\d s", lines[2])
+    # the callback reaches every plugin that runs nodes itself
+    plugin, _ = make_plugin("MultiProc", {"n_procs": 1}, status_callback=rep)
+    assert isinstance(plugin, SafeMultiProcPlugin) and plugin._status_callback is rep
+    plugin.pool.shutdown()
+    assert make_plugin("SLURM", {}, status_callback=rep)[0]._status_callback is rep
+    assert isinstance(make_plugin("SLURM", {})[0], SafeSLURMPlugin)
+    name, args = make_plugin("Linear", {}, status_callback=rep)
+    assert LinearPlugin(plugin_args=args)._status_callback is rep
+    assert "status_callback" not in make_plugin("SLURMGraph", {}, status_callback=rep)[1]
