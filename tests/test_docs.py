@@ -27,6 +27,7 @@ def test_every_stage_options_and_outputs_have_their_generated_table():
     assert sorted(used["methods.md"]) == sorted(f"methods:{k}" for k in STAGES)
     assert "options:methods" in used["usage.md"]
     assert "outputs:images" in used["outputs.md"]
+    assert "qc:metrics" in used["qc.md"] and "reports:windows" in used["reports.md"]
     assert set(gen.BLOCKS) <= {b for names in used.values() for b in names}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -167,3 +168,31 @@ def test_participant_label_selects_rows(tmp_path, two_subjects):
     out = two_subjects
     assert main([str(tmp_path / "bids"), str(out), "group", "--participant-label", "02"]) == 0
     assert _read(out / "group_qc.tsv")["participant_id"].tolist() == ["sub-02"]
+
+
+def test_group_of_one_series_says_n_1_and_never_nan(tmp_path):
+    out = tmp_path / "out"
+    _processed(out, "sub-01", _qc(1350.0, 0.015), roi_offset=0.0, seed=1)
+    assert _run_group(tmp_path, out) == 0
+    html = (out / "group.html").read_text(encoding="utf-8")
+    for text in (html, (out / "group_qc.tsv").read_text(), (out / "group_roi.tsv").read_text()):
+        assert not re.search(r"\bnan\b", text, re.I)
+    # the regional table has one series per region: its SD across series reads n = 1
+    assert html.count("<td class='num'>n = 1</td>") == len(ROIS)
+    assert "1 series of 1 participant" in html and "n = 1, no spread across series" in html
+
+
+def test_group_plots_clip_to_a_robust_range(tmp_path):
+    from qsmprep.reports.figures import robust_limits
+
+    vals = [1350.0, 1360.0, 1340.0, 1355.0, 1345.0, 1352.0, 1348.0, 90000.0]  # one wild value
+    lo, hi = robust_limits(vals)
+    assert lo < 1340 and 1360 < hi < 1500  # the seven plausible values fill the axis
+    assert robust_limits([5.0]) == (4.5, 5.5) and robust_limits([None, float("nan")]) == (-1.0, 1.0)
+    out = tmp_path / "out"
+    for i, v in enumerate(vals):
+        _processed(out, f"sub-{i + 1:02d}", _qc(v, 0.015), roi_offset=0.0, seed=i)
+    assert _run_group(tmp_path, out) == 0
+    html = (out / "group.html").read_text(encoding="utf-8")
+    assert "1 value beyond is drawn as a triangle at the edge" in html
+    assert "90000" in (out / "group_qc.tsv").read_text()  # the table keeps the value

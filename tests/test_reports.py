@@ -24,7 +24,7 @@ import pytest
 from qsmprep.cli.parser import parse_config
 from qsmprep.cli.run import main
 from qsmprep.reports import generate_reports
-from qsmprep.reports.html import markdown_to_html
+from qsmprep.reports.html import QC_DOCS_URL, markdown_to_html
 
 TES = (0.004, 0.008, 0.012)
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "", shutil.which("chromium-browser") or "")
@@ -88,7 +88,7 @@ def _check_self_contained(html_path: Path) -> list[Path]:
         if tag == "script":
             assert "src" not in a, f"external script in {html_path.name}: {a}"
     for tag, href in refs.href:  # local links must resolve; only doi links leave the page
-        if href.startswith("#") or href.startswith("https://doi.org/"):
+        if href.startswith("#") or href.startswith(("https://doi.org/", QC_DOCS_URL)):
             continue
         assert not re.match(r"^[a-z]+:", href), href
         assert (html_path.parent / unquote(href.split("#")[0])).exists(), f"{html_path.name}: broken link {href}"
@@ -119,9 +119,27 @@ def app(tmp_path_factory):
     bids, out, work = root / "bids", root / "out", root / "work"
     write_bids_dataset(bids, subjects=("1", "2"), phantom_kwargs={"downsample": 4},
                        simulate_kwargs={"echo_times_s": TES}, seed=3)
-    rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--r2star",
-               "--skip-bids-validation"])
-    return {"root": root, "bids": bids, "out": out, "work": work, "rc": rc}
+    # the console output at the file-descriptor level (worker processes and Nipype's handlers included)
+    import contextlib
+    import sys
+
+    console = root / "console.txt"
+    saved = [os.dup(1), os.dup(2)]
+    with open(console, "w", buffering=1) as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            rc = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--r2star",
+                       "--skip-bids-validation"])
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+    return {"root": root, "bids": bids, "out": out, "work": work, "rc": rc,
+            "console": console.read_text(errors="replace")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,12 +339,359 @@ def test_report_renders_in_headless_chromium(app, tmp_path):
         m = re.search(r'data-images-total="(\d+)" data-images-failed="(\d+)"', proc.stdout)
         assert m, f"the report's load check did not run:\n{proc.stdout[:500]}\n{proc.stderr[-2000:]}"
         console = [ln for ln in proc.stderr.splitlines() if ":CONSOLE" in ln]
+        loaded.dom = proc.stdout
         return int(m.group(1)), int(m.group(2)), console
 
     total, failed, console = loaded("p2")
     assert total == 4 and failed == 0 and not console, console
+    # every map figure, as rendered, carries its orientation letters and slice positions (alt text) and
+    # its windows; the QC metrics link to their documentation
+    figures = re.findall(r'<figure data-figure="(\w+)" data-orientation="(\w*)" data-windows="([^"]*)"><img [^>]*alt="([^"]*)"',
+                         loaded.dom)
+    assert {f[0] for f in figures} == {"mask", "fields", "chimap", "relaxation"}, figures
+    for key, orientation, windows, alt in figures:
+        assert orientation == "RAS" and "edge letters L/R, A/P, S/I" in alt, alt
+        assert re.search(r"sagittal x = -?\d+ mm; coronal y = -?\d+ mm; axial z = -?\d+ mm", alt), alt
+    assert "local field: -0.05 to 0.05 ppm" in dict((f[0], f[2]) for f in figures)["fields"]
+    assert 'href="https://github.com/qsmprep/qsmprep/blob/main/docs/qc.md#mask_volume_ml"' in loaded.dom
     # the check can fail: a deleted figure is reported, on the page and on the console
     (out / "sub-1" / "figures" / "sub-1_desc-chimap.png").unlink()
     total, failed, console = loaded("p3")
     assert total == 4 and failed == 1
     assert any("figure not loaded" in ln and "sub-1_desc-chimap.png" in ln for ln in console), console
+
+
+# --------------------------------------------------------------------------------------------------
+# methods text and bibliography
+# --------------------------------------------------------------------------------------------------
+
+
+def _boilerplate_variants():
+    """Boilerplates of every method of every stage the config chooses, with R2*/T2*, each reference and
+    single-echo / complex series."""
+    import dataclasses
+
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.methods import names
+    from qsmprep.utils.boilerplate import build_boilerplate
+
+    class _Run:  # what the boilerplate reads of a QsmRun
+        def __init__(self, n_echoes, is_complex=False, subject="01"):
+            self.subject, self.echo_times_s = subject, TES[:n_echoes]
+            self.field_strength_t, self.is_complex = 3.0, is_complex
+
+    run_sets = [None, [_Run(1)], [_Run(3, is_complex=True), _Run(1, subject="02")]]
+    fields = {f.name for f in dataclasses.fields(QsmprepConfig)}
+    configs = [QsmprepConfig(), QsmprepConfig(r2star=True, t2star=True), QsmprepConfig(t2star=True)]
+    for stage, field_name in (("masking", "masking"), ("unwrapping", "unwrapping"), ("bgremove", "bgremove"),
+                              ("inversion", "inversion"), ("reference", "reference"), ("r2star", "r2star_method")):
+        assert field_name in fields
+        configs += [QsmprepConfig(**{field_name: n, "r2star": True}) for n in names(stage)]
+    for cfg in configs:
+        for runs in run_sets:
+            yield cfg, runs, build_boilerplate(cfg, runs)
+
+
+def _repeats(text: str) -> list[str]:
+    """Immediately repeated words or phrases (1-4 words) of ``text``, ignoring case, punctuation, code
+    spans and numbers (a version such as 0.0.1 is not a repeated word)."""
+    text = re.sub(r"`[^`]*`", " ", text)
+    words = [w.lower() for w in re.findall(r"[^\W\d][\w'-]*", text)]
+    found = []
+    for n in range(1, 5):
+        for i in range(len(words) - 2 * n + 1):
+            if words[i:i + n] == words[i + n:i + 2 * n]:
+                found.append(" ".join(words[i:i + 2 * n]))
+    return found
+
+
+def test_repeat_check_finds_repeated_words_and_phrases():
+    assert _repeats("was removed with the the method") == ["the the"]
+    assert _repeats("The mask was eroded. The mask was eroded again.") == ["the mask was eroded the mask was eroded"]
+    assert _repeats("qsmprep 0.0.1 with 12 mm radii_mm, a b a c") == []
+
+
+def test_methods_text_has_no_repeated_words():
+    n = 0
+    for cfg, runs, text in _boilerplate_variants():
+        n += 1
+        assert not _repeats(text), (cfg.chosen_methods(), _repeats(text))
+    assert n > 60
+
+
+def _bib_entries(text: str) -> dict[str, dict[str, str]]:
+    entries = {}
+    for m in re.finditer(r"@(\w+)\{([^,\s]+),\n(.*?)\n\}", text, re.S):
+        entries[m.group(2)] = dict(re.findall(r"^\s*(\w+) = \{(.*)\},?$", m.group(3), re.M))
+    return entries
+
+
+def test_citation_bib_lists_exactly_the_methods_used(tmp_path):
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.references import REFERENCES
+    from qsmprep.utils.boilerplate import cited_references, write_citation
+
+    cfg = QsmprepConfig(masking="phase", bgremove="vsharp", inversion="rts", reference="mean")
+    md = write_citation(tmp_path, cfg)
+    bib = _bib_entries((tmp_path / "logs" / "CITATION.bib").read_text())
+    # Nipype and the consensus (general), MCPC-3D-S, the QSMxT mask on ROMEO quality, V-SHARP, RTS
+    expected = {"gorgolewski2011", "consensus2024", "eckstein2018", "stewart2022", "dymerska2021", "wu2012",
+                "li2011", "kames2018"}
+    assert set(bib) == expected == set(cited_references(cfg))
+    for key, fields in bib.items():
+        for name in ("author", "title", "journal", "year", "doi"):
+            assert fields.get(name, "").strip("{} "), (key, name)
+        assert re.fullmatch(r"(19|20)\d\d", fields["year"]) and fields["doi"] == REFERENCES[key].doi
+        assert f"doi:{fields['doi']}" in md.read_text()  # and each is cited in the text
+    # another method set: PDF, TV and the CSF reference (R2*) replace V-SHARP, RTS
+    bib2 = _bib_entries(write_citation(tmp_path / "b", QsmprepConfig(bgremove="pdf", inversion="tv",
+                                                                      reference="csf")).with_suffix(".bib").read_text())
+    assert {"liu2011", "bilgic2014tv", "liu2018csf"} <= set(bib2)
+    assert not {"wu2012", "li2011", "kames2018"} & set(bib2)
+    assert bib["kames2018"]["author"] == "Kames, C. and Wiggermann, V. and Rauscher, A."
+
+
+# --------------------------------------------------------------------------------------------------
+# figures: fixed windows, orientation letters and slice positions (small crafted series, no app run)
+# --------------------------------------------------------------------------------------------------
+
+
+def _crafted_run(out: Path, prefix: str, affine, scale: float, seed: int, shape=(24, 28, 20)):
+    """A processed series of smooth random maps (``scale`` sets their amplitude) with a central mask."""
+    import nibabel as nib
+    from scipy.ndimage import gaussian_filter
+
+    from qsmprep.reports.reader import MAPS, ProcessedRun, parse_prefix
+
+    rng = np.random.default_rng(seed)
+    anat = out / f"sub-{parse_prefix(prefix)['sub']}" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    mask = sum(g ** 2 for g in grid) < 0.6
+    maps = {"brain_mask": mask.astype(np.uint8)}
+    for key, amp in (("chimap", 0.1), ("local_fieldmap", 0.03), ("total_fieldmap", 80.0), ("r2starmap", 20.0)):
+        vol = gaussian_filter(rng.standard_normal(shape), 2) * amp * scale * 5
+        if key == "r2starmap":
+            vol = np.abs(vol) + 10 * scale
+        maps[key] = np.where(mask, vol, 0).astype(np.float32)
+    for key, data in maps.items():
+        nib.save(nib.Nifti1Image(data, affine), str(anat / f"{prefix}_{MAPS[key]}.nii.gz"))
+    return ProcessedRun(prefix, anat, parse_prefix(prefix))
+
+
+def test_windows_are_identical_across_runs(tmp_path):
+    from qsmprep.reports.figures import CHI_WINDOW_PPM, WINDOWS, run_figures, window
+
+    a = _crafted_run(tmp_path / "a", "sub-1", np.diag([2.0, 2.0, 2.0, 1.0]), scale=1.0, seed=1)
+    oblique = np.array([[-1.9, 0.3, 0, 20], [0.3, 1.9, 0.2, -30], [0, -0.2, 2.5, 5], [0, 0, 0, 1]])
+    b = _crafted_run(tmp_path / "b", "sub-2", oblique, scale=4.0, seed=2, shape=(30, 22, 18))
+    figs_a = {f.key: f for f in run_figures(a, tmp_path / "fa", field_strength_t=3.0)}
+    figs_b = {f.key: f for f in run_figures(b, tmp_path / "fb", field_strength_t=3.0)}
+    assert set(figs_a) == set(figs_b) == {"mask", "fields", "chimap", "relaxation"}
+    assert all(f.path is not None and f.path.is_file() for f in [*figs_a.values(), *figs_b.values()])
+    # the local field and Chimap windows are the same for both series though their values differ 4x
+    assert figs_a["fields"].windows["local field"] == figs_b["fields"].windows["local field"] == (-0.05, 0.05, "ppm")
+    assert figs_a["chimap"].windows == figs_b["chimap"].windows == {"susceptibility": (*CHI_WINDOW_PPM, "ppm")}
+    assert figs_a["fields"].windows["total field"] == figs_b["fields"].windows["total field"]
+    assert figs_a["relaxation"].windows == figs_b["relaxation"].windows
+    lo, hi, _ = figs_a["fields"].windows["total field"]
+    assert lo == -hi and 127 < hi < 128.5  # +-1 ppm at 3 T
+    # field-strength dependent windows scale with B0; the quantitative ones do not
+    assert window("r2star", 7.0)[1] == pytest.approx(7 / 3 * window("r2star", 3.0)[1])
+    assert window("t2star", 7.0)[1] == pytest.approx(3 / 7 * window("t2star", 3.0)[1])
+    assert window("local_field", 7.0) == window("local_field", 3.0)
+    assert set(WINDOWS) >= {"chimap", "local_field", "total_field", "r2star", "t2star", "magnitude", "phase"}
+    # the captions state the windows, the orientation and the slice positions
+    assert "-0.05 to 0.05 ppm" in figs_a["fields"].caption and "127.7 Hz" in figs_a["fields"].caption
+    assert figs_a["chimap"].orientation == figs_b["chimap"].orientation == "RAS"
+    assert re.fullmatch(r"sagittal x = -?\d+ mm", figs_a["chimap"].slices[0]), figs_a["chimap"].slices
+    assert "slices at sagittal x = " in figs_b["chimap"].caption
+
+
+def test_windows_table_in_docs_matches_the_code():
+    from qsmprep.reports.figures import windows_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "reports.md"
+    assert windows_markdown() in docs.read_text(encoding="utf-8")
+
+
+def test_orientation_letters_follow_the_affine(tmp_path):
+    """A bright blob on the subject's left ends up on the panel side labelled L, whether the image is
+    stored RAS, LPS or obliquely; the titles give the world positions of the cuts."""
+    from qsmprep.reports.figures import Row, load_volume_affine, mosaic_figure, orientation_labels
+    from helpers import save_nifti
+
+    shape = (20, 24, 16)
+    world = {}
+    for name, affine in (("ras", np.diag([2.0, 2.0, 2.0, 1.0])), ("lps", np.diag([-2.0, -2.0, 2.0, 1.0])),
+                         ("oblique", np.array([[0, -2.0, 0.3, 0], [-2.0, 0, 0, 0], [0, 0.2, 2.0, 0], [0, 0, 0, 1]]))):
+        aff = affine.copy()
+        aff[:3, 3] = -aff[:3, :3] @ (np.array(shape) - 1) / 2  # world origin at the centre
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+        xyz = (aff[:3, :3] @ ijk.T).T + aff[:3, 3]
+        blob = ((xyz[:, 0] < -8) & (np.abs(xyz[:, 1]) < 6) & (np.abs(xyz[:, 2]) < 6)).reshape(shape)  # x < 0: left
+        save_nifti(tmp_path / f"{name}.nii.gz", blob.astype(np.float32), aff)
+        data, zooms, raff = load_volume_affine(tmp_path / f"{name}.nii.gz")
+        crop = tuple(slice(0, n) for n in data.shape)
+        centre = [int(round(float(np.mean(i)))) for i in np.nonzero(data > 0.5)]
+        cuts = [(1, centre[1]), (2, centre[2]), (0, centre[0])]
+        fig = mosaic_figure([Row(data, "blob", vmin=0, vmax=1)], zooms, cuts, crop, affine=raff)
+        axes = [ax for ax in fig.axes if ax.images][:3]
+        for ax, (axis, _) in zip(axes, cuts):
+            letters = {t.get_gid(): t.get_text() for t in ax.texts}
+            assert letters == {f"orientation-{k}": v for k, v in orientation_labels(raff, axis).items()}
+            assert sorted(letters.values()) == sorted({0: "PAIS", 1: "LRIS", 2: "LRPA"}[axis])
+            assert ax.get_title().startswith(("sagittal", "coronal", "axial")[axis])
+            if axis in (1, 2):  # coronal and axial: the blob is on the side of the L
+                img = np.asarray(ax.images[0].get_array(), float)
+                cols = np.nonzero(np.nan_to_num(img).max(axis=0) > 0.5)[0]
+                side = "left" if cols.mean() < img.shape[1] / 2 else "right"
+                assert letters[f"orientation-{side}"] == "L", (name, axis, side, letters)
+        world[name] = [ax.get_title() for ax in axes]
+    # the same world cut positions however the voxels are stored (the blob's centre, about x = -13 mm)
+    assert world["ras"] == world["lps"], world
+    assert world["ras"][2].startswith("sagittal x = -1"), world["ras"]
+
+
+# --------------------------------------------------------------------------------------------------
+# QC table: every metric documented with its expected range; no trivial rows
+# --------------------------------------------------------------------------------------------------
+
+
+def _full_qc(reference: str = "mean") -> dict:
+    """Every metric :func:`qc_metrics` can write, on a smooth synthetic multi-echo series."""
+    from qsmprep.qsm.qc import flag_metrics, qc_metrics
+    from qsmprep.qsm.reference import REFERENCE
+
+    n = 24
+    g = np.meshgrid(*[np.linspace(-1, 1, n)] * 3, indexing="ij")
+    mask = sum(x ** 2 for x in g) < 0.7
+    rng = np.random.default_rng(0)
+    from scipy.ndimage import gaussian_filter
+
+    chi = np.where(mask, gaussian_filter(rng.standard_normal((n, n, n)), 1.5) * 0.2 + 0.02, 0).astype(np.float32)
+    if reference == "mean":
+        chi = REFERENCE.get("mean")(chi, mask)
+    local = np.where(mask, gaussian_filter(rng.standard_normal((n, n, n)), 2) * 0.05, 0).astype(np.float32)
+    hz = (local * 127.7 + 5 * g[0]).astype(np.float32)
+    te = np.array(TES)
+    unwrapped = np.stack([2 * np.pi * hz * t for t in te], -1).astype(np.float32)
+    mag = np.stack([np.exp(-25 * t) * mask for t in te], -1).astype(np.float32)
+    extra = {"series": "sub-1", "qsmprep_version": "1.0", "masking_method": "phase", "inversion_method": "rts",
+             "reference_method": reference, "model_name": "net", "model_checksum": "abc"}
+    m = qc_metrics(chi, mask, (2, 2, 2), (0, 0, 1), local_field_ppm=local, unwrapped_phase_4d=unwrapped,
+                   fieldmap_hz=hz, magnitude_4d=mag, echo_times_s=te, field_strength_t=3.0, reference=reference,
+                   extra=extra)
+    m["Flags"] = flag_metrics(m)
+    return m
+
+
+def test_every_qc_metric_has_docs_and_an_expected_range():
+    from qsmprep.qsm.qc import EXPECTED_RANGES, QC_METRICS, format_range, is_recorded_value, metrics_markdown
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "qc.md").read_text(encoding="utf-8")
+    assert metrics_markdown() in docs  # the generated part is up to date
+    sections = dict(re.findall(r"^### (\w+)\n(.*?)(?=^##|\Z)", docs, re.S | re.M))
+    recorded = set(re.findall(r"^\| `([\w*]+)` \|", docs, re.M))
+    metrics = {k: v for k, v in _full_qc("csf").items() if k != "Flags"}
+    assert len(metrics) > 25
+    for name, value in metrics.items():
+        if is_recorded_value(name):
+            assert name in recorded or (name.endswith("_method") and "*_method" in recorded), name
+            continue
+        assert isinstance(value, float), name
+        assert name in QC_METRICS and name in sections, f"{name} has no entry in docs/qc.md"
+        info = QC_METRICS[name]
+        assert info.low is not None or info.high is not None, name
+        assert f"Expected: **{format_range(name)}**" in sections[name] and "When outside:" in sections[name]
+        assert info.means and info.reason
+    assert set(QC_METRICS) == set(sections)
+    # the flags use the same ranges
+    assert all(EXPECTED_RANGES[k][:2] == (QC_METRICS[k].low, QC_METRICS[k].high) for k in EXPECTED_RANGES)
+
+
+def test_mean_chi_is_left_out_when_mean_referencing_makes_it_zero():
+    csf, mean = _full_qc("csf"), _full_qc("mean")
+    assert abs(csf["chi_mean_ppm"]) > 1e-3  # informative with another reference
+    assert "chi_mean_ppm" not in mean and "chi_median_ppm" in mean
+
+
+def test_report_qc_table_shows_range_meaning_and_docs_link(tmp_path):
+    from qsmprep.qsm.qc import QC_METRICS, format_range
+    from qsmprep.reports.html import QC_DOCS_URL, build_subject_report
+
+    out = tmp_path / "out"
+    run = _crafted_run(out, "sub-1", np.diag([2.0, 2.0, 2.0, 1.0]), scale=1.0, seed=1)
+    qc = _full_qc("mean")
+    qc["chi_mean_ppm"] = -1e-10  # as written by older versions: must not be shown
+    qc["chi_p99_ppm"] = 0.9  # outside its typical range: marked, not flagged
+    run.qc_json.write_text(json.dumps(qc))
+    text = build_subject_report(out, "1").read_text(encoding="utf-8")
+    rows = dict(re.findall(r'<tr(?: class="\w+")? data-metric="(\w+)">(.*?)</tr>', text, re.S))
+    shown = {k for k in qc if k in QC_METRICS and k != "chi_mean_ppm"}
+    assert set(rows) == shown and "chi_mean_ppm" not in rows
+    for name in shown:
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", rows[name], re.S)
+        assert f'href="{QC_DOCS_URL}#{name}"' in cells[0], cells
+        assert cells[2].startswith(format_range(name).replace("<", "&lt;").replace(">", "&gt;")), (name, cells)
+        assert cells[3] == QC_METRICS[name].means.replace("'", "&#x27;").replace(">", "&gt;").replace("<", "&lt;")
+    assert re.search(r'<tr class="outside" data-metric="chi_p99_ppm">.*outside the typical range', text)
+    assert "recorded values" in text and "<th>inversion_method</th>" in text
+
+
+
+# --------------------------------------------------------------------------------------------------
+# console output
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_default_console_shows_one_line_per_step_and_no_nipype_info(app):
+    console = app["console"]
+    steps = re.findall(r"^qsmprep: sub-(\d) (\w+) done in (\d+\.\d) s$", console, re.M)
+    for sub in ("1", "2"):
+        done = {name for s, name, _ in steps if s == sub}
+        assert {"load_echoes", "brain_mask", "unwrap", "bgremove", "inversion", "qc", "ds_chimap"} <= done, console
+    assert all(float(t) < 600 for _, _, t in steps)
+    for nipype_line in ("nipype.workflow INFO", "[Node] Finished", "[Node] Setting-up", "Workflow qsmprep_wf settings",
+                        "[MultiProc] Running"):
+        assert nipype_line not in console, nipype_line
+    import logging
+
+    # Nipype's main-process handler may predate the capture: its level says it printed nothing at INFO
+    assert logging.getLogger("nipype.workflow").getEffectiveLevel() >= logging.WARNING
+
+
+def test_step_reporter_lines_and_plugins(caplog):
+    import logging
+
+    from nipype.pipeline.plugins.linear import LinearPlugin
+
+    from qsmprep.utils.plugins import SafeMultiProcPlugin, SafeSLURMPlugin, StepReporter, make_plugin
+
+    class Node:
+        def __init__(self, fullname):
+            self.fullname, self.name = fullname, fullname.rsplit(".", 1)[-1]
+
+    rep = StepReporter(logging.getLogger("qsmprep.test"))
+    unwrap, inv = Node("qsmprep_wf.sub_01_wf.qsm_run_2_wf.unwrap"), Node("qsmprep_wf.sub_01_wf.qsm_wf.inversion")
+    with caplog.at_level(logging.INFO, logger="qsmprep.test"):
+        rep(unwrap, "start")
+        rep(unwrap, "end")
+        rep.cached.add(inv.fullname)
+        rep(inv, "end")
+        rep(inv, "start")
+        rep(inv, "exception")
+    lines = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"sub-01 run_2 unwrap done in 0\.\d s", lines[0]), lines
+    assert lines[1:] == ["sub-01 inversion reused from the work directory", lines[2]]
+    assert re.fullmatch(r"sub-01 inversion failed after 0\.\d s", lines[2])
+    # the callback reaches every plugin that runs nodes itself
+    plugin, _ = make_plugin("MultiProc", {"n_procs": 1}, status_callback=rep)
+    assert isinstance(plugin, SafeMultiProcPlugin) and plugin._status_callback is rep
+    plugin.pool.shutdown()
+    assert make_plugin("SLURM", {}, status_callback=rep)[0]._status_callback is rep
+    assert isinstance(make_plugin("SLURM", {})[0], SafeSLURMPlugin)
+    name, args = make_plugin("Linear", {}, status_callback=rep)
+    assert LinearPlugin(plugin_args=args)._status_callback is rep
+    assert "status_callback" not in make_plugin("SLURMGraph", {}, status_callback=rep)[1]

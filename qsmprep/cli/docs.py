@@ -10,8 +10,9 @@ A generated block in a Markdown file sits between two markers::
 (and names the file and block) when a file is out of date, which is what the test of the docs runs.
 Blocks: ``methods:<stage>`` (each method of a stage with its parameters, their defaults and allowed
 ranges, from the method catalogue), ``options:methods`` (the options of the *Methods* group of the
-command line, with their choices and defaults, from the parser) and ``outputs:images`` (the per-series
-file table of the output spec).
+command line, with their choices and defaults, from the parser), ``outputs:images`` (the per-series
+file table of the output spec), ``qc:metrics`` (every QC metric with its expected range, from
+``qsmprep.qsm.qc.QC_METRICS``) and ``reports:windows`` (the display windows of the report figures).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from qsmprep.cli.parser import build_parser
 from qsmprep.config import QsmprepConfig
 from qsmprep.methods import STAGES
 from qsmprep.outputs import markdown_table
+from qsmprep.qsm.qc import metrics_markdown
+from qsmprep.reports.figures import windows_markdown
 
 __all__ = ["BLOCKS", "method_parameter_table", "method_options_table", "render", "blocks_in", "main"]
 
@@ -105,6 +108,8 @@ BLOCKS: dict[str, Callable[[], str]] = {
     **{f"methods:{key}": (lambda key=key: method_parameter_table(key)) for key in STAGES},
     "options:methods": method_options_table,
     "outputs:images": markdown_table,
+    "qc:metrics": metrics_markdown,
+    "reports:windows": windows_markdown,
 }
 
 

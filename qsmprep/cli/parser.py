@@ -155,7 +155,7 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"qsmprep {__version__}")
     p.add_argument(
-        "-v", "--verbose", dest="verbose", action="count", help="more log output: -v details, -vv debug and Nipype progress, -vvv Nipype debug (default: progress lines and warnings)"
+        "-v", "--verbose", dest="verbose", action="count", help="more log output: -v details and Nipype's own progress lines, -vv debug, -vvv Nipype debug (default: one line per finished step and warnings)"
     )
     p.add_argument(
         "--config-file",

@@ -34,13 +34,13 @@ from typing import Sequence
 from qsmprep.cli.parser import parse_config
 from qsmprep.config import QsmprepConfig
 from qsmprep.utils.errors import EX_DATAERR, EX_FAILURE, EX_NOINPUT, EX_OK, EX_USAGE, InputError
-from qsmprep.utils.plugins import make_plugin
+from qsmprep.utils.plugins import PROGRESS_LEVEL, StepReporter, make_plugin
 
 __all__ = ["main", "validate_inputs", "write_dataset_files", "IMPORTANT"]
 
 LOGGER = logging.getLogger("qsmprep")
 #: log level of the few progress lines printed by default (between INFO and WARNING, as in fMRIPrep)
-IMPORTANT = 25
+IMPORTANT = PROGRESS_LEVEL
 logging.addLevelName(IMPORTANT, "IMPORTANT")
 
 
@@ -148,7 +148,9 @@ def _configure_nipype(cfg: QsmprepConfig, log_dir: Path) -> None:
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
-    level = "DEBUG" if cfg.verbose >= 3 else ("INFO" if cfg.verbose >= 2 else "WARNING")
+    # Nipype's own INFO lines ("[Node] Finished", "Workflow ... settings", "[MultiProc] Running") only
+    # with -v; by default the StepReporter prints one line per finished node
+    level = "DEBUG" if cfg.verbose >= 3 else ("INFO" if cfg.verbose >= 1 else "WARNING")
     ncfg.update_config(
         {
             "logging": {"workflow_level": level, "interface_level": level, "utils_level": level},
@@ -213,7 +215,7 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
     )
     t0 = time.time()
     try:
-        plugin, plugin_args = make_plugin(cfg.plugin, cfg.plugin_args)
+        plugin, plugin_args = make_plugin(cfg.plugin, cfg.plugin_args, status_callback=StepReporter(LOGGER))
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except KeyboardInterrupt:
         raise

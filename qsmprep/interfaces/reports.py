@@ -264,6 +264,7 @@ class QCMetrics(SimpleInterface):
             quality_mask=load_mask(i.quality_mask) if isdefined(i.quality_mask) else None,
             quality_threshold=i.quality_threshold,
             harmonic_order=i.harmonic_order,
+            reference=dict(i.methods).get("reference_method"),
             extra=extra,
         )
         metrics["Flags"] = flag_metrics(metrics)

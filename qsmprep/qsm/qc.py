@@ -38,6 +38,7 @@ Pure numpy/scipy: arrays in, numbers out (no file I/O).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -56,6 +57,12 @@ from qsmprep.qsm.geometry import dipole_kernel, obliquity_deg
 
 __all__ = [
     "EXPECTED_RANGES",
+    "QC_METRICS",
+    "RECORDED_VALUES",
+    "QcMetric",
+    "is_recorded_value",
+    "format_range",
+    "metrics_markdown",
     "qc_metrics",
     "flag_metrics",
     "solid_harmonics",
@@ -94,7 +101,7 @@ TWO_PI = 2.0 * np.pi
 #:
 #: All TEs x2 leaves the phase linear in TE (only the field scale changes), so only R2* per tesla shows
 #: it; two-echo data fit any echo times exactly after MCPC-3D-S (no ``echo_time_error``).
-EXPECTED_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+_FLAG_RANGES: dict[str, tuple[float | None, float | None, str]] = {
     # adult intracranial volume is about 1100-1800 mL (the mask holds brain and CSF); partial-coverage
     # (slab) acquisitions and children are flagged too
     "mask_volume_ml": (
@@ -154,6 +161,130 @@ EXPECTED_RANGES: dict[str, tuple[float | None, float | None, str]] = {
         "strongly oblique acquisition: check that the B0 direction (NIfTI affine or B0_dir) is right",
     ),
 }
+
+
+@dataclass(frozen=True)
+class QcMetric:
+    """A QC metric: its ``units``, what it ``means``, its expected range ``[low, high]`` (None: no bound on
+    that side) and, when ``flags``, the ``reason`` printed when a value is outside (the series is then
+    flagged); otherwise the range is the typical one and a value outside it is only marked."""
+
+    units: str
+    means: str
+    low: float | None
+    high: float | None
+    flags: bool
+    reason: str
+
+
+def _flagged(units: str, means: str, name: str) -> QcMetric:
+    lo, hi, reason = _FLAG_RANGES[name]
+    return QcMetric(units, means, lo, hi, True, reason)
+
+
+#: Every number :func:`qc_metrics` writes (other than the :data:`RECORDED_VALUES`): meaning, expected
+#: range and what to do outside it. The one source of the ranges of the report, the flags
+#: (:data:`EXPECTED_RANGES`) and docs/qc.md (:func:`metrics_markdown`).
+QC_METRICS: dict[str, QcMetric] = {
+    "mask_volume_ml": _flagged("mL", "volume of the final brain mask (the region of the local field and the Chimap)",
+                               "mask_volume_ml"),
+    "obliquity_deg": _flagged("deg", "angle between B0 and the nearest voxel axis (from the NIfTI affine or B0_dir)",
+                              "obliquity_deg"),
+    "low_quality_fraction": _flagged(
+        "fraction", "fraction of the unwrapping-mask voxels whose ROMEO phase quality (echo 1) is below the "
+        "quality threshold", "low_quality_fraction"),
+    "b0_fit_residual_rad": _flagged(
+        "rad", "median over the brain of the magnitude-weighted RMS misfit between the unwrapped echoes and the "
+        "fitted field map", "b0_fit_residual_rad"),
+    "b0_fit_relative_residual": _flagged(
+        "fraction", "misfit energy of the B0 fit relative to the phase energy (scale-free)", "b0_fit_relative_residual"),
+    "echo_time_error": _flagged(
+        "fraction", "largest relative difference between an echo's effective echo time (the one that explains its "
+        "phase with the fitted field) and its EchoTime (>= 3 echoes)", "echo_time_error"),
+    "r2star_median_hz": QcMetric(
+        "1/s", "median R2* in the brain mask (log-linear fit of the magnitude decay); grows with B0 (about 15-30 /s "
+        "at 3 T)", 5.0, 80.0, False,
+        "outside the R2* of brain tissue from 1.5 to 7 T: see r2star_per_tesla, which accounts for the field "
+        "strength"),
+    "r2star_per_tesla": _flagged("1/s/T", "median R2* divided by the field strength", "r2star_per_tesla"),
+    "residual_background_fraction": _flagged(
+        "fraction", "share of the local-field energy explained by smooth (degree 1-3 solid harmonic) fields, i.e. "
+        "background field left after background removal", "residual_background_fraction"),
+    "data_consistency_residual": _flagged(
+        "fraction", "how much of the local field the dipole field of the Chimap leaves unexplained "
+        "(||D chi + c - f|| / ||f|| in the mask)", "data_consistency_residual"),
+    "chi_mean_ppm": QcMetric(
+        "ppm", "mean susceptibility in the brain mask relative to the reference region (left out with the "
+        "whole-brain mean reference, where it is 0 by construction)", -0.05, 0.05, False,
+        "the brain's mean susceptibility is far from the reference region's: check the reference region (CSF "
+        "mask in the report) and the background field removal"),
+    "chi_median_ppm": QcMetric(
+        "ppm", "median susceptibility in the brain mask", -0.05, 0.05, False,
+        "the bulk of the brain is offset from the reference: check the reference region"),
+    "chi_std_ppm": _flagged("ppm", "standard deviation of the susceptibility in the brain mask", "chi_std_ppm"),
+    "chi_p1_ppm": QcMetric(
+        "ppm", "1st percentile of the susceptibility in the brain mask (diamagnetic white matter, calcifications)",
+        -0.3, 0.0, False,
+        "an extreme negative tail: streaking artefacts, a flipped phase sign or residual background field"),
+    "chi_p99_ppm": QcMetric(
+        "ppm", "99th percentile of the susceptibility in the brain mask (iron-rich nuclei, veins)", 0.0, 0.5, False,
+        "an extreme positive tail: streaking artefacts around veins or haemorrhage, or a field scaled wrongly"),
+    "chi_tail_asymmetry": _flagged(
+        "", "(p99.5 + p0.5 - 2 p50) / (p99.5 - p0.5) of the susceptibility: > 0 when the paramagnetic tail "
+        "(veins, iron) dominates, as in brain", "chi_tail_asymmetry"),
+}
+assert set(_FLAG_RANGES) <= set(QC_METRICS)
+
+#: ``metric -> (low, high, reason)``: values outside ``[low, high]`` are flagged by :func:`flag_metrics`
+#: (None: no bound on that side); the flagging entries of :data:`QC_METRICS`.
+EXPECTED_RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    name: (m.low, m.high, m.reason) for name, m in QC_METRICS.items() if m.flags
+}
+
+#: Values of the QC file that describe the series and its processing rather than measure its quality
+#: (shown apart in the report; ``*_method`` stands for every stage's method name)
+RECORDED_VALUES: dict[str, str] = {
+    "series": "the series (BIDS prefix)",
+    "qsmprep_version": "the qsmprep version that wrote the file",
+    "field_strength_t": "MagneticFieldStrength (T)",
+    "n_echoes": "number of echoes",
+    "echo_times_ms": "the echo times (ms) from the sidecars",
+    "echo_times_effective_ms": "the effective echo time (ms) of each echo: see echo_time_error",
+    "b0_direction": "the unit B0 direction (x, y, z) in the voxel frame",
+    "*_method": "the method of each processing stage (masking, unwrapping, bgremove, inversion, reference, ...)",
+    "model_name": "the network of a learned inversion",
+    "model_checksum": "the sha256 of that network's weights",
+}
+
+
+def is_recorded_value(name: str) -> bool:
+    """Whether ``name`` is one of the :data:`RECORDED_VALUES` (not a quality metric)."""
+    return name in RECORDED_VALUES or name.endswith("_method")
+
+
+def format_range(name: str) -> str:
+    """The expected range of a metric as text: ``"800 to 2500"``, ``"<= 0.03"``, ``">= 0"``."""
+    m = QC_METRICS[name]
+    if m.low is None:
+        return f"<= {m.high:g}"
+    if m.high is None:
+        return f">= {m.low:g}"
+    return f"{m.low:g} to {m.high:g}"
+
+
+def metrics_markdown() -> str:
+    """One section per metric of :data:`QC_METRICS` and the table of :data:`RECORDED_VALUES` (the
+    generated part of docs/qc.md; a test keeps them equal). Each metric's heading is its name, so that
+    ``qc.md#<metric>`` links to it."""
+    out = []
+    for name, m in QC_METRICS.items():
+        units = f" {m.units}" if m.units and m.units != "fraction" else (" (fraction)" if m.units else "")
+        kind = "outside it the series is **flagged**" if m.flags else "typical range: a value outside is marked, not flagged"
+        out.append(f"### {name}\n\n{m.means[0].upper()}{m.means[1:]}.\n\n"
+                   f"Expected: **{format_range(name)}**{units} ({kind}).\n\nWhen outside: {m.reason}.\n")
+    out.append("## Recorded values\n\nThe QC file also records what was processed and how (not quality metrics):\n")
+    out.append("| value | meaning |\n|---|---|\n" + "".join(f"| `{k}` | {v} |\n" for k, v in RECORDED_VALUES.items()))
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -338,6 +469,7 @@ def qc_metrics(
     quality_mask=None,
     quality_threshold: float = 0.5,
     harmonic_order: int = 3,
+    reference: str | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """QC metrics of one run (see the module docstring for each), as a flat ``{name: number | str}``.
@@ -345,7 +477,8 @@ def qc_metrics(
     ``chi_ppm`` and ``mask`` are the final susceptibility map and its mask; ``quality_mask`` (default
     ``mask``) is the region where the phase was unwrapped and the field fitted (the brain mask before
     background-field erosion). Metrics whose inputs are not given (or single-echo data for the B0
-    residual and R2*) are left out. ``extra`` entries (strings/numbers: methods, model name and
+    residual and R2*) are left out; so is ``chi_mean_ppm`` when ``reference`` is ``"mean"`` (the map was
+    referenced to its mean in the mask, so that is 0 by construction). ``extra`` entries (strings/numbers: methods, model name and
     checksum) are passed through.
     """
     chi = as_float_volume(chi_ppm, "chi_ppm")
@@ -423,6 +556,8 @@ def qc_metrics(
             out["data_consistency_residual"] = data_consistency_residual(chi, f, m, vs, b)
 
     out.update(chi_summary(chi, m))
+    if reference == "mean":
+        del out["chi_mean_ppm"]  # 0 by construction: an uninformative row
     for key, value in dict(extra or {}).items():
         if isinstance(value, np.generic):
             value = value.item()

@@ -3,7 +3,13 @@
 Every volume is reoriented to the closest RAS axes for display (no resampling: an axis permutation
 and flips), cropped to the brain mask's bounding box plus a margin, and only a few slices are drawn,
 each subsampled to at most :data:`MAX_PANEL_PX` pixels a side, so a 1 mm whole-head series takes
-about a second per figure. Panels are in neurological convention (the subject's right on the right).
+about a second per figure. Panels are in neurological convention (the subject's right on the right);
+every panel is labelled with the anatomical direction at each edge (from the image affine,
+``nibabel.aff2axcodes``) and its title gives the world position of the cut in mm.
+
+Quantitative maps are drawn at fixed windows (:data:`WINDOWS`, the same in every report; the
+field-strength dependent ones are scaled with B0); only the magnitude, which has no units, is windowed
+per image (0 to its 99.5th percentile). docs/reports.md holds the table of :func:`windows_markdown`.
 
 - :func:`mosaic`: rows of quantities x columns of slices with one colour bar per row;
 - :func:`run_figures`: the standard figures of one processed run (magnitude with the brain-mask
@@ -15,7 +21,7 @@ about a second per figure. Panels are in neurological convention (the subject's 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -23,6 +29,13 @@ import numpy as np
 
 __all__ = [
     "CHI_WINDOW_PPM",
+    "WINDOWS",
+    "Window",
+    "window",
+    "windows_markdown",
+    "load_volume_affine",
+    "orientation_labels",
+    "mosaic_figure",
     "MAX_PANEL_PX",
     "FigureResult",
     "Row",
@@ -30,13 +43,88 @@ __all__ = [
     "choose_cuts",
     "mosaic",
     "run_figures",
-    "swi_figure",
+    "swi_rows",
     "strip_box_plot",
     "metric_strips",
+    "robust_limits",
+    "OUTLIER_FENCE_IQR",
 ]
 
+#: gyromagnetic ratio / 2 pi of 1H (MHz/T = Hz/ppm/T)
+GAMMA_BAR_MHZ_T = 42.57747892
+#: field strength assumed for the field-strength dependent windows when a series does not record one
+DEFAULT_FIELD_T = 3.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window: ``low`` to ``high`` in ``units``, scaled by ``scaling``: ``"fixed"``, ``"B0"``
+    (times the field strength in T: R2* grows about linearly with B0), ``"1/B0"`` (divided by it: T2*) or
+    ``"Hz"`` (ppm converted to Hz at the field strength); ``"percentile"``: 0 to that percentile of the
+    image (``high``), for maps without quantitative units."""
+
+    label: str
+    units: str
+    low: float
+    high: float
+    scaling: str
+    why: str
+
+    def limits(self, field_strength_t: float | None = None) -> tuple[float, float]:
+        b0 = float(field_strength_t) if field_strength_t else DEFAULT_FIELD_T
+        factor = {"fixed": 1.0, "B0": b0, "1/B0": 1.0 / b0, "Hz": GAMMA_BAR_MHZ_T * b0}.get(self.scaling)
+        if factor is None:
+            raise ValueError(f"the {self.label} window depends on the image ({self.scaling})")
+        return self.low * factor, self.high * factor
+
+
+#: the display windows of the report figures, one per map, identical in every report so that series,
+#: participants and sites can be compared by eye. Tissue values: Chimap of deep grey matter about
+#: +0.05..+0.2 ppm, white matter about -0.05 ppm, veins above +0.3 ppm (consensus 2024); the local
+#: field is about a third of chi or less; R2* of brain about 4-9 /s per tesla (deep grey matter up to
+#: 15 /s/T); T2* = 1/R2*.
+WINDOWS: dict[str, Window] = {
+    "chimap": Window("susceptibility (Chimap)", "ppm", -0.15, 0.25, "fixed",
+                     "white matter (about -0.05) to iron-rich nuclei (about +0.2); veins saturate"),
+    "local_field": Window("local field", "ppm", -0.05, 0.05, "fixed",
+                          "tissue fields after background removal; the same in ppm at every field strength"),
+    "total_field": Window("total field", "Hz", -1.0, 1.0, "Hz",
+                          "+-1 ppm of B0: the shimmed brain; fields near the sinuses and ear canals saturate"),
+    "phase": Window("wrapped phase", "rad", -math.pi, math.pi, "fixed", "the full range of a wrapped phase"),
+    "r2star": Window("R2*", "1/s", 0.0, 16.0, "B0",
+                     "16 /s per tesla: brain tissue below, veins and iron-rich nuclei towards the top"),
+    "t2star": Window("T2*", "s", 0.0, 0.3, "1/B0",
+                     "0.3 s tesla: brain tissue inside, CSF saturates"),
+    "swi": Window("SWI and minIP", "a.u.", 0.0, 99.5, "percentile",
+                  "no quantitative units: 0 to the 99.5th percentile in the displayed box; veins dark"),
+    "magnitude": Window("echo-1 magnitude", "a.u.", 0.0, 99.5, "percentile",
+                        "no quantitative units (receive-coil and scaling dependent): 0 to the 99.5th "
+                        "percentile in the displayed box"),
+}
+
 #: fixed display window of the Chimap (ppm), the same in every report so maps can be compared
-CHI_WINDOW_PPM = (-0.15, 0.25)
+CHI_WINDOW_PPM = (WINDOWS["chimap"].low, WINDOWS["chimap"].high)
+
+
+def window(key: str, field_strength_t: float | None = None) -> tuple[float, float]:
+    """``(low, high)`` of the display window :data:`WINDOWS[key] <WINDOWS>` at ``field_strength_t``
+    (:data:`DEFAULT_FIELD_T` when None)."""
+    return WINDOWS[key].limits(field_strength_t)
+
+
+def windows_markdown() -> str:
+    """The Markdown table of :data:`WINDOWS` (docs/reports.md holds it; a test keeps them equal)."""
+    scaling = {"fixed": "fixed", "B0": "x B0 (T)", "1/B0": "/ B0 (T)", "Hz": "ppm x 42.577 Hz/ppm/T x B0 (T)",
+               "percentile": "per image"}
+    lines = ["| map | window | units | scaling | at 3 T | at 7 T | why |", "|---|---|---|---|---|---|---|"]
+    for key, w in WINDOWS.items():
+        if w.scaling == "percentile":
+            rng, at3, at7 = f"0 to p{w.high:g}", "n/a", "n/a"
+        else:
+            rng = f"{w.low:.4g} to {w.high:.4g}" + (" ppm" if w.scaling == "Hz" else "")
+            at3, at7 = ("{:.4g} to {:.4g}".format(*w.limits(b)) for b in (3.0, 7.0))
+        lines.append(f"| `{key}` ({w.label}) | {rng} | {w.units} | {scaling[w.scaling]} | {at3} | {at7} | {w.why} |")
+    return "\n".join(lines) + "\n"
 #: largest number of pixels along a side of one drawn slice (larger slices are subsampled)
 MAX_PANEL_PX = 256
 #: margin added around the brain mask's bounding box, as a fraction of its extent
@@ -47,13 +135,18 @@ DPI = 100
 
 @dataclass
 class FigureResult:
-    """One figure of a report: ``key``, file ``path`` (None when it failed), ``caption``, ``error``."""
+    """One figure of a report: ``key``, file ``path`` (None when it failed), ``caption``, ``error``;
+    ``windows`` (row label -> (low, high, units)), ``orientation`` (the axis codes of the displayed
+    volume, e.g. ``"RAS"``) and ``slices`` (``"axial z = 12 mm"``, ...) describe what was drawn."""
 
     key: str
     title: str
     path: Path | None
     caption: str = ""
     error: str | None = None
+    windows: dict = field(default_factory=dict)
+    orientation: str = ""
+    slices: list = field(default_factory=list)
 
 
 @dataclass
@@ -82,8 +175,15 @@ def load_volume(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, np.ndar
 
     4D images give their first volume. No interpolation: the voxel values are untouched.
     """
+    data, zooms, _ = load_volume_affine(path, dtype)
+    return data, zooms
+
+
+def load_volume_affine(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(data, zooms_mm, affine)`` as :func:`load_volume`, with the voxel-to-world affine of the
+    reoriented array (so positions and directions of what is drawn follow the image's affine)."""
     import nibabel as nib
-    from nibabel.orientations import apply_orientation, io_orientation
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj)
@@ -98,7 +198,36 @@ def load_volume(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, np.ndar
     zooms = np.empty(3)
     for i in range(3):
         zooms[int(ornt[i, 0])] = zooms_in[i]
-    return data, zooms
+    affine = np.asarray(img.affine, float) @ inv_ornt_aff(ornt, img.shape[:3])
+    return data, zooms, affine
+
+
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def orientation_labels(affine: np.ndarray, axis: int) -> dict[str, str]:
+    """Anatomical direction at each edge (``left``, ``right``, ``bottom``, ``top``) of a panel cut
+    perpendicular to array ``axis`` of a volume with voxel-to-world ``affine`` (RAS+ world,
+    ``nibabel.aff2axcodes``): columns run along the first remaining axis, rows (bottom-up) along the
+    second."""
+    from nibabel.orientations import aff2axcodes
+
+    codes = aff2axcodes(np.asarray(affine, float))
+    u, v = _AXES[axis][1]
+    return {"left": _OPPOSITE[codes[u]], "right": codes[u], "bottom": _OPPOSITE[codes[v]], "top": codes[v]}
+
+
+def cut_position(affine: np.ndarray, axis: int, index: int, crop: tuple[slice, ...]) -> str:
+    """World position of a cut: ``"z = 12 mm"`` (the coordinate, along the world axis closest to array
+    ``axis``, of the cut's centre in the displayed box)."""
+    from nibabel.orientations import aff2axcodes
+
+    ijk = [(sl.start + sl.stop - 1) / 2.0 for sl in crop]
+    ijk[axis] = index
+    world = np.asarray(affine, float) @ np.array(ijk + [1.0])
+    w = "RLAPSI".index(aff2axcodes(np.asarray(affine, float))[axis]) // 2
+    value = float(world[w])
+    return f"{'xyz'[w]} = {value:.0f} mm".replace("= -0 mm", "= 0 mm")
 
 
 def _bbox(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -148,32 +277,15 @@ def _stride(shape2d: tuple[int, int]) -> int:
 
 
 _AXES = {0: ("sagittal", (1, 2)), 1: ("coronal", (0, 2)), 2: ("axial", (0, 1))}
+#: where the direction letters go (axes fraction x, y and alignment)
+_EDGES = {"left": (0.02, 0.5, "left", "center"), "right": (0.98, 0.5, "right", "center"),
+          "bottom": (0.5, 0.02, "center", "bottom"), "top": (0.5, 0.98, "center", "top")}
 
 
 def _extent_mm(axis: int, crop: tuple[slice, ...], zooms: np.ndarray) -> tuple[float, float]:
     """(width, height) in mm of a displayed slice."""
     u, v = _AXES[axis][1]
     return (crop[u].stop - crop[u].start) * zooms[u], (crop[v].stop - crop[v].start) * zooms[v]
-
-
-def _robust_sym(values: np.ndarray, q: float = 99.0, floor: float = 1e-6) -> float:
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return 1.0
-    v = float(np.percentile(np.abs(values), q))
-    return _nice(max(v, floor))
-
-
-def _nice(v: float) -> float:
-    """Round a positive window limit up to 1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k."""
-    if not v > 0 or not math.isfinite(v):
-        return 1.0
-    e = math.floor(math.log10(v))
-    m = v / 10**e
-    for step in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
-        if m <= step + 1e-9:
-            return step * 10**e
-    return 10 ** (e + 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,13 +301,39 @@ def mosaic(
     path: str | Path,
     *,
     title: str | None = None,
+    affine: np.ndarray | None = None,
 ) -> Path:
-    """Draw ``rows`` x ``cuts`` slices (one colour bar per row) and save to ``path`` (PNG)."""
+    """Draw ``rows`` x ``cuts`` slices (one colour bar per row) and save to ``path`` (PNG).
+
+    ``affine`` is the voxel-to-world affine of the (RAS-reoriented) volumes: it gives the direction
+    letters at the panel edges and the positions (mm) in the titles (default: ``diag(zooms)``).
+    """
+    fig = mosaic_figure(rows, zooms, cuts, crop, title=title, affine=affine)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(str(tmp), dpi=DPI, facecolor="white")
+    tmp.replace(path)
+    return path
+
+
+def mosaic_figure(
+    rows: Sequence[Row],
+    zooms: np.ndarray,
+    cuts: Sequence[tuple[int, int]],
+    crop: tuple[slice, ...],
+    *,
+    title: str | None = None,
+    affine: np.ndarray | None = None,
+):
+    """The matplotlib ``Figure`` of :func:`mosaic` (not saved)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib import colormaps
 
     zooms = np.asarray(zooms, dtype=float)
+    if affine is None:
+        affine = np.diag(list(zooms) + [1.0])
     ratios = []
     for axis, _ in cuts:
         w, h = _extent_mm(axis, crop, zooms)
@@ -238,11 +376,11 @@ def mosaic(
             for spine in ax.spines.values():
                 spine.set_visible(False)
             if r == 0:
-                name = _AXES[axis][0]
-                ax.set_title(f"{name} {index}", fontsize=8, pad=2)
-            if axis in (1, 2):
-                ax.text(0.98, 0.02, "R", color="white", fontsize=7, ha="right", va="bottom",
-                        transform=ax.transAxes)
+                ax.set_title(f"{_AXES[axis][0]} {cut_position(affine, axis, index, crop)}", fontsize=8, pad=2)
+            for edge, letter in orientation_labels(affine, axis).items():
+                x, y, ha, va = _EDGES[edge]
+                ax.text(x, y, letter, color="white", fontsize=7, fontweight="bold", ha=ha, va=va,
+                        transform=ax.transAxes, gid=f"orientation-{edge}")
             if c == 0:
                 ax.set_ylabel(row.label, fontsize=9)
         cax = fig.add_subplot(gs[r, -1])
@@ -250,12 +388,7 @@ def mosaic(
         cb.ax.tick_params(labelsize=7)
         if row.units:
             cb.set_label(row.units, fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(str(tmp), dpi=DPI, facecolor="white")
-    tmp.replace(path)
-    return path
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -290,13 +423,16 @@ def run_figures(
     """The figures of one processed run (:class:`qsmprep.reports.reader.ProcessedRun`) in ``fig_dir``.
 
     ``raw`` maps ``mag``/``phase``/``real``/``imag`` to the raw echo-1 files (optional);
-    ``phase_units`` is the phase sidecar ``Units``. A figure that cannot be drawn is returned with
-    ``path=None`` and the ``error`` text; the others are still made.
+    ``phase_units`` is the phase sidecar ``Units``; ``field_strength_t`` scales the field-strength
+    dependent windows (:data:`WINDOWS`). A figure that cannot be drawn is returned with ``path=None``
+    and the ``error`` text; the others are still made. Each result records the windows, orientation
+    and slice positions it was drawn with.
     """
     fig_dir = Path(fig_dir)
     raw = dict(raw or {})
     results: list[FigureResult] = []
     p = run.prefix
+    drawn: dict[str, dict] = {}
 
     def attempt(key, title, caption, func):
         try:
@@ -305,39 +441,60 @@ def run_figures(
             results.append(FigureResult(key, title, None, caption, f"{type(exc).__name__}: {exc}"))
             return
         if path is not None:
-            results.append(FigureResult(key, title, path, caption))
+            info = drawn.get(key, {})
+            where = "; ".join(info.get("slices", []))
+            orient = info.get("orientation", "")
+            if orient:
+                caption += (f" Neurological view ({orient} axes from the image affine): direction letters at each "
+                            f"panel edge (L/R, A/P, S/I); slices at {where}.")
+            results.append(FigureResult(key, title, path, caption, windows=info.get("windows", {}),
+                                        orientation=orient, slices=info.get("slices", [])))
 
-    chi = zooms = mask = None
+    chi = zooms = mask = aff = None
     if run.has("chimap"):
-        chi, zooms = load_volume(run.path("chimap"))
+        chi, zooms, aff = load_volume_affine(run.path("chimap"))
     mask_vol = None
     if run.has("brain_mask"):
-        mask_vol, mzooms = load_volume(run.path("brain_mask"), dtype=np.float32)
+        mask_vol, mzooms, maff = load_volume_affine(run.path("brain_mask"), dtype=np.float32)
         mask = mask_vol > 0.5
         zooms = mzooms if zooms is None else zooms
+        aff = maff if aff is None else aff
     if chi is not None and mask is None:
         mask = chi != 0
     ref_shape = chi.shape if chi is not None else (mask.shape if mask is not None else None)
 
-    mag = phase = None
+    mag = phase = raff = None
     if "mag" in raw:
-        mag, rz = load_volume(raw["mag"])
+        mag, rz, raff = load_volume_affine(raw["mag"])
     if "phase" in raw:
-        ph, rz = load_volume(raw["phase"])
+        ph, rz, raff = load_volume_affine(raw["phase"])
         phase = _scaled_phase(ph, phase_units)
     elif "real" in raw and "imag" in raw:
-        re_, rz = load_volume(raw["real"])
+        re_, rz, raff = load_volume_affine(raw["real"])
         im_, _ = load_volume(raw["imag"])
         if mag is None:
             mag = np.hypot(re_, im_).astype(np.float32)
         phase = np.arctan2(im_, re_).astype(np.float32)
     if ref_shape is None and mag is not None:
-        ref_shape, zooms = mag.shape, rz
+        ref_shape, zooms, aff = mag.shape, rz, raff
     if ref_shape is None:
         return results
+    b0 = float(field_strength_t) if field_strength_t else None
     crop = _bbox(mask, ref_shape)
     cuts3 = choose_cuts(mask, ref_shape, n_axial=1)
     cuts5 = choose_cuts(mask, ref_shape, n_axial=3)
+    from nibabel.orientations import aff2axcodes
+
+    orientation = "".join(aff2axcodes(aff))
+
+    def draw(key, rows, cuts, name):
+        """:func:`mosaic` of ``rows``; records what was drawn for the figure ``key``."""
+        drawn[key] = {
+            "windows": {r.label: (float(r.vmin), float(r.vmax), r.units) for r in rows},
+            "orientation": orientation,
+            "slices": [f"{_AXES[a][0]} {cut_position(aff, a, i, crop)}" for a, i in cuts],
+        }
+        return mosaic(rows, zooms, cuts, crop, fig_dir / name, affine=aff)
 
     csf_cache: list = []
 
@@ -361,10 +518,10 @@ def run_figures(
         else:
             base, label, units = mag, "echo-1 magnitude", "a.u."
             inside = mag[tuple(crop)]
-            vmax = float(np.percentile(inside[np.isfinite(inside)], 99.5)) if inside.size else 1.0
+            vmax = float(np.percentile(inside[np.isfinite(inside)], WINDOWS["magnitude"].high)) if inside.size else 1.0
         contours = ([(mask, "#ff3030")] if mask is not None else []) + csf_contour()
         row = Row(base, label, "gray", 0.0, vmax or 1.0, units, contours=contours)
-        return mosaic([row], zooms, cuts5, crop, fig_dir / f"{p}_desc-brainmask.png")
+        return draw("mask", [row], cuts5, f"{p}_desc-brainmask.png")
 
     attempt("mask", "Brain mask",
             "Echo-1 magnitude with the final brain mask (red outline; the region of the local field and "
@@ -374,7 +531,7 @@ def run_figures(
     def fig_fields():
         rows = []
         if _same(phase, ref_shape):
-            rows.append(Row(phase, "echo-1 phase (wrapped)", "twilight", -np.pi, np.pi, "rad",
+            rows.append(Row(phase, "echo-1 phase (wrapped)", "twilight", *window("phase"), "rad",
                             contours=[(mask, "#ffffff")] if mask is not None else ()))
         total_in = None
         if run.has("total_fieldmap"):
@@ -382,32 +539,32 @@ def run_figures(
             total_in = total != 0
             if mask is not None:
                 total_in |= mask
-            lim = _robust_sym(total[total_in]) if np.any(total_in) else 1.0
-            rows.append(Row(total, "total field", "RdBu_r", -lim, lim, "Hz", inside=total_in))
+            rows.append(Row(total, "total field", "RdBu_r", *window("total_field", b0), "Hz", inside=total_in))
         if run.has("local_fieldmap"):
             local, _ = load_volume(run.path("local_fieldmap"))
             inside = mask if mask is not None else local != 0
-            lim = _robust_sym(local[inside]) if np.any(inside) else 0.05
-            rows.append(Row(local, "local field", "RdBu_r", -lim, lim, "ppm", inside=inside))
+            rows.append(Row(local, "local field", "RdBu_r", *window("local_field"), "ppm", inside=inside))
         if not rows:
             return None
-        return mosaic(rows, zooms, cuts3, crop, fig_dir / f"{p}_desc-fields.png")
+        return draw("fields", rows, cuts3, f"{p}_desc-fields.png")
 
-    hz_per_ppm = f" (1 ppm = {42.57747892 * field_strength_t:.1f} Hz at {field_strength_t:g} T)" \
-        if field_strength_t else ""
+    hz_per_ppm = f" (1 ppm = {GAMMA_BAR_MHZ_T * b0:.1f} Hz at {b0:g} T)" if b0 else ""
+    tlo, thi = window("total_field", b0)
+    llo, lhi = window("local_field")
     attempt("fields", "Phase and field maps",
             "Wrapped echo-1 phase (rad), the B0 field map fitted from the unwrapped echoes (Hz, background "
             f"fields included), and the local field after background field removal (ppm){hz_per_ppm}. "
-            "Colour windows are symmetric at the 99th percentile of |field|.", fig_fields)
+            f"Fixed windows, the same in every report: total field {tlo:.4g} to {thi:.4g} Hz (+-1 ppm of "
+            f"{b0 or DEFAULT_FIELD_T:g} T{'' if b0 else ', assumed: no field strength recorded'}), local field "
+            f"{llo:g} to {lhi:g} ppm.", fig_fields)
 
     # 3. Chimap
     def fig_chi():
         if chi is None:
             return None
         contours = csf_contour()
-        row = Row(chi, "susceptibility", "gray", CHI_WINDOW_PPM[0], CHI_WINDOW_PPM[1], "ppm",
-                  inside=mask, contours=contours)
-        return mosaic([row], zooms, cuts5, crop, fig_dir / f"{p}_desc-chimap.png")
+        row = Row(chi, "susceptibility", "gray", *window("chimap"), "ppm", inside=mask, contours=contours)
+        return draw("chimap", [row], cuts5, f"{p}_desc-chimap.png")
 
     attempt("chimap", "Susceptibility map (Chimap)",
             f"Magnetic susceptibility at a fixed window of {CHI_WINDOW_PPM[0]:g} to {CHI_WINDOW_PPM[1]:g} ppm "
@@ -416,25 +573,29 @@ def run_figures(
     # 4. R2* / T2*
     def fig_relax():
         rows = []
-        for key, label, units in (("r2starmap", "R2*", "1/s"), ("t2starmap", "T2*", "s")):
+        for key, wkey, label, units in (("r2starmap", "r2star", "R2*", "1/s"), ("t2starmap", "t2star", "T2*", "s")):
             if not run.has(key):
                 continue
             vol, _ = load_volume(run.path(key))
-            inside = vol != 0
-            vals = vol[inside & np.isfinite(vol)]
-            vmax = _nice(float(np.percentile(vals, 99))) if vals.size else 1.0
-            rows.append(Row(vol, label, "inferno", 0.0, vmax, units, inside=inside))
+            rows.append(Row(vol, label, "inferno", *window(wkey, b0), units, inside=vol != 0))
         if not rows:
             return None
-        return mosaic(rows, zooms, cuts3, crop, fig_dir / f"{p}_desc-relaxation.png")
+        return draw("relaxation", rows, cuts3, f"{p}_desc-relaxation.png")
 
     if run.has("r2starmap") or run.has("t2starmap"):
-        attempt("relaxation", "R2* / T2*", "Relaxation maps from the multi-echo magnitude decay "
-                "(window 0 to the 99th percentile).", fig_relax)
+        rlo, rhi = window("r2star", b0)
+        t_lo, t_hi = window("t2star", b0)
+        attempt("relaxation", "R2* / T2*", "Relaxation maps from the multi-echo magnitude decay at fixed windows "
+                f"scaled with the field strength ({b0 or DEFAULT_FIELD_T:g} T): R2* {rlo:g} to {rhi:g} 1/s, "
+                f"T2* {t_lo:g} to {1000 * t_hi:.3g} ms.", fig_relax)
 
     # 5. SWI / minIP
+    def fig_swi():
+        rows = swi_rows(run, crop)
+        return draw("swi", rows, cuts3, f"{p}_desc-swi.png") if rows else None
+
     if run.has("swi") or run.has("minip"):
-        attempt("swi", "SWI / minIP", SWI_CAPTION, lambda: swi_figure(run, zooms, cuts3, crop, fig_dir))
+        attempt("swi", "SWI / minIP", SWI_CAPTION, fig_swi)
     return results
 
 
@@ -442,21 +603,20 @@ SWI_CAPTION = ("Susceptibility-weighted image (CLEAR-SWI; veins dark) and its mi
                "a slab along the slice axis (window 0 to the 99.5th percentile inside the brain box).")
 
 
-def swi_figure(run: Any, zooms: np.ndarray, cuts: Sequence[tuple[int, int]], crop: tuple[slice, ...],
-               fig_dir: str | Path) -> Path | None:
-    """Rows of the run's SWI and minIP (grey, 0 to the 99.5th percentile in ``crop``); None without either."""
+def swi_rows(run: Any, crop: tuple[slice, ...]) -> list[Row]:
+    """Rows of the run's SWI and minIP, grey, at the ``swi`` window of :data:`WINDOWS` (0 to the 99.5th
+    percentile in ``crop``: SWI has no quantitative units); empty without either."""
     rows = []
+    pct = WINDOWS["swi"].high
     for key, label in (("swi", "SWI"), ("minip", "minIP")):
         if not run.has(key):
             continue
         vol, _ = load_volume(run.path(key))
         vals = vol[tuple(crop)]
         vals = vals[np.isfinite(vals)]
-        vmax = float(np.percentile(vals, 99.5)) if vals.size else 1.0
+        vmax = float(np.percentile(vals, pct)) if vals.size else 1.0
         rows.append(Row(vol, label, "gray", 0.0, vmax or 1.0, "a.u."))
-    if not rows:
-        return None
-    return mosaic(rows, zooms, cuts, crop, Path(fig_dir) / f"{run.prefix}_desc-swi.png")
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,6 +642,40 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+#: group plots show values within the quartiles +- this many interquartile ranges (Tukey's far-out fence);
+#: points beyond are drawn as triangles at the edge of the plot
+OUTLIER_FENCE_IQR = 3.0
+
+
+def robust_limits(values: Sequence[float | None]) -> tuple[float, float]:
+    """``(low, high)`` of the y axis of a group plot: the finite values' range, cut at the quartiles
+    +- :data:`OUTLIER_FENCE_IQR` IQR so that one wild value does not squash the others; 5 % margin."""
+    v = np.asarray([np.nan if x is None else x for x in values], float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return -1.0, 1.0
+    q1, q3 = np.percentile(v, [25, 75])
+    iqr = q3 - q1
+    lo, hi = float(v.min()), float(v.max())
+    if iqr > 0:
+        lo, hi = max(lo, q1 - OUTLIER_FENCE_IQR * iqr), min(hi, q3 + OUTLIER_FENCE_IQR * iqr)
+    span = hi - lo
+    pad = 0.05 * span if span > 0 else (0.1 * abs(hi) or 1.0)
+    return lo - pad, hi + pad
+
+
+def _clipped_scatter(ax, x, vals, lim, **kw) -> int:
+    """Scatter ``vals``; those outside ``lim`` as triangles at its edge. Returns how many were clipped."""
+    lo, hi = lim
+    below, above = vals < lo, vals > hi
+    inside = ~(below | above)
+    ax.scatter(x[inside], vals[inside], **kw)
+    style = {k: v for k, v in kw.items() if k != "marker"}
+    ax.scatter(x[above], np.full(int(above.sum()), hi), marker="^", **style)
+    ax.scatter(x[below], np.full(int(below.sum()), lo), marker="v", **style)
+    return int(below.sum() + above.sum())
+
+
 def _jitter(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(-0.18, 0.18, n)
 
@@ -504,16 +698,25 @@ def strip_box_plot(
         ax.boxplot([data[i] for i in nonempty], positions=positions[nonempty], widths=0.55, showfliers=False,
                    medianprops={"color": "#444"}, boxprops={"color": "#888"}, whiskerprops={"color": "#888"},
                    capprops={"color": "#888"})
+    lim = robust_limits([v for d in data for v in d])
+    clipped = 0
     for i, (name, vals, flagged, labels) in enumerate(groups):
         vals = np.asarray([np.nan if v is None else v for v in vals], float)
         flagged = np.asarray(flagged, bool) if len(flagged) == len(vals) else np.zeros(len(vals), bool)
         x = positions[i] + _jitter(len(vals), i)
         ok = np.isfinite(vals)
-        ax.scatter(x[ok & ~flagged], vals[ok & ~flagged], s=16, color="#1f77b4", alpha=0.8, zorder=3)
-        ax.scatter(x[ok & flagged], vals[ok & flagged], s=28, color="#d62728", marker="D", zorder=4)
+        clipped += _clipped_scatter(ax, x[ok & ~flagged], vals[ok & ~flagged], lim, s=16, color="#1f77b4",
+                                    alpha=0.8, zorder=3)
+        clipped += _clipped_scatter(ax, x[ok & flagged], vals[ok & flagged], lim, s=28, color="#d62728",
+                                    marker="D", zorder=4)
         for xi, yi, fl, lab in zip(x, vals, flagged, labels):
             if fl and math.isfinite(yi):
-                ax.annotate(lab, (xi, yi), fontsize=6, color="#d62728", xytext=(3, 2), textcoords="offset points")
+                ax.annotate(lab, (xi, min(max(yi, lim[0]), lim[1])), fontsize=6, color="#d62728", xytext=(3, 2),
+                            textcoords="offset points")
+    ax.set_ylim(*lim)
+    if clipped:
+        ax.text(0.99, 0.99, f"{clipped} beyond the plotted range (triangles)", fontsize=7, ha="right", va="top",
+                transform=ax.transAxes, color="#555")
     ax.set_xticks(positions)
     ax.set_xticklabels([g[0] for g in groups], rotation=40, ha="right", fontsize=8)
     ax.set_xlim(0.4, n + 0.6)
@@ -544,17 +747,20 @@ def metric_strips(
         fl = np.asarray(flagged.get(name, [False] * len(vals)), bool)
         x = _jitter(len(vals), k)
         ok = np.isfinite(vals)
-        ax.scatter(x[ok & ~fl], vals[ok & ~fl], s=14, color="#1f77b4", alpha=0.8)
-        ax.scatter(x[ok & fl], vals[ok & fl], s=26, color="#d62728", marker="D")
+        lim = robust_limits(vals)
+        clipped = _clipped_scatter(ax, x[ok & ~fl], vals[ok & ~fl], lim, s=14, color="#1f77b4", alpha=0.8)
+        clipped += _clipped_scatter(ax, x[ok & fl], vals[ok & fl], lim, s=26, color="#d62728", marker="D")
         for xi, yi, f, lab in zip(x, vals, fl, labels):
             if f and math.isfinite(yi):
-                ax.annotate(lab, (xi, yi), fontsize=6, color="#d62728", xytext=(3, 2), textcoords="offset points")
+                ax.annotate(lab, (xi, min(max(yi, lim[0]), lim[1])), fontsize=6, color="#d62728", xytext=(3, 2),
+                            textcoords="offset points")
         if ok.any():
             ax.boxplot(vals[ok], positions=[0], widths=0.6, showfliers=False, medianprops={"color": "#444"},
                        boxprops={"color": "#aaa"}, whiskerprops={"color": "#aaa"}, capprops={"color": "#aaa"})
         ax.set_xlim(-0.6, 0.6)
+        ax.set_ylim(*lim)
         ax.set_xticks([])
-        ax.set_title(name, fontsize=8)
+        ax.set_title(name + (f" ({clipped} clipped)" if clipped else ""), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(axis="y", color="#eee")
     fig.subplots_adjust(hspace=0.45, wspace=0.45)

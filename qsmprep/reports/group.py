@@ -215,6 +215,21 @@ def write_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[di
 # --------------------------------------------------------------------------------------------------
 
 
+def _sd_text(values: Sequence[float]) -> str:
+    """The sample SD across series, or ``n = 1`` when one series cannot have one (never "nan")."""
+    if len(values) < 2:
+        return f"n = {len(values)}"
+    return f"{float(np.std(values, ddof=1)):.4f}"
+
+
+def _clipped_note(values: Iterable[Any]) -> int:
+    from qsmprep.reports.figures import robust_limits
+
+    v = [float(x) for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    lo, hi = robust_limits(v)
+    return sum(1 for x in v if x < lo or x > hi)
+
+
 def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path | None]) -> str:
     from qsmprep.reports.html import CSS, IMG_SCRIPT, escape, format_value, relative_link
 
@@ -255,15 +270,21 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
                 by_roi.setdefault((r.get("label"), r.get("name")), []).append(float(r["mean_ppm"]))
         body = "".join(
             f"<tr><td>{escape(lab)}</td><td>{escape(name)}</td><td class='num'>{len(v)}</td>"
-            f"<td class='num'>{np.mean(v):.4f}</td><td class='num'>{np.std(v, ddof=1) if len(v) > 1 else float('nan'):.4f}</td>"
+            f"<td class='num'>{np.mean(v):.4f}</td><td class='num'>{_sd_text(v)}</td>"
             f"<td class='num'>{np.min(v):.4f}</td><td class='num'>{np.max(v):.4f}</td></tr>"
             for (lab, name), v in sorted(by_roi.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1]))))
         roi_html += ("<table><tr><th>label</th><th>name</th><th>series</th><th>mean of means (ppm)</th>"
                      f"<th>SD across series</th><th>min</th><th>max</th></tr>{body}</table>")
 
+    n_clipped = sum(_clipped_note(r.get(m) for r in tables.qc_rows) for m in tables.metrics)
     qc_fig = fig("qc", "QC metrics across series",
                  "Each panel is one QC metric; points are series, red diamonds the series flagged for that metric "
-                 "(by the participant-level checks or as group outliers).")
+                 "(by the participant-level checks or as group outliers). The y axes span the quartiles +- 3 IQR "
+                 "(robust to single wild values): "
+                 + ((f"{n_clipped} values beyond are drawn as triangles" if n_clipped != 1 else
+                     "1 value beyond is drawn as a triangle") + " at the edge (the table below has the values)."
+                    if n_clipped else "no value is beyond.")
+                 + (" One series: n = 1, no spread across series." if n_runs == 1 else ""))
     if not tables.metrics:
         qc_fig = '<p class="note">No QC metrics (<code>*_desc-qc_metrics.json</code>) found.</p>'
     head = "".join(f"<th>{escape(c)}</th>" for c in ["series"] + tables.metrics + ["flagged"])

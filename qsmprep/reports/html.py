@@ -23,15 +23,19 @@ from urllib.parse import quote
 
 from qsmprep.__about__ import __version__
 from qsmprep.outputs import ROI_COLUMNS
+from qsmprep.qsm.qc import QC_METRICS, format_range, is_recorded_value
 from qsmprep.reports import reader
 from qsmprep.reports.figures import FigureResult, run_figures
 
 __all__ = [
     "build_subject_report", "generate_reports", "markdown_to_html", "CSS", "IMG_SCRIPT", "escape", "format_value",
-    "relative_link",
+    "relative_link", "QC_DOCS_URL",
 ]
 
 LOGGER = logging.getLogger("qsmprep")
+
+#: the QC documentation (docs/qc.md); each metric's section is ``#<metric name>``
+QC_DOCS_URL = "https://github.com/qsmprep/qsmprep/blob/main/docs/qc.md"
 
 CSS = """
 :root { --fg:#1d1d1f; --muted:#666; --line:#ddd; --flag:#fde2e1; --flagfg:#a40000; --ok:#e7f5e9; --accent:#2a5db0; }
@@ -55,6 +59,7 @@ th { background: #f2f2f2; font-weight: 600; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 table.kv th { width: 220px; }
 tr.flagged td { background: var(--flag); color: var(--flagfg); font-weight: 600; }
+tr.outside td { background: #fff6dd; }
 .flagbox { background: var(--flag); border: 1px solid #f3b3b0; color: var(--flagfg); padding: 8px 12px;
            border-radius: 4px; margin: 8px 0; }
 .okbox { background: var(--ok); border: 1px solid #b9e0bf; padding: 8px 12px; border-radius: 4px; margin: 8px 0; }
@@ -263,11 +268,22 @@ def _expected_text(expected: Any) -> str:
     return escape(format_value(expected))
 
 
+def _metric_cell(name: str) -> str:
+    if name in QC_METRICS:
+        return f'<a href="{QC_DOCS_URL}#{escape(name)}">{escape(name)}</a>'
+    return escape(name)
+
+
 def _qc_section(run: reader.ProcessedRun, output_dir: Path) -> tuple[str, int]:
+    """The QC table: every metric with its value, expected range (:data:`qsmprep.qsm.qc.QC_METRICS`),
+    meaning and a link to its docs/qc.md section; flagged metrics highlighted with the reason; the
+    recorded values (methods, echo times, ...) apart."""
     metrics, flags, problem = reader.load_qc(run.qc_json)
     if problem:
         note = ("no QC metrics file" if problem == "missing" else f"QC metrics file {problem}")
         return f'<p class="note">{escape(note)} (<code>{escape(run.qc_json.name)}</code>).</p>', 0
+    if metrics.get("reference_method") == "mean":
+        metrics = {k: v for k, v in metrics.items() if k != "chi_mean_ppm"}  # 0 by construction
     by_metric: dict[str, list[dict]] = {}
     loose = []
     for f in flags:
@@ -275,28 +291,46 @@ def _qc_section(run: reader.ProcessedRun, output_dir: Path) -> tuple[str, int]:
             by_metric.setdefault(str(f["metric"]), []).append(f)
         else:
             loose.append(f)
+    known = [n for n in QC_METRICS if n in metrics]
+    other = [n for n in metrics if n not in QC_METRICS and not is_recorded_value(n)]
     rows = []
-    for name, value in metrics.items():
+    for name in known + other:
+        value = metrics[name]
+        info = QC_METRICS.get(name)
+        means = escape(info.means) if info else "(not documented)"
+        units = f" {escape(info.units)}" if info and info.units and info.units != "fraction" else ""
+        expected = (escape(format_range(name)) + units) if info else ""
         fl = by_metric.get(name, [])
         if fl:
-            exp = "; ".join(_expected_text(f.get("expected")) for f in fl if f.get("expected") is not None)
+            # the range the flag records (a "[lo, hi]" string is the documented range, in words)
+            exp = "; ".join(expected if isinstance(f.get("expected"), str) and expected else _expected_text(f.get("expected"))
+                            for f in fl if f.get("expected") is not None) or expected
             reason = "; ".join(escape(f.get("reason")) for f in fl if f.get("reason"))
-            rows.append(f'<tr class="flagged" data-metric="{escape(name)}"><td>&#9888; {escape(name)}</td>'
-                        f'<td class="num">{escape(format_value(value))}</td><td>{exp}</td><td>{reason}</td></tr>')
-        else:
-            rows.append(f'<tr data-metric="{escape(name)}"><td>{escape(name)}</td><td class="num">{escape(format_value(value))}</td>'
-                        "<td></td><td></td></tr>")
+            rows.append(f'<tr class="flagged" data-metric="{escape(name)}"><td>&#9888; {_metric_cell(name)}</td>'
+                        f'<td class="num">{escape(format_value(value))}</td><td>{exp}</td><td>{means}</td><td>{reason}</td></tr>')
+            continue
+        outside = (info is not None and isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and ((info.low is not None and value < info.low) or (info.high is not None and value > info.high)))
+        note = "outside the typical range (not flagged): " + escape(info.reason) if outside else ""
+        cls = ' class="outside"' if outside else ""
+        rows.append(f'<tr{cls} data-metric="{escape(name)}"><td>{_metric_cell(name)}</td><td class="num">'
+                    f"{escape(format_value(value))}</td><td>{expected}</td><td>{means}</td><td>{note}</td></tr>")
     for f in loose:
         rows.append(f'<tr class="flagged" data-metric="{escape(f.get("metric") or "")}"><td>&#9888; '
                     f'{escape(f.get("metric") or "(run)")}</td><td class="num">{escape(format_value(f.get("value")))}</td>'
-                    f'<td>{_expected_text(f.get("expected"))}</td><td>{escape(f.get("reason"))}</td></tr>')
+                    f'<td>{_expected_text(f.get("expected"))}</td><td></td><td>{escape(f.get("reason"))}</td></tr>')
     n = len(flags)
     head = (f'<div class="flagbox">&#9888; {n} QC value{"s" if n != 1 else ""} out of the expected range: '
             + escape("; ".join(f"{f.get('metric') or 'run'}: {f.get('reason') or 'out of range'}" for f in flags))
             + "</div>") if n else '<div class="okbox">All QC values within the expected ranges.</div>'
-    table = ("<table><tr><th>metric</th><th>value</th><th>expected</th><th>reason</th></tr>"
+    table = ("<table><tr><th>metric</th><th>value</th><th>expected</th><th>meaning</th><th>reason</th></tr>"
              + "".join(rows) + "</table>")
-    link = f'<p class="note">from <a href="{relative_link(run.qc_json, output_dir)}">{escape(run.qc_json.name)}</a></p>'
+    recorded = [(k, v) for k, v in metrics.items() if is_recorded_value(k)]
+    if recorded:
+        table += ("<details><summary>recorded values (methods, echo times, B0 direction)</summary>"
+                  + _kv_table((k, escape(format_value(v))) for k, v in recorded) + "</details>")
+    link = (f'<p class="note">from <a href="{relative_link(run.qc_json, output_dir)}">{escape(run.qc_json.name)}</a>; '
+            f'what each metric means and what to do when it is outside its range: <a href="{QC_DOCS_URL}">docs/qc.md</a></p>')
     return head + table + link, n
 
 
@@ -323,7 +357,13 @@ def _figure_html(fig: FigureResult, output_dir: Path) -> str:
     if fig.path is None:
         return (f"<h3>{escape(fig.title)}</h3><div class=\"flagbox\">This figure could not be made: "
                 f"{escape(fig.error)}</div>")
-    return (f"<h3>{escape(fig.title)}</h3><figure><img src=\"{relative_link(fig.path, output_dir)}\" alt=\"{escape(fig.title)}\" "
+    alt = fig.title
+    if fig.orientation:  # what the panels show, for screen readers and automated checks
+        alt += (f"; neurological view, {fig.orientation} axes; edge letters L/R, A/P, S/I; "
+                + "; ".join(fig.slices))
+    windows = "; ".join(f"{k}: {lo:.4g} to {hi:.4g} {u}".rstrip() for k, (lo, hi, u) in fig.windows.items())
+    return (f"<h3>{escape(fig.title)}</h3><figure data-figure=\"{escape(fig.key)}\" data-orientation=\"{escape(fig.orientation)}\" "
+            f"data-windows=\"{escape(windows)}\"><img src=\"{relative_link(fig.path, output_dir)}\" alt=\"{escape(alt)}\" "
             f"loading=\"eager\"><figcaption>{escape(fig.caption)}</figcaption></figure>")
 
 

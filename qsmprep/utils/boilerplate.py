@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from qsmprep.__about__ import __version__
 from qsmprep.methods import STAGES
-from qsmprep.references import REFERENCES, format_reference
+from qsmprep.references import REFERENCES, bibtex_entry, format_reference
 from qsmprep.utils.derivatives import atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from qsmprep.config import QsmprepConfig
 
-__all__ = ["build_boilerplate", "write_citation"]
+__all__ = ["build_boilerplate", "cited_references", "write_citation"]
 
 # --------------------------------------------------------------------------------------------------
 # text
@@ -79,6 +79,16 @@ def build_boilerplate(config: "QsmprepConfig", runs: Sequence[Any] | None = None
     ``runs`` (optional :class:`~qsmprep.utils.bids.QsmRun` list) adds a summary of the data and says
     when single-echo series skip the phase-offset correction.
     """
+    return _boilerplate(config, runs)[0]
+
+
+def cited_references(config: "QsmprepConfig", runs: Sequence[Any] | None = None) -> list[str]:
+    """The reference keys :func:`build_boilerplate` cites for ``config`` and ``runs``, in citation order
+    (the entries of ``logs/CITATION.bib``)."""
+    return _boilerplate(config, runs)[1]
+
+
+def _boilerplate(config: "QsmprepConfig", runs: Sequence[Any] | None) -> tuple[str, list[str]]:
     c = _Citer()
     chosen = config.chosen_methods()
     reference = config.reference
@@ -179,7 +189,7 @@ def build_boilerplate(config: "QsmprepConfig", runs: Sequence[Any] | None = None
     )
     refs_md = "\n".join(f"{i + 1}. {format_reference(k)}" for i, k in enumerate(c.order))
     p.append("### References\n\n" + refs_md)
-    return "\n\n".join(p).strip() + "\n"
+    return "\n\n".join(p).strip() + "\n", list(c.order)
 
 
 def _r2star_text(config: "QsmprepConfig", runs: Sequence[Any] | None, c: _Citer) -> str:
@@ -215,20 +225,18 @@ def _version(dist: str) -> str:
         return "(not installed)"
 
 
-def _bibtex() -> str:
-    out = []
-    for key, (text, doi) in REFERENCES.items():
-        out.append(f"@article{{{key},\n  note = {{{text}}},\n  doi = {{{doi}}}\n}}\n")
-    return "\n".join(out)
+def _bibtex(keys: Sequence[str]) -> str:
+    return "\n".join(bibtex_entry(k) for k in keys)
 
 
 def write_citation(output_dir: str | os.PathLike, config: "QsmprepConfig", runs: Sequence[Any] | None = None,
                    text: str | None = None) -> Path:
     """Write ``OUTPUT_DIR/logs/CITATION.md`` (``text``, default :func:`build_boilerplate`) and
-    ``CITATION.bib`` atomically; returns the .md path."""
+    ``CITATION.bib`` (the papers the boilerplate of ``config`` and ``runs`` cites, nothing else)
+    atomically; returns the .md path."""
     logs = Path(output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     md = logs / "CITATION.md"
     atomic_write_text(md, text if text is not None else build_boilerplate(config, runs))
-    atomic_write_text(logs / "CITATION.bib", _bibtex())
+    atomic_write_text(logs / "CITATION.bib", _bibtex(cited_references(config, runs)))
     return md
