@@ -151,3 +151,52 @@ def test_zubal_forward_field_is_finite_and_plausible(zubal_phantom_2mm):
     assert float(np.abs(local).max()) < 1.0
     bg = sim.background_field_ppm[m]
     assert 0.05 < float(np.percentile(np.abs(bg), 99)) < 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# qsmprep-simulate --anatomy zubal
+
+
+def test_cli_zubal_without_data_and_bad_combinations(tmp_path, monkeypatch, capsys):
+    from qsmprep.simulate.cli import main as cli_main
+
+    monkeypatch.delenv("QSMPREP_ZUBAL_DIR", raising=False)
+    assert cli_main([str(tmp_path / "a"), "--small", "--anatomy", "zubal", "--zubal-dir", str(tmp_path)]) == 66
+    assert "zubal_labels_1mm" in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "b"), "--phantom", "shapes", "--anatomy", "zubal"]) == 64
+    assert cli_main([str(tmp_path / "c"), "--phantom", "shapes", "--texture"]) == 64
+
+
+@pytest.mark.integration
+def test_cli_zubal_oblique_7t_dataset(zubal_dir, tmp_path, capsys):
+    from qsmprep.simulate.cli import main as cli_main
+    from qsmprep.qsm.geometry import b0_direction_from_affine, obliquity_deg
+
+    out = tmp_path / "bids"
+    rc = cli_main([str(out), "--anatomy", "zubal", "--zubal-dir", str(zubal_dir), "--voxel-size", "3",
+                   "--echo-times", "4", "8", "--field-strength", "7", "--tilt-deg", "12", "--no-texture"])
+    assert rc == 0
+    assert "zubal" in capsys.readouterr().out
+    anat = out / "sub-1" / "anat"
+    img = nib.load(anat / "sub-1_echo-1_part-phase_MEGRE.nii.gz")
+    assert obliquity_deg(b0_direction_from_affine(img.affine)) == pytest.approx(12.0, abs=1e-3)
+    truth = out / "derivatives/qsmprep-simulate/sub-1/anat"
+    names = (truth / "sub-1_dseg.tsv").read_text()
+    assert "\tglobus_pallidus\t" in names and "red_nucleus" not in names
+    chi = np.asarray(nib.load(truth / "sub-1_Chimap.nii.gz").dataobj)
+    assert chi.shape == img.shape and np.isfinite(chi).all()
+
+
+@pytest.mark.integration
+def test_mni_head_texture_is_optional_and_keeps_nucleus_means(head_phantom_2mm):
+    from qsmprep.simulate import make_head_phantom
+
+    tx = make_head_phantom(downsample=2, seed=0, texture=True)
+    plain = head_phantom_2mm
+    np.testing.assert_array_equal(tx.labels, plain.labels)
+    assert not np.array_equal(tx.chi_ppm, plain.chi_ppm)
+    for name in DGM + ("red_nucleus", "substantia_nigra", "dentate_nucleus", "white_matter", "grey_matter"):
+        m = plain.label_mask(name)
+        # means kept at 1 mm; block averaging at 2 mm mixes labels a little
+        assert float(tx.chi_ppm[m].mean()) == pytest.approx(float(plain.chi_ppm[m].mean()), abs=2e-3), name
+        assert float((tx.chi_ppm - plain.chi_ppm)[m].std()) > 0.002, name
