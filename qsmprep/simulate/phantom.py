@@ -29,6 +29,11 @@ dentate       +0.10       35        0.72
 venous blood  +0.30..0.45 45        0.55
 ============  ======  ===========  =====
 
+Tissues outside the brain that only some anatomies label: eye (vitreous: water, chi 0, M0 0.95, long T2*,
+R2* 4/s) and bone marrow (cancellous bone of the vertebrae: about 20 % bone at -2 ppm and marrow about half
+fat at +0.6 ppm give about -0.3 ppm; trabecular susceptibility gradients raise R2* to about 90/s at 3 T,
+Wehrli FW et al., Radiology 1991;179:615; M0 0.55).
+
 Venous blood: Hct 0.4, Y 0.6-0.7 gives 0.3-0.45 ppm above water (Weisskoff & Kiihne, MRM
 1992;24:375; Spees WM et al., MRM 2001;45:533). Cortical bone about -2 ppm relative to water
 (Hopkins JA & Wehrli FW, MRM 1997;37:494); fat about +0.6 ppm (Schenck 1996). Lesions: calcification
@@ -71,7 +76,7 @@ _TISSUES: dict[int, tuple[str, float, float, float]] = {
     15: ("muscle_skin", 0.0, 0.50, 30.0),
     # tissue outside the brain that only some anatomies have (ids after the lesions 16-21 and the shapes 21-25)
     26: ("eye", 0.0, 0.95, 4.0),
-    27: ("bone_marrow", -0.8, 0.55, 90.0),
+    27: ("bone_marrow", -0.3, 0.55, 90.0),
 }
 
 #: The MNI head uses the ids up to here (and its lesions); larger ids are tissues of other anatomies.
