@@ -316,8 +316,8 @@ def make_head_phantom(
     (``extend_faces`` lists every face the head touches; a smaller ``fov_mm`` crops the head and the
     forward model then continues it through those faces too). ``downsample`` (integer)
     block-averages chi/M0/R2* (labels by majority; brain mask: blocks wholly inside) to
-    ``downsample`` mm voxels. ``texture=True`` adds smooth variation inside each tissue class at 1 mm
-    (:func:`texture_phantom`; off by default: the accuracy bounds of the tests and of the shipped
+    ``downsample`` mm voxels. ``texture=True`` adds smooth variation inside each tissue class on the
+    final grid (:func:`texture_phantom`: label means exact there; off by default: the accuracy bounds of the tests and of the shipped
     networks were set on the untextured head). Deterministic for a ``seed``.
     """
     if int(downsample) != downsample or downsample < 1:
@@ -456,10 +456,10 @@ def make_head_phantom(
         chi_ambient_ppm=AIR_PPM,
         extend_faces=_touching_faces(canvas.labels),
     )
-    if texture:
-        ph = texture_phantom(ph, seed=seed)
     if downsample > 1:
         ph = downsample_phantom(ph, downsample)
+    if texture:
+        ph = texture_phantom(ph, seed=seed)
     return ph
 
 
@@ -603,8 +603,7 @@ def smooth_noise(shape, voxel_size_mm, corr_mm: float, rng) -> np.ndarray:
     cshape = tuple(-(-int(n) // fi) + 1 for n, fi in zip(shape, f))
     c = rng.standard_normal(cshape, dtype=np.float32)
     c = ndi.gaussian_filter(c, [sigma_mm / (v * fi) for v, fi in zip(vs, f)], mode="wrap")
-    out = ndi.zoom(c, [fi for fi in f], order=1, output=np.float32, grid_mode=False)
-    out = np.ascontiguousarray(out[tuple(slice(0, int(n)) for n in shape)])
+    out = ndi.zoom(c, [int(n) / cn for n, cn in zip(shape, cshape)], order=1, output=np.float32, grid_mode=False)
     out -= np.float32(out.mean())
     out /= np.float32(max(float(out.std()), 1e-12))
     return out
@@ -669,12 +668,12 @@ def texture_phantom(
     m0 = textured(ph.m0, m0_amp, n2)
     del n2
     return Phantom(
-        chi_ppm=chi.astype(np.float32),
+        chi_ppm=chi.astype(np.float32, copy=False),
         labels=ph.labels,
         label_names=dict(ph.label_names),
         brain_mask=ph.brain_mask,
-        m0=np.maximum(m0, 0.0).astype(np.float32),
-        r2star_hz=np.maximum(r2, 0.0).astype(np.float32),
+        m0=np.maximum(m0, np.float32(0.0)).astype(np.float32, copy=False),
+        r2star_hz=np.maximum(r2, np.float32(0.0)).astype(np.float32, copy=False),
         voxel_size_mm=ph.voxel_size_mm,
         affine=ph.affine,
         label_chi_ppm=dict(ph.label_chi_ppm),
@@ -849,7 +848,8 @@ def make_zubal_phantom(
     of view, centred on the head in x/y with the margin above the vertex (the bottom slice replicated
     below the neck). ``voxel_size_mm`` scales the grid (default 1 mm as in the files; the head is large
     at 1 mm: brain 180 mm left-right). ``texture`` (default on) adds smooth variation within tissue
-    classes (:func:`texture_phantom`); ``downsample`` block-averages as :func:`downsample_phantom`.
+    classes on the final grid (:func:`texture_phantom`); ``downsample`` block-averages as
+    :func:`downsample_phantom`.
     Deterministic for a ``seed``.
     """
     if int(downsample) != downsample or downsample < 1:
@@ -948,10 +948,10 @@ def make_zubal_phantom(
         chi_ambient_ppm=AIR_PPM,
         extend_faces=_touching_faces(canvas.labels),
     )
-    if texture:
-        ph = texture_phantom(ph, seed=seed)
     if downsample > 1:
         ph = downsample_phantom(ph, downsample)
+    if texture:
+        ph = texture_phantom(ph, seed=seed)
     return ph
 
 
