@@ -673,9 +673,9 @@ def test_step_reporter_lines_and_plugins(caplog):
         def __init__(self, fullname):
             self.fullname, self.name = fullname, fullname.rsplit(".", 1)[-1]
 
-    rep = StepReporter(logging.getLogger("qsmprep.test"))
+    rep = StepReporter(logging.getLogger("steps_test"))  # not under "qsmprep", which the CLI stops from propagating
     unwrap, inv = Node("qsmprep_wf.sub_01_wf.qsm_run_2_wf.unwrap"), Node("qsmprep_wf.sub_01_wf.qsm_wf.inversion")
-    with caplog.at_level(logging.INFO, logger="qsmprep.test"):
+    with caplog.at_level(logging.INFO, logger="steps_test"):
         rep(unwrap, "start")
         rep(unwrap, "end")
         rep.cached.add(inv.fullname)
