@@ -104,9 +104,9 @@ def test_zubal_labels_values_and_orientation(zubal_phantom_2mm):
         nominal = ph.label_chi_ppm[[k for k, v in ph.label_names.items() if v == name][0]]
         assert abs(float(np.median(ph.chi_ppm[core])) - nominal) < 0.35 * nominal + 0.01, name
         assert float(ph.chi_ppm[core].std()) > 0.003  # textured
-    # brain mask: intracranial space + spinal canal; the Zubal head is large at 1 mm (~3.2 l)
+    # brain mask: intracranial space + spinal canal at the real head size (true_scale): an adult's ~1.5 l
     vol_ml = ph.brain_mask.sum() * 8.0 / 1000.0
-    assert 2500 < vol_ml < 3600
+    assert 1300 < vol_ml < 1900
     assert not (ph.brain_mask & np.isin(ph.labels, [0, 13, 14, 12])).any()
     # orientation: eyes anterior of the brain, spine/jaw below it, the head touches the bottom face only
     brain_c = _centroid_mm(ph, ph.brain_mask)

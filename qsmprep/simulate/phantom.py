@@ -776,9 +776,16 @@ def zubal_data_dir(data_dir=None):
     return folder
 
 
-@functools.lru_cache(maxsize=1)
-def _zubal_arrays(folder: str):
-    """Zubal labels (uint8) and brain mask (bool) at 1 mm, read-only, and the file affine."""
+#: spacing (mm) of the Zubal files' voxels in the real head: the original phantom's 1.1 x 1.1 x 1.4 mm voxels
+#: (as commonly cited for the Zubal head) upsampled by 1.5 into the files, which call them 1 mm. At that
+#: scale the brain mask holds 1.56 l (3.24 l at the files' nominal 1 mm, twice an adult brain).
+ZUBAL_FILE_SPACING_MM = (1.1 / 1.5, 1.1 / 1.5, 1.4 / 1.5)
+
+
+@functools.lru_cache(maxsize=2)
+def _zubal_arrays(folder: str, true_scale: bool = True):
+    """Zubal labels (uint8) and brain mask (bool), read-only, and the file affine; ``true_scale``
+    resamples them (nearest neighbour) from :data:`ZUBAL_FILE_SPACING_MM` to a 1 mm grid."""
     import nibabel as nib
 
     limg = nib.load(f"{folder}/{ZUBAL_LABELS_FILE}")
@@ -791,6 +798,12 @@ def _zubal_arrays(folder: str):
     if not np.allclose(aff[:3, :3], np.eye(3)) or labels.min() < 0 or labels.max() > 255:
         raise ValueError("unexpected Zubal label file (expected 1 mm, no rotation, labels 0-255)")
     labels = labels.astype(np.uint8)
+    if true_scale:
+        zoom = np.asarray(ZUBAL_FILE_SPACING_MM)
+        labels = ndi.zoom(labels, zoom, order=0, mode="nearest", grid_mode=True)
+        mask = ndi.zoom(mask.astype(np.uint8), zoom, order=0, mode="nearest", grid_mode=True) > 0
+        aff = aff.copy()
+        aff[:3, 3] = aff[:3, 3] * zoom
     unknown = sorted(set(np.unique(labels).tolist()) - set(_ZUBAL_TISSUE) - {0})
     if unknown:
         raise ValueError(f"unknown Zubal labels {unknown}")
@@ -826,6 +839,7 @@ def make_zubal_phantom(
     fov_mm: Sequence[int] | None = None,
     n_random_veins: int = 14,
     voxel_size_mm: float | Sequence[float] = 1.0,
+    true_scale: bool = True,
 ) -> Phantom:
     """Head phantom from the Zubal segmented head (Zubal et al., Med Phys 1994;21:299) in the conventions
     of :func:`make_head_phantom` (chi ppm relative to CSF, ``chi_ambient_ppm`` air, label ids and
@@ -846,8 +860,10 @@ def make_zubal_phantom(
     Grid: the head's bounding box plus ``crop_margin_mm`` (the jaw/neck touches the bottom face and
     continues beyond it in the forward model: ``extend_faces``); ``fov_mm`` instead gives a fixed field
     of view, centred on the head in x/y with the margin above the vertex (the bottom slice replicated
-    below the neck). ``voxel_size_mm`` scales the grid (default 1 mm as in the files; the head is large
-    at 1 mm: brain 180 mm left-right). ``texture`` (default on) adds smooth variation within tissue
+    below the neck). ``true_scale`` (default) first resamples the files to the real head size
+    (:data:`ZUBAL_FILE_SPACING_MM` to 1 mm; brain 1.56 l); without it the files' nominal 1 mm voxels
+    make a head 1.35 times too large (brain 180 mm left-right, 3.24 l). ``voxel_size_mm`` then sets the
+    grid's voxel size. ``texture`` (default on) adds smooth variation within tissue
     classes on the final grid (:func:`texture_phantom`); ``downsample`` block-averages as
     :func:`downsample_phantom`.
     Deterministic for a ``seed``.
@@ -859,7 +875,7 @@ def make_zubal_phantom(
     vs = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,)).copy()
     if not np.all(np.isfinite(vs)) or np.any(vs <= 0):
         raise ValueError(f"voxel_size_mm must be positive, got {voxel_size_mm}")
-    zl, zm, zaff = _zubal_arrays(str(zubal_data_dir(data_dir)))
+    zl, zm, zaff = _zubal_arrays(str(zubal_data_dir(data_dir)), bool(true_scale))
     rng = np.random.default_rng(seed)
 
     # --- grid: head bounding box + margin; the bottom of the head (jaw, neck) on the bottom face
