@@ -62,18 +62,19 @@ def zubal_dir() -> Path | None:
     return d if (d / "zubal_labels_1mm.nii.gz").exists() else None
 
 
-def make_phantom(anatomy: str, downsample: int, lesions: bool, seed: int):
+def make_phantom(anatomy: str, downsample: int, lesions: bool, seed: int, texture: bool = True):
+    """The head of ``anatomy`` with texture inside tissue classes (the networks were trained without)."""
     from qsmprep.simulate import phantom as ph
 
     if anatomy == "mni":
-        return ph.make_head_phantom(downsample=downsample, lesions=lesions, seed=seed)
+        return ph.make_head_phantom(downsample=downsample, lesions=lesions, seed=seed, texture=texture)
     if anatomy == "zubal":
         if not hasattr(ph, "make_zubal_phantom"):
             raise LookupError("this qsmprep has no make_zubal_phantom")
         d = zubal_dir()
         if d is None:
             raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
-        return ph.make_zubal_phantom(d, downsample=downsample, lesions=lesions, seed=seed)
+        return ph.make_zubal_phantom(d, downsample=downsample, lesions=lesions, seed=seed, texture=texture)
     raise LookupError(f"unknown anatomy {anatomy!r}")
 
 
@@ -87,7 +88,7 @@ def cases(args):
             for b0 in args.fields:
                 for tilt in args.tilts:
                     def write(bids, anatomy=anatomy, lesions=lesions, b0=b0, tilt=tilt):
-                        phantom = make_phantom(anatomy, args.downsample, bool(lesions), args.seed)
+                        phantom = make_phantom(anatomy, args.downsample, bool(lesions), args.seed, args.texture)
                         sim = simulate_gre(phantom, echo_times_s=ECHOES[b0], b0_tesla=b0, tilt_deg=tilt, snr=50.0,
                                            seed=args.seed)
                         write_bids_dataset(bids, {"1": sim}, subjects=["1"], derivatives=False)
@@ -172,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--lesions", nargs="+", type=int, default=[0])
     p.add_argument("--chains", nargs="+", default=list(CHAINS), choices=list(CHAINS))
     p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--texture", action=argparse.BooleanOptionalAction, default=True,
+                   help="smooth chi/R2* texture inside tissue classes (default on)")
     p.add_argument("--seed", type=int, default=301, help="phantom/noise seed (training used seed 0)")
     p.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = p.parse_args(argv)

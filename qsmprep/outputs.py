@@ -27,6 +27,9 @@ __all__ = [
     "run_anat_dir",
     "bidsignore_text",
     "markdown_table",
+    "DATASET_FILES",
+    "tree_markdown",
+    "output_globs",
 ]
 
 #: Columns of the ROI statistics table (``_desc-roi_stats.tsv``).
@@ -132,6 +135,63 @@ _DATASET_NOT_BIDS: tuple[tuple[str, str], ...] = (
     (_REPORTS, "group_*.tsv"),
     (_REPORTS, "group"),
 )
+
+
+#: every file outside the series' anat folders: (path as documented, what it is). ``<label>``: a subject
+#: label; ``<run_uuid>``: the id of one execution; ``*``: any name.
+DATASET_FILES: tuple[tuple[str, str], ...] = (
+    ("dataset_description.json", "BIDS derivative dataset description (GeneratedBy, DatasetLinks)"),
+    (".bidsignore", "the files below that are not BIDS data"),
+    ("README", "what the dataset holds"),
+    ("logs/CITATION.md", "methods text with references (participant level)"),
+    ("logs/CITATION.bib", "BibTeX of the papers the methods text cites"),
+    ("sub-<label>.html", "participant report"),
+    ("sub-<label>/figures/*.png", "figures of sub-<label>.html"),
+    ("sub-<label>/log/<run_uuid>/qsmprep.toml", "settings of the run (load with --config-file)"),
+    ("sub-<label>/log/<run_uuid>/qsmprep.json", "run record (settings, series) for the report"),
+    ("sub-<label>/log/<run_uuid>/crash-*.txt", "crash files of failed steps"),
+    ("group_qc.tsv", "group level: QC metrics of every series"),
+    ("group_roi.tsv", "group level: ROI statistics of every series"),
+    ("group.html", "group report"),
+    ("group/figures/*.png", "figures of group.html"),
+)
+
+
+def tree_markdown() -> str:
+    """The file tree of docs/outputs.md: :data:`DATASET_FILES` and, per series, :data:`OUTPUTS`."""
+    width = 66
+
+    def line(indent: int, path: str, what: str) -> str:
+        return f"{' ' * indent}{path:<{width - indent}} {what}".rstrip()
+
+    lines = ["```", "OUTPUT_DIR/"]
+    subject_done = False
+    for path, what in DATASET_FILES:
+        if path.startswith("sub-<label>/"):
+            if not subject_done:
+                lines.append("  sub-<label>/")
+                for o in OUTPUTS:
+                    name = f"[ses-<label>/]anat/<prefix>_{o.stem}{o.extension}" + (" (+ .json)" if o.is_image else "")
+                    lines.append(line(4, name, "" if o.when == "always" else f"with {o.when.strip('`')}"))
+                subject_done = True
+            lines.append(line(4, path[len("sub-<label>/"):], what))
+        else:
+            lines.append(line(2, path, what))
+    lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
+def output_globs() -> list[str]:
+    """Shell patterns (``fnmatch``) of every file qsmprep may write, relative to OUTPUT_DIR."""
+    def glob(path: str) -> str:
+        return path.replace("<label>", "*").replace("<run_uuid>", "*").replace("<prefix>", "sub-*")
+
+    out = [glob(p) for p, _ in DATASET_FILES]
+    for o in OUTPUTS:
+        for ses in ("", "ses-*/"):
+            base = f"sub-*/{ses}anat/sub-*_{o.stem}"
+            out += [base + o.extension] + ([base + ".json"] if o.is_image else [])
+    return out
 
 
 def output(key: str) -> Output:

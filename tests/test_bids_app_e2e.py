@@ -497,3 +497,14 @@ def test_interrupted_run_resumes_without_recomputing(interrupted, app, dataset):
 def test_input_dataset_is_byte_identical(dataset, app, interrupted):
     """Neither the full run nor the killed and resumed run wrote anything into BIDS_DIR."""
     assert _hash_tree(dataset["bids"]) == dataset["hashes"]
+
+
+def test_every_written_file_is_documented(app):
+    """docs/outputs.md (its tree is generated from qsmprep.outputs) names every file a run writes."""
+    import fnmatch
+
+    from qsmprep.outputs import output_globs
+
+    globs = output_globs()
+    undocumented = [f for f in _files(app["out"]) if not any(fnmatch.fnmatchcase(f, g) for g in globs)]
+    assert not undocumented, undocumented

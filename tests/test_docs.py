@@ -26,7 +26,7 @@ def test_every_stage_options_and_outputs_have_their_generated_table():
     used = {p.name: gen.blocks_in(p.read_text(encoding="utf-8")) for p in FILES}
     assert sorted(used["methods.md"]) == sorted(f"methods:{k}" for k in STAGES)
     assert "options:methods" in used["usage.md"]
-    assert "outputs:images" in used["outputs.md"]
+    assert "outputs:images" in used["outputs.md"] and "outputs:tree" in used["outputs.md"]
     assert "qc:metrics" in used["qc.md"] and "reports:windows" in used["reports.md"]
     assert set(gen.BLOCKS) <= {b for names in used.values() for b in names}
 

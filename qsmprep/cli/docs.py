@@ -10,8 +10,8 @@ A generated block in a Markdown file sits between two markers::
 (and names the file and block) when a file is out of date, which is what the test of the docs runs.
 Blocks: ``methods:<stage>`` (each method of a stage with its parameters, their defaults and allowed
 ranges, from the method catalogue), ``options:methods`` (the options of the *Methods* group of the
-command line, with their choices and defaults, from the parser), ``outputs:images`` (the per-series
-file table of the output spec), ``qc:metrics`` (every QC metric with its expected range, from
+command line, with their choices and defaults, from the parser), ``outputs:tree`` and ``outputs:images`` (the
+file tree and the per-series file table of the output spec), ``qc:metrics`` (every QC metric with its expected range, from
 ``qsmprep.qsm.qc.QC_METRICS``) and ``reports:windows`` (the display windows of the report figures).
 """
 
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from qsmprep.cli.parser import build_parser
 from qsmprep.config import QsmprepConfig
 from qsmprep.methods import STAGES
-from qsmprep.outputs import markdown_table
+from qsmprep.outputs import markdown_table, tree_markdown
 from qsmprep.qsm.qc import metrics_markdown
 from qsmprep.reports.figures import windows_markdown
 
@@ -108,6 +108,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     **{f"methods:{key}": (lambda key=key: method_parameter_table(key)) for key in STAGES},
     "options:methods": method_options_table,
     "outputs:images": markdown_table,
+    "outputs:tree": tree_markdown,
     "qc:metrics": metrics_markdown,
     "reports:windows": windows_markdown,
 }
