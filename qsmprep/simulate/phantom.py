@@ -443,16 +443,23 @@ def make_head_phantom(
 
     affine = np.eye(4)
     affine[:3, 3] = origin
+    return _finish(canvas, intracranial, label_names, label_chi, (1.0, 1.0, 1.0), affine, downsample, texture, seed)
+
+
+def _finish(canvas: "_Canvas", brain: np.ndarray, label_names: dict, label_chi: dict, voxel_size_mm, affine,
+            downsample: int, texture: bool, seed: int) -> "Phantom":
+    """The :class:`Phantom` of a painted canvas (air outside, the faces the head touches continued by the
+    forward model), block-averaged by ``downsample`` and textured when asked."""
     ph = Phantom(
         chi_ppm=canvas.chi,
         labels=canvas.labels,
-        label_names=label_names,
-        brain_mask=intracranial,
+        label_names=dict(sorted(label_names.items())),
+        brain_mask=brain,
         m0=canvas.m0,
         r2star_hz=canvas.r2,
-        voxel_size_mm=(1.0, 1.0, 1.0),
+        voxel_size_mm=tuple(float(v) for v in voxel_size_mm),
         affine=affine,
-        label_chi_ppm=label_chi,
+        label_chi_ppm=dict(sorted(label_chi.items())),
         chi_ambient_ppm=AIR_PPM,
         extend_faces=_touching_faces(canvas.labels),
     )
@@ -951,24 +958,7 @@ def make_zubal_phantom(
 
     affine = np.diag(np.append(vs, 1.0))
     affine[:3, 3] = vs * (start + zaff[:3, 3])
-    ph = Phantom(
-        chi_ppm=canvas.chi,
-        labels=canvas.labels,
-        label_names=dict(sorted(label_names.items())),
-        brain_mask=brain,
-        m0=canvas.m0,
-        r2star_hz=canvas.r2,
-        voxel_size_mm=tuple(float(v) for v in vs),
-        affine=affine,
-        label_chi_ppm=dict(sorted(label_chi.items())),
-        chi_ambient_ppm=AIR_PPM,
-        extend_faces=_touching_faces(canvas.labels),
-    )
-    if downsample > 1:
-        ph = downsample_phantom(ph, downsample)
-    if texture:
-        ph = texture_phantom(ph, seed=seed)
-    return ph
+    return _finish(canvas, brain, label_names, label_chi, vs, affine, downsample, texture, seed)
 
 
 # ---------------------------------------------------------------------------------------------------
