@@ -56,6 +56,38 @@ def head_phantom_1mm():
     return _read_only(make_head_phantom(downsample=1, seed=0))
 
 
+def _zubal_dir() -> Path | None:
+    """The Zubal data folder: ``$QSMPREP_ZUBAL_DIR``, else ``shared/data/zubal`` next to the repository
+    (the data are not shipped and not committed); None when absent."""
+    import os
+
+    from qsmprep.simulate.phantom import ZUBAL_BRAINMASK_FILE, ZUBAL_DIR_ENV, ZUBAL_LABELS_FILE
+
+    env = os.environ.get(ZUBAL_DIR_ENV)
+    root = Path(__file__).resolve().parent.parent
+    for d in ([Path(env)] if env else []) + [root.parent / "shared" / "data" / "zubal"]:
+        if (d / ZUBAL_LABELS_FILE).is_file() and (d / ZUBAL_BRAINMASK_FILE).is_file():
+            return d
+    return None
+
+
+@pytest.fixture(scope="session")
+def zubal_dir():
+    """Folder of the Zubal head files; skips when the data are absent (they are not in the repository)."""
+    d = _zubal_dir()
+    if d is None:
+        pytest.skip("Zubal head data absent: set QSMPREP_ZUBAL_DIR (or place it in ../shared/data/zubal)")
+    return d
+
+
+@pytest.fixture(scope="session")
+def zubal_phantom_2mm(zubal_dir):
+    """``make_zubal_phantom(zubal_dir, downsample=2, lesions=True, seed=0)`` (textured), read-only arrays."""
+    from qsmprep.simulate import make_zubal_phantom
+
+    return _read_only(make_zubal_phantom(zubal_dir, downsample=2, lesions=True, seed=0))
+
+
 @pytest.fixture(scope="session")
 def head_phantom_2mm():
     """``make_head_phantom(downsample=2, seed=0)`` (99 x 117 x 95 at 2 mm), read-only arrays."""

@@ -5,7 +5,14 @@
 """
 
 from qsmprep.simulate.bids import write_bids_dataset
-from qsmprep.simulate.phantom import Phantom, downsample_phantom, make_head_phantom, make_shapes_phantom
+from qsmprep.simulate.phantom import (
+    Phantom,
+    downsample_phantom,
+    make_head_phantom,
+    make_shapes_phantom,
+    make_zubal_phantom,
+    texture_phantom,
+)
 from qsmprep.simulate.signal import DEFAULT_ECHO_TIMES_S, GreSimulation, simulate_gre
 
 __all__ = [
@@ -15,6 +22,8 @@ __all__ = [
     "downsample_phantom",
     "make_head_phantom",
     "make_shapes_phantom",
+    "make_zubal_phantom",
     "simulate_gre",
+    "texture_phantom",
     "write_bids_dataset",
 ]

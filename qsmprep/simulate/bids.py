@@ -38,6 +38,8 @@ from qsmprep.simulate.signal import GreSimulation
 BIDS_VERSION = "1.10.0"
 DERIVATIVE_NAME = "qsmprep-simulate"
 PHASE_UNITS = ("rad", "arbitrary")
+#: Phantoms ``write_bids_dataset`` can simulate: the MNI152 head, the Zubal head, the geometric phantom.
+PHANTOMS = ("head", "zubal", "shapes")
 #: Integer range of "arbitrary" phase (Siemens convention: -pi..pi -> -4096..4095).
 PHASE_INT_MAX = 4096
 
@@ -180,7 +182,8 @@ def write_bids_dataset(
 
     ``simulations`` may be one :class:`GreSimulation` (written for every subject/session), a mapping
     ``{subject: sim}`` or ``{(subject, session): sim}``, or None: then each subject/session is
-    simulated here from ``phantom`` ("head" or "shapes") with ``phantom_kwargs`` and
+    simulated here from ``phantom`` ("head": MNI152 head, "zubal": Zubal head, whose files come from
+    ``phantom_kwargs["data_dir"]`` or ``$QSMPREP_ZUBAL_DIR``, or "shapes") with ``phantom_kwargs`` and
     ``simulate_kwargs``, the n-th one with seed ``seed + n`` (different veins, phase offsets, noise).
     ``phase_units`` is "rad" (float32) or "arbitrary" (int16, -4096..4095). ``acq`` adds an
     ``acq-<label>`` entity; ``compress=False`` writes ``.nii`` instead of ``.nii.gz``. An existing
@@ -196,8 +199,8 @@ def write_bids_dataset(
         raise ValueError(f"duplicate subject labels: {subjects}")
     sessions = None if sessions is None or len(sessions) == 0 else [_clean_label(s, "ses") for s in sessions]
     acq = None if acq is None else _clean_label(acq, "acq")
-    if simulations is None and phantom not in ("head", "shapes"):
-        raise ValueError(f"phantom must be 'head' or 'shapes', got {phantom!r}")
+    if simulations is None and phantom not in PHANTOMS:
+        raise ValueError(f"phantom must be one of {PHANTOMS}, got {phantom!r}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -360,10 +363,10 @@ def _write_truth(anat: Path, prefix: str, sim: GreSimulation, source: str, ext: 
 
 def _simulate_all(subjects, sessions, seed, phantom, phantom_kwargs, simulate_kwargs):
     """Generate ((sub, ses), GreSimulation) pairs lazily, seed + n for the n-th."""
-    from qsmprep.simulate.phantom import make_head_phantom, make_shapes_phantom
+    from qsmprep.simulate.phantom import make_head_phantom, make_shapes_phantom, make_zubal_phantom
     from qsmprep.simulate.signal import simulate_gre
 
-    makers = {"head": make_head_phantom, "shapes": make_shapes_phantom}
+    makers = {"head": make_head_phantom, "zubal": make_zubal_phantom, "shapes": make_shapes_phantom}
     if phantom not in makers:
         raise ValueError(f"phantom must be one of {sorted(makers)}, got {phantom!r}")
     pk = dict(phantom_kwargs or {})

@@ -9,7 +9,7 @@ import time
 from typing import Sequence
 
 from qsmprep.simulate.signal import DEFAULT_ECHO_TIMES_S
-from qsmprep.utils.errors import EX_USAGE
+from qsmprep.utils.errors import EX_NOINPUT, EX_USAGE
 
 
 def _positive_float(text: str) -> float:
@@ -41,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", nargs="+", default=None, help="session labels (default: no session level)")
     p.add_argument("--acq", default=None, help="acq-<label> entity for the MEGRE files")
     p.add_argument("--phantom", choices=("head", "shapes"), default="head")
+    p.add_argument(
+        "--anatomy",
+        choices=("mni", "zubal"),
+        default="mni",
+        help="head anatomy: MNI152 2009 templates (default) or the Zubal segmented head (data not shipped: "
+        "--zubal-dir or $QSMPREP_ZUBAL_DIR)",
+    )
+    p.add_argument("--zubal-dir", default=None, help="folder of zubal_labels_1mm.nii.gz and zubal_brainmask_1mm.nii.gz")
+    p.add_argument(
+        "--texture",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="smooth chi/R2*/M0 variation within tissue classes (default: on for zubal, off for mni)",
+    )
     p.add_argument("--field-strength", type=_positive_float, default=3.0, help="B0 in tesla (default 3)")
     p.add_argument(
         "--echo-times",
@@ -87,8 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         downsample = int(round(args.voxel_size))
     else:
         downsample = args.downsample
-    if args.phantom == "head":
+    phantom = args.phantom
+    if phantom == "head":
         pk = {"downsample": downsample or (2 if args.small else 1), "lesions": args.lesions}
+        if args.texture is not None:
+            pk["texture"] = args.texture
+        if args.anatomy == "zubal":
+            phantom = "zubal"
+            pk["data_dir"] = args.zubal_dir
+    elif args.anatomy != "mni" or args.texture is not None:
+        print("qsmprep-simulate: error: --anatomy and --texture apply to --phantom head", file=sys.stderr)
+        return EX_USAGE
     else:
         n = 64 if args.small or downsample is None else max(16, 128 // downsample)
         v = float(downsample or 1)
@@ -111,12 +134,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             phase_units=args.phase_units,
             acq=args.acq,
             seed=args.seed,
-            phantom=args.phantom,
+            phantom=phantom,
             phantom_kwargs=pk,
             simulate_kwargs=sk,
             derivatives=not args.no_derivatives,
             overwrite=args.overwrite,
         )
+    except FileNotFoundError as exc:
+        print(f"qsmprep-simulate: error: {exc}", file=sys.stderr)
+        return EX_NOINPUT
     except (ValueError, FileExistsError) as exc:
         print(f"qsmprep-simulate: error: {exc}", file=sys.stderr)
         return EX_USAGE
@@ -124,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     snr = "inf" if args.snr is None or math.isinf(args.snr) else f"{args.snr:g}"
     print(
         f"qsmprep-simulate: wrote {len(files)} files to {args.out_dir} in {dt:.1f} s "
-        f"({args.phantom}, {len(te)} echoes, {args.field_strength:g} T, SNR {snr})"
+        f"({phantom}, {len(te)} echoes, {args.field_strength:g} T, SNR {snr})"
     )
     return 0
 

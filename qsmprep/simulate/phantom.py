@@ -1,4 +1,5 @@
-"""Numerical phantoms for QSM: a realistic head built on the MNI152 2009 templates, and a geometric one.
+"""Numerical phantoms for QSM: heads built on the MNI152 2009 templates and on the Zubal segmented head, and a
+geometric one.
 
 Susceptibility ``chi_ppm`` is SI volume susceptibility in ppm **relative to water/CSF** (CSF = 0).
 Air is +9.4 ppm on that scale (air +0.36, water -9.05 ppm absolute; Schenck, Med Phys 1996;23:815),
@@ -68,7 +69,13 @@ _TISSUES: dict[int, tuple[str, float, float, float]] = {
     13: ("bone", -2.0, 0.0, 0.0),
     14: ("air_cavity", AIR_PPM, 0.0, 0.0),
     15: ("muscle_skin", 0.0, 0.50, 30.0),
+    # tissue outside the brain that only some anatomies have (ids after the lesions 16-21 and the shapes 21-25)
+    26: ("eye", 0.0, 0.95, 4.0),
+    27: ("bone_marrow", -0.8, 0.55, 90.0),
 }
+
+#: The MNI head uses the ids up to here (and its lesions); larger ids are tissues of other anatomies.
+_MNI_MAX_LABEL = 15
 
 #: Nominal properties of the head-phantom labels: ``{label: (name, chi_ppm, m0, r2star_hz)}``.
 HEAD_TISSUES = dict(_TISSUES)
@@ -288,6 +295,7 @@ def make_head_phantom(
     seed: int = 0,
     fov_mm: Sequence[int] = (197, 233, 189),
     n_random_veins: int = 14,
+    texture: bool = False,
 ) -> Phantom:
     """Realistic head phantom from the MNI152 2009 templates shipped with nilearn (1 mm, skull-stripped).
 
@@ -303,7 +311,9 @@ def make_head_phantom(
     (``extend_faces`` lists every face the head touches; a smaller ``fov_mm`` crops the head and the
     forward model then continues it through those faces too). ``downsample`` (integer)
     block-averages chi/M0/R2* (labels by majority; brain mask: blocks wholly inside) to
-    ``downsample`` mm voxels. Deterministic for a ``seed``.
+    ``downsample`` mm voxels. ``texture=True`` adds smooth variation inside each tissue class at 1 mm
+    (:func:`texture_phantom`; off by default: the accuracy bounds of the tests and of the shipped
+    networks were set on the untextured head). Deterministic for a ``seed``.
     """
     if int(downsample) != downsample or downsample < 1:
         raise ValueError(f"downsample must be a positive integer, got {downsample}")
@@ -389,8 +399,8 @@ def make_head_phantom(
     del gm, wm
 
     # --- lesions
-    label_names = {k: v[0] for k, v in _TISSUES.items()}
-    label_chi = {k: v[1] for k, v in _TISSUES.items()}
+    label_names = {k: v[0] for k, v in _TISSUES.items() if k <= _MNI_MAX_LABEL}
+    label_chi = {k: v[1] for k, v in _TISSUES.items() if k <= _MNI_MAX_LABEL}
     if lesions:
         for lab, name, chi, c in _LESIONS:
             frac, sl = _ellipsoid(canvas, c, (_LESION_RADIUS_MM,) * 3)
@@ -441,6 +451,8 @@ def make_head_phantom(
         chi_ambient_ppm=AIR_PPM,
         extend_faces=_touching_faces(canvas.labels),
     )
+    if texture:
+        ph = texture_phantom(ph, seed=seed)
     if downsample > 1:
         ph = downsample_phantom(ph, downsample)
     return ph
@@ -529,15 +541,7 @@ def _paint_veins(canvas: _Canvas, env, intracranial, wm, rng, n_random: int):
             ([(s * 16.0, 8.0, 20.0), (s * 10.0, -2.0, 18.0), (s * 3.0, 2.0, 16.0)], 0.8),
         ]
     # random medullary / cortical veins: straight segments starting in WM above the ventricles
-    cand = np.flatnonzero((wm > 0.9) & intracranial)
-    if n_random > 0 and cand.size:
-        starts = np.unravel_index(rng.choice(cand, size=n_random, replace=False), wm.shape)
-        for i in range(n_random):
-            p0 = np.array([starts[0][i] + ox, starts[1][i] + oy, starts[2][i] + oz])
-            v = rng.standard_normal(3)
-            v /= np.linalg.norm(v)
-            length = rng.uniform(15.0, 30.0)
-            vessels.append(([tuple(p0), tuple(p0 + length * v)], float(rng.uniform(0.5, 0.9))))
+    vessels += _random_vein_paths((wm > 0.9) & intracranial, canvas.origin, rng, n_random)
     for pts, rad in vessels:
         if len(pts) < 2:
             continue
@@ -547,6 +551,403 @@ def _paint_veins(canvas: _Canvas, env, intracranial, wm, rng, n_random: int):
         chi = float(rng.uniform(0.30, 0.45))
         _, _, m0, r2 = _TISSUES[11]
         canvas.paint(frac * env[sl] if rad < 2.0 else frac, sl, 11, chi, m0, r2)
+
+
+def _random_vein_paths(start_mask, origin, rng, n: int, scale: float = 1.0):
+    """``n`` seeded straight vein segments ([p0, p1], radius) starting in ``start_mask`` (world mm on the
+    canvas grid ``index + origin``): length 15-30 mm, radius 0.5-0.9 mm, both times ``scale`` (grid units
+    per mm)."""
+    cand = np.flatnonzero(start_mask)
+    out = []
+    if n <= 0 or not cand.size:
+        return out
+    ox, oy, oz = origin
+    starts = np.unravel_index(rng.choice(cand, size=min(n, cand.size), replace=False), start_mask.shape)
+    for i in range(len(starts[0])):
+        p0 = np.array([starts[0][i] + ox, starts[1][i] + oy, starts[2][i] + oz])
+        v = rng.standard_normal(3)
+        v /= np.linalg.norm(v)
+        length = rng.uniform(15.0, 30.0) * scale
+        out.append(([tuple(p0), tuple(p0 + length * v)], float(rng.uniform(0.5, 0.9)) * scale))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# texture
+
+#: Standard deviation (ppm) of the smooth chi texture per tissue label (0: none). About 10-20 % of the
+#: nominal contrast in the nuclei, +-0.01 ppm in GM/WM (cf. the 0.02 ppm voxel-wise spread of Biondetti
+#: et al. 2021 and the within-structure iron gradients of Li W et al., NeuroImage 2014;94:275);
+#: CSF stays uniform (the usual reference region). Lesions and air carry none.
+TEXTURE_CHI_SD_PPM: dict[int, float] = {
+    1: 0.012, 2: 0.025, 3: 0.012, 4: 0.02, 5: 0.02, 6: 0.02, 7: 0.01, 8: 0.01, 9: 0.01, 10: 0.0,
+    11: 0.03, 12: 0.02, 13: 0.1, 14: 0.0, 15: 0.01, 26: 0.0, 27: 0.05,
+}
+#: Relative standard deviation of the R2* and M0 textures in every tissue label (not air, not lesions).
+TEXTURE_R2STAR_CV = 0.05
+TEXTURE_M0_CV = 0.02
+
+
+def smooth_noise(shape, voxel_size_mm, corr_mm: float, rng) -> np.ndarray:
+    """Zero-mean, unit-variance Gaussian random field (float32) with a Gaussian autocorrelation of standard
+    deviation ``corr_mm``: white noise filtered (sigma ``corr_mm / sqrt 2``) on a grid up to sigma coarse,
+    then linearly interpolated (fast for whole heads)."""
+    vs = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    sigma_mm = float(corr_mm) / np.sqrt(2.0)
+    f = [max(1, int(sigma_mm // v)) for v in vs]
+    cshape = tuple(-(-int(n) // fi) + 1 for n, fi in zip(shape, f))
+    c = rng.standard_normal(cshape, dtype=np.float32)
+    c = ndi.gaussian_filter(c, [sigma_mm / (v * fi) for v, fi in zip(vs, f)], mode="wrap")
+    out = ndi.zoom(c, [fi for fi in f], order=1, output=np.float32, grid_mode=False)
+    out = np.ascontiguousarray(out[tuple(slice(0, int(n)) for n in shape)])
+    out -= np.float32(out.mean())
+    out /= np.float32(max(float(out.std()), 1e-12))
+    return out
+
+
+def _label_means(values: np.ndarray, index: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mean of ``values`` within each label (``index``: flat labels as intp; ``counts``: their bincount)."""
+    tot = np.bincount(index, weights=values.ravel(), minlength=counts.size)
+    return (tot / np.maximum(counts, 1)).astype(np.float32)
+
+
+def texture_phantom(
+    ph: Phantom,
+    seed: int = 0,
+    corr_mm: float = 4.0,
+    chi_sd_ppm: dict[int, float] | None = None,
+    r2star_cv: float = TEXTURE_R2STAR_CV,
+    m0_cv: float = TEXTURE_M0_CV,
+) -> Phantom:
+    """A copy of ``ph`` with smooth random variation of chi, R2* and M0 inside each tissue label.
+
+    Each map gets ``amplitude[label] * (n - mean_label(n))`` of a seeded Gaussian random field ``n``
+    (:func:`smooth_noise`, correlation ``corr_mm``), so every label keeps its mean chi/R2*/M0 exactly
+    and ``label_chi_ppm`` stays the per-label truth. chi amplitudes: ``chi_sd_ppm`` (default
+    :data:`TEXTURE_CHI_SD_PPM`; labels not listed, e.g. lesions, get none); R2* and M0: ``r2star_cv`` and
+    ``m0_cv`` times the label's mean. The R2* field is correlated with the chi field (r = 0.7, iron
+    raises both); the M0 field is independent. Labels named ``background_air``/``air_cavity`` are left
+    alone. Deterministic for a ``seed``.
+    """
+    if corr_mm <= 0:
+        raise ValueError(f"corr_mm must be positive, got {corr_mm}")
+    rng = np.random.default_rng([int(seed), 0x7E57])
+    labels = np.asarray(ph.labels)
+    if labels.min() < 0:
+        raise ValueError("labels must be >= 0")
+    n_lut = int(labels.max()) + 1
+    table = TEXTURE_CHI_SD_PPM if chi_sd_ppm is None else chi_sd_ppm
+    air = {k for k, v in ph.label_names.items() if v in ("background_air", "air_cavity")}
+    chi_amp = np.zeros(n_lut, np.float32)
+    tissue = np.zeros(n_lut, bool)
+    for lab in range(n_lut):
+        if lab in ph.label_names and lab not in air:
+            chi_amp[lab] = table.get(lab, 0.0)
+            tissue[lab] = lab in table
+    index = labels.ravel().astype(np.intp)
+    counts = np.bincount(index, minlength=n_lut)
+    r2_amp = np.where(tissue, r2star_cv * _label_means(ph.r2star_hz, index, counts), 0.0).astype(np.float32)
+    m0_amp = np.where(tissue, m0_cv * _label_means(ph.m0, index, counts), 0.0).astype(np.float32)
+
+    def textured(base, amp, noise):
+        # base + amp * (noise - label mean of noise): every label keeps its mean
+        shift = amp * _label_means(noise, index, counts)
+        return base + (amp[labels] * noise - shift[labels])
+
+    n1 = smooth_noise(labels.shape, ph.voxel_size_mm, corr_mm, rng)
+    n2 = smooth_noise(labels.shape, ph.voxel_size_mm, corr_mm, rng)
+    chi = textured(ph.chi_ppm, chi_amp, n1)
+    n1 *= np.float32(0.7)
+    n1 += np.float32(np.sqrt(1 - 0.49)) * n2
+    r2 = textured(ph.r2star_hz, r2_amp, n1)
+    del n1
+    m0 = textured(ph.m0, m0_amp, n2)
+    del n2
+    return Phantom(
+        chi_ppm=chi.astype(np.float32),
+        labels=ph.labels,
+        label_names=dict(ph.label_names),
+        brain_mask=ph.brain_mask,
+        m0=np.maximum(m0, 0.0).astype(np.float32),
+        r2star_hz=np.maximum(r2, 0.0).astype(np.float32),
+        voxel_size_mm=ph.voxel_size_mm,
+        affine=ph.affine,
+        label_chi_ppm=dict(ph.label_chi_ppm),
+        chi_ambient_ppm=ph.chi_ambient_ppm,
+        extend_faces=ph.extend_faces,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zubal head
+
+#: Environment variable naming the folder of the Zubal files (the data are not shipped with qsmprep).
+ZUBAL_DIR_ENV = "QSMPREP_ZUBAL_DIR"
+ZUBAL_LABELS_FILE = "zubal_labels_1mm.nii.gz"
+ZUBAL_BRAINMASK_FILE = "zubal_brainmask_1mm.nii.gz"
+
+# Zubal label index (Zubal IG et al., Med Phys 1994;21:299, as listed in the scripts of Biondetti E et al.,
+# bioRxiv 2021.06.14.448385) -> tissue id of _TISSUES. 104 ("sinuses/mouth cavity") is air outside the
+# brain mask and venous blood (dural sinuses) inside it; brain tissue outside the mask is soft tissue.
+_ZUBAL_TISSUE = {
+    1: 15,  # skin
+    2: 10,  # CSF
+    3: 8,  # spinal cord
+    4: 13,  # skull
+    5: 27,  # spine (vertebrae: cancellous bone with marrow)
+    9: 15,  # skeletal muscle
+    15: 14,  # pharynx (airway)
+    22: 12,  # fat
+    23: 11,  # blood pool (sinuses, jugular veins, carotids: taken as venous)
+    26: 8,  # fornix
+    30: 15,  # cartilage
+    70: 27,  # dens of the axis
+    71: 13,  # jaw bone
+    72: 15,  # parotid gland
+    74: 15,  # lacrimal glands
+    75: 10,  # spinal canal
+    76: 13,  # hard palate
+    77: 9,  # cerebellum
+    78: 15,  # tongue
+    81: 13,  # horn of the mandible
+    82: 15,  # nasal septum
+    83: 8,  # white matter
+    84: 11,  # superior sagittal sinus
+    85: 8,  # medulla oblongata
+    89: 9,  # frontal lobes
+    91: 8,  # pons
+    92: 10,  # third ventricle
+    95: 9,  # occipital lobes
+    96: 9,  # hippocampus
+    97: 9,  # pituitary gland
+    98: 12,  # fat around the skull
+    99: 9,  # uncus
+    100: 15,  # turbinates
+    101: 1,  # caudate nucleus
+    102: 13,  # zygoma
+    103: 9,  # insular cortex
+    104: 14,  # sinuses / mouth cavity
+    105: 3,  # putamen
+    106: 15,  # optic nerve
+    107: 8,  # internal capsule
+    108: 8,  # septum pellucidum
+    109: 7,  # thalamus
+    110: 26,  # eyeball
+    111: 8,  # corpus callosum
+    112: 9,  # frontal lobes (special region)
+    113: 10,  # cerebral falx
+    114: 9,  # temporal lobes
+    115: 10,  # fourth ventricle
+    116: 26,  # frontal portion of the eyes
+    117: 9,  # parietal lobes
+    118: 9,  # amygdala
+    119: 26,  # eye
+    120: 2,  # globus pallidus
+    121: 26,  # lens
+    122: 10,  # cerebral aqueduct
+    123: 10,  # lateral ventricles
+    124: 9,  # prefrontal lobes
+    125: 13,  # teeth
+}
+# tissue ids that only exist inside the brain mask (elsewhere they become soft tissue)
+_BRAIN_ONLY = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+
+
+def zubal_data_dir(data_dir=None):
+    """Folder of the Zubal files: ``data_dir``, else ``$QSMPREP_ZUBAL_DIR``. Raises FileNotFoundError (saying
+    what is missing) when neither holds ``zubal_labels_1mm.nii.gz`` and ``zubal_brainmask_1mm.nii.gz``."""
+    import os
+    from pathlib import Path
+
+    d = data_dir if data_dir is not None else os.environ.get(ZUBAL_DIR_ENV)
+    if not d:
+        raise FileNotFoundError(
+            f"Zubal head data: pass data_dir or set ${ZUBAL_DIR_ENV} to the folder holding {ZUBAL_LABELS_FILE} "
+            f"and {ZUBAL_BRAINMASK_FILE} (not shipped with qsmprep)"
+        )
+    folder = Path(d).expanduser()
+    missing = [f for f in (ZUBAL_LABELS_FILE, ZUBAL_BRAINMASK_FILE) if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"Zubal head data: {', '.join(missing)} not found in {folder}")
+    return folder
+
+
+@functools.lru_cache(maxsize=1)
+def _zubal_arrays(folder: str):
+    """Zubal labels (uint8) and brain mask (bool) at 1 mm, read-only, and the file affine."""
+    import nibabel as nib
+
+    limg = nib.load(f"{folder}/{ZUBAL_LABELS_FILE}")
+    mimg = nib.load(f"{folder}/{ZUBAL_BRAINMASK_FILE}")
+    labels = np.asarray(limg.dataobj)
+    mask = np.asarray(mimg.dataobj) > 0
+    aff = np.asarray(limg.affine, dtype=np.float64)
+    if labels.ndim != 3 or labels.shape != mask.shape:
+        raise ValueError(f"Zubal labels {labels.shape} and brain mask {mask.shape} must be 3D of one shape")
+    if not np.allclose(aff[:3, :3], np.eye(3)) or labels.min() < 0 or labels.max() > 255:
+        raise ValueError("unexpected Zubal label file (expected 1 mm, no rotation, labels 0-255)")
+    labels = labels.astype(np.uint8)
+    unknown = sorted(set(np.unique(labels).tolist()) - set(_ZUBAL_TISSUE) - {0})
+    if unknown:
+        raise ValueError(f"unknown Zubal labels {unknown}")
+    for a in (labels, mask):
+        a.setflags(write=False)
+    return labels, mask, aff
+
+
+def _zubal_lesion_centres(wm_core: np.ndarray, top_of: np.ndarray, n_side: int = 3):
+    """Centres (voxel indices) of ``n_side`` lesions per hemisphere (axis-0 halves) in deep WM above the
+    level ``top_of`` (a mask whose mean height is the floor): nearest points of ``wm_core`` to three
+    anterior-posterior quantiles at the median height; low axis-0 half first."""
+    pts = np.argwhere(wm_core & (np.arange(wm_core.shape[2]) > np.argwhere(top_of)[:, 2].mean())[None, None, :])
+    if len(pts) < 2 * n_side:
+        raise RuntimeError("no room for the lesions in the white matter")
+    mid = np.median(pts[:, 0])
+    out = []
+    for half in (pts[pts[:, 0] < mid], pts[pts[:, 0] >= mid]):
+        x, z = np.median(half[:, 0]), np.median(half[:, 2])
+        for q in np.linspace(0.25, 0.75, n_side):
+            target = np.array([x, np.quantile(half[:, 1], q), z])
+            out.append(half[np.argmin(((half - target) ** 2).sum(axis=1))].astype(np.float64))
+    return out
+
+
+def make_zubal_phantom(
+    data_dir=None,
+    downsample: int = 1,
+    lesions: bool = False,
+    seed: int = 0,
+    texture: bool = True,
+    crop_margin_mm: float = 8.0,
+    fov_mm: Sequence[int] | None = None,
+    n_random_veins: int = 14,
+    voxel_size_mm: float | Sequence[float] = 1.0,
+) -> Phantom:
+    """Head phantom from the Zubal segmented head (Zubal et al., Med Phys 1994;21:299) in the conventions
+    of :func:`make_head_phantom` (chi ppm relative to CSF, ``chi_ambient_ppm`` air, label ids and
+    names of the MNI head, M0/R2* of its tissue table).
+
+    Data (not shipped): ``zubal_labels_1mm.nii.gz`` and ``zubal_brainmask_1mm.nii.gz`` (384x384x192, the
+    1.5 mm phantom upsampled by Biondetti et al., bioRxiv 2021.06.14.448385) from ``data_dir`` or
+    ``$QSMPREP_ZUBAL_DIR``. Orientation from the anatomy: array axis 1 runs posterior -> anterior (eyes,
+    nose), axis 2 inferior -> superior (spine, jaw at the bottom), so B0 lies along axis 2; left/right
+    cannot be told from the (symmetric) anatomy and axis 0 is taken as left -> right (RAS affine).
+    Labels: caudate, putamen, globus pallidus, thalamus, GM, WM, CSF, venous blood (sagittal sinus,
+    dural sinuses, blood pool), fat, bone, bone marrow (spine), muscle/skin, eyes, air cavities
+    (pharynx, sinuses, mouth/nasal cavity); the Zubal head has no red nucleus, substantia nigra or
+    dentate nucleus. ``brain_mask`` is the Zubal brain mask: the intracranial space (brain, CSF, dural
+    sinuses) and the spinal canal, as the MNI head's. ``n_random_veins`` seeded medullary veins are added
+    in the WM; ``lesions=True`` puts the six graded lesions of the MNI head in deep WM.
+
+    Grid: the head's bounding box plus ``crop_margin_mm`` (the jaw/neck touches the bottom face and
+    continues beyond it in the forward model: ``extend_faces``); ``fov_mm`` instead gives a fixed field
+    of view, centred on the head in x/y with the margin above the vertex (the bottom slice replicated
+    below the neck). ``voxel_size_mm`` scales the grid (default 1 mm as in the files; the head is large
+    at 1 mm: brain 180 mm left-right). ``texture`` (default on) adds smooth variation within tissue
+    classes (:func:`texture_phantom`); ``downsample`` block-averages as :func:`downsample_phantom`.
+    Deterministic for a ``seed``.
+    """
+    if int(downsample) != downsample or downsample < 1:
+        raise ValueError(f"downsample must be a positive integer, got {downsample}")
+    if crop_margin_mm < 0:
+        raise ValueError(f"crop_margin_mm must be >= 0, got {crop_margin_mm}")
+    vs = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,)).copy()
+    if not np.all(np.isfinite(vs)) or np.any(vs <= 0):
+        raise ValueError(f"voxel_size_mm must be positive, got {voxel_size_mm}")
+    zl, zm, zaff = _zubal_arrays(str(zubal_data_dir(data_dir)))
+    rng = np.random.default_rng(seed)
+
+    # --- grid: head bounding box + margin; the bottom of the head (jaw, neck) on the bottom face
+    head_idx = [np.nonzero((zl > 0).any(axis=tuple(j for j in range(3) if j != i)))[0] for i in range(3)]
+    lo = np.array([a[0] for a in head_idx])
+    hi = np.array([a[-1] for a in head_idx])
+    margin = np.ceil(crop_margin_mm / vs).astype(int)
+    if fov_mm is None:
+        start = lo - margin
+        stop = hi + 1 + margin
+        start[2] = lo[2]
+    else:
+        n = np.array([int(round(f)) for f in fov_mm])
+        if n.size != 3 or np.any(n * vs < 120):
+            raise ValueError(f"fov_mm must be three sizes >= 120 mm, got {tuple(fov_mm)}")
+        n = np.round(n / vs).astype(int)
+        start = np.round((lo + hi) / 2.0 - (n - 1) / 2.0).astype(int)
+        stop = start + n
+        stop[2] = hi[2] + 1 + margin[2]
+        start[2] = stop[2] - n[2]
+    ii = [np.arange(a, b) for a, b in zip(start, stop)]
+    inside = [(i >= 0) & (i < n) for i, n in zip(ii, zl.shape)]
+    ii[2] = np.maximum(ii[2], lo[2])  # below the cut: the bottom slice continues
+    inside[2] = ii[2] < zl.shape[2]
+    sel = np.ix_(*[np.clip(i, 0, n - 1) for i, n in zip(ii, zl.shape)])
+    valid = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    zlab = np.where(valid, zl[sel], np.uint8(0))
+    brain = valid & zm[sel]
+    del valid
+
+    # --- Zubal labels -> tissue ids
+    lut = np.zeros(256, np.int16)
+    for k, v in _ZUBAL_TISSUE.items():
+        lut[k] = v
+    labels = lut[zlab]
+    labels[(zlab == 104) & brain] = 11  # dural sinuses
+    labels[np.isin(labels, _BRAIN_ONLY) & ~brain] = 15
+    del zlab
+    n_lut = max(_TISSUES) + 1
+    chi_lut, m0_lut, r2_lut = (np.zeros(n_lut, np.float32) for _ in range(3))
+    for k, (_, c, m, r) in _TISSUES.items():
+        chi_lut[k], m0_lut[k], r2_lut[k] = c, m, r
+    canvas = _Canvas((1, 1, 1), (0.0, 0.0, 0.0), fill_label=0)
+    canvas.shape = labels.shape
+    canvas.chi, canvas.m0, canvas.r2, canvas.labels = chi_lut[labels], m0_lut[labels], r2_lut[labels], labels
+    present = sorted(int(k) for k in np.unique(labels))
+
+    # --- random medullary veins (grid units: voxels)
+    scale = 1.0 / float(vs.mean())
+    wm = (labels == 8) & brain
+    for pts, rad in _random_vein_paths(_erode_mm(wm, 2.0), canvas.origin, rng, n_random_veins, scale):
+        frac, sl = _tube(canvas, pts, rad)
+        if sl is None:
+            continue
+        _, _, m0, r2 = _TISSUES[11]
+        canvas.paint(frac * brain[sl], sl, 11, float(rng.uniform(0.30, 0.45)), m0, r2)
+    if 11 not in present:
+        present.append(11)
+
+    label_names = {k: _TISSUES[k][0] for k in present}
+    label_chi = {k: _TISSUES[k][1] for k in present}
+    if lesions:
+        # deep WM from a distance map on a 2x coarser grid (a full-grid EDT takes seconds)
+        core = ndi.distance_transform_edt(wm[::2, ::2, ::2], sampling=2 * vs) > _LESION_RADIUS_MM + 2.5
+        centres = [2.0 * c for c in _zubal_lesion_centres(core, (canvas.labels == 7)[::2, ::2, ::2])]
+        for (lab, name, chi, _), c in zip(_LESIONS, centres):
+            frac, sl = _ellipsoid(canvas, c, tuple(_LESION_RADIUS_MM / vs), edge_mm=scale)
+            m0 = 0.3 if chi < 0 else 0.55
+            canvas.paint(frac, sl, lab, chi, m0, 20.0 + 60.0 * abs(chi))
+            label_names[lab] = name
+            label_chi[lab] = chi
+    del wm
+
+    affine = np.diag(np.append(vs, 1.0))
+    affine[:3, 3] = vs * (start + zaff[:3, 3])
+    ph = Phantom(
+        chi_ppm=canvas.chi,
+        labels=canvas.labels,
+        label_names=dict(sorted(label_names.items())),
+        brain_mask=brain,
+        m0=canvas.m0,
+        r2star_hz=canvas.r2,
+        voxel_size_mm=tuple(float(v) for v in vs),
+        affine=affine,
+        label_chi_ppm=dict(sorted(label_chi.items())),
+        chi_ambient_ppm=AIR_PPM,
+        extend_faces=_touching_faces(canvas.labels),
+    )
+    if texture:
+        ph = texture_phantom(ph, seed=seed)
+    if downsample > 1:
+        ph = downsample_phantom(ph, downsample)
+    return ph
 
 
 # ---------------------------------------------------------------------------------------------------
