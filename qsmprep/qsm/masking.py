@@ -533,7 +533,8 @@ _BET_RANGES = {"fractional_threshold": "(0, 1)", "iterations": "[0, inf)", "subd
     "bet",
     label="BET brain extraction",
     description="brain extraction of the root-sum-of-squares magnitude over echoes with a deformable "
-    "tessellated surface (BET; fractional intensity threshold 0.5), which removes scalp, skull and neck",
+    "tessellated surface (BET; fractional intensity threshold 0.75 for GRE magnitude), which removes scalp, "
+    "skull and neck",
     references=("smith2002",),
     aliases=("brain-extraction", "brain_extraction"),
     forwards=(bet_mask,),
@@ -551,9 +552,10 @@ def bet(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(
     "bet-phase",
     label="BET brain extraction and phase quality",
     description="brain extraction of the root-sum-of-squares magnitude with a deformable tessellated surface "
-    "(BET; fractional intensity threshold 0.5), restricted to voxels whose ROMEO phase quality exceeds its "
+    "(BET; fractional intensity threshold 0.75 for GRE magnitude), restricted to voxels whose ROMEO phase "
+    "quality exceeds its "
     "Otsu threshold, holes filled",
-    references=("smith2002", "dymerska2021", "stewart2022"),
+    references=("smith2002", "dymerska2021", "stewart2022", "consensus2024"),
     aliases=("bet+phase", "bet_phase"),
     forwards=(bet_mask,),
     ranges={**_BET_RANGES, "quality_factor": "(0, inf)"},
