@@ -29,6 +29,11 @@ dentate       +0.10       35        0.72
 venous blood  +0.30..0.45 45        0.55
 ============  ======  ===========  =====
 
+Tissues outside the brain that only some anatomies label: eye (vitreous: water, chi 0, M0 0.95, long T2*,
+R2* 4/s) and bone marrow (cancellous bone of the vertebrae: about 20 % bone at -2 ppm and marrow about half
+fat at +0.6 ppm give about -0.3 ppm; trabecular susceptibility gradients raise R2* to about 90/s at 3 T,
+Wehrli FW et al., Radiology 1991;179:615; M0 0.55).
+
 Venous blood: Hct 0.4, Y 0.6-0.7 gives 0.3-0.45 ppm above water (Weisskoff & Kiihne, MRM
 1992;24:375; Spees WM et al., MRM 2001;45:533). Cortical bone about -2 ppm relative to water
 (Hopkins JA & Wehrli FW, MRM 1997;37:494); fat about +0.6 ppm (Schenck 1996). Lesions: calcification
@@ -71,7 +76,7 @@ _TISSUES: dict[int, tuple[str, float, float, float]] = {
     15: ("muscle_skin", 0.0, 0.50, 30.0),
     # tissue outside the brain that only some anatomies have (ids after the lesions 16-21 and the shapes 21-25)
     26: ("eye", 0.0, 0.95, 4.0),
-    27: ("bone_marrow", -0.8, 0.55, 90.0),
+    27: ("bone_marrow", -0.3, 0.55, 90.0),
 }
 
 #: The MNI head uses the ids up to here (and its lesions); larger ids are tissues of other anatomies.
@@ -311,8 +316,8 @@ def make_head_phantom(
     (``extend_faces`` lists every face the head touches; a smaller ``fov_mm`` crops the head and the
     forward model then continues it through those faces too). ``downsample`` (integer)
     block-averages chi/M0/R2* (labels by majority; brain mask: blocks wholly inside) to
-    ``downsample`` mm voxels. ``texture=True`` adds smooth variation inside each tissue class at 1 mm
-    (:func:`texture_phantom`; off by default: the accuracy bounds of the tests and of the shipped
+    ``downsample`` mm voxels. ``texture=True`` adds smooth variation inside each tissue class on the
+    final grid (:func:`texture_phantom`: label means exact there; off by default: the accuracy bounds of the tests and of the shipped
     networks were set on the untextured head). Deterministic for a ``seed``.
     """
     if int(downsample) != downsample or downsample < 1:
@@ -451,10 +456,10 @@ def make_head_phantom(
         chi_ambient_ppm=AIR_PPM,
         extend_faces=_touching_faces(canvas.labels),
     )
-    if texture:
-        ph = texture_phantom(ph, seed=seed)
     if downsample > 1:
         ph = downsample_phantom(ph, downsample)
+    if texture:
+        ph = texture_phantom(ph, seed=seed)
     return ph
 
 
@@ -598,8 +603,7 @@ def smooth_noise(shape, voxel_size_mm, corr_mm: float, rng) -> np.ndarray:
     cshape = tuple(-(-int(n) // fi) + 1 for n, fi in zip(shape, f))
     c = rng.standard_normal(cshape, dtype=np.float32)
     c = ndi.gaussian_filter(c, [sigma_mm / (v * fi) for v, fi in zip(vs, f)], mode="wrap")
-    out = ndi.zoom(c, [fi for fi in f], order=1, output=np.float32, grid_mode=False)
-    out = np.ascontiguousarray(out[tuple(slice(0, int(n)) for n in shape)])
+    out = ndi.zoom(c, [int(n) / cn for n, cn in zip(shape, cshape)], order=1, output=np.float32, grid_mode=False)
     out -= np.float32(out.mean())
     out /= np.float32(max(float(out.std()), 1e-12))
     return out
@@ -664,12 +668,12 @@ def texture_phantom(
     m0 = textured(ph.m0, m0_amp, n2)
     del n2
     return Phantom(
-        chi_ppm=chi.astype(np.float32),
+        chi_ppm=chi.astype(np.float32, copy=False),
         labels=ph.labels,
         label_names=dict(ph.label_names),
         brain_mask=ph.brain_mask,
-        m0=np.maximum(m0, 0.0).astype(np.float32),
-        r2star_hz=np.maximum(r2, 0.0).astype(np.float32),
+        m0=np.maximum(m0, np.float32(0.0)).astype(np.float32, copy=False),
+        r2star_hz=np.maximum(r2, np.float32(0.0)).astype(np.float32, copy=False),
         voxel_size_mm=ph.voxel_size_mm,
         affine=ph.affine,
         label_chi_ppm=dict(ph.label_chi_ppm),
@@ -844,7 +848,8 @@ def make_zubal_phantom(
     of view, centred on the head in x/y with the margin above the vertex (the bottom slice replicated
     below the neck). ``voxel_size_mm`` scales the grid (default 1 mm as in the files; the head is large
     at 1 mm: brain 180 mm left-right). ``texture`` (default on) adds smooth variation within tissue
-    classes (:func:`texture_phantom`); ``downsample`` block-averages as :func:`downsample_phantom`.
+    classes on the final grid (:func:`texture_phantom`); ``downsample`` block-averages as
+    :func:`downsample_phantom`.
     Deterministic for a ``seed``.
     """
     if int(downsample) != downsample or downsample < 1:
@@ -943,10 +948,10 @@ def make_zubal_phantom(
         chi_ambient_ppm=AIR_PPM,
         extend_faces=_touching_faces(canvas.labels),
     )
-    if texture:
-        ph = texture_phantom(ph, seed=seed)
     if downsample > 1:
         ph = downsample_phantom(ph, downsample)
+    if texture:
+        ph = texture_phantom(ph, seed=seed)
     return ph
 
 
