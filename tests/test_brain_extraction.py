@@ -108,6 +108,15 @@ def test_bet_anisotropic_voxels():
     assert abs(vol - h["brain"].sum() * np.prod(h["vs"])) < 0.05 * vol
 
 
+def test_bet_on_a_slab(head2):
+    """A slab (partial coverage, as many QSM acquisitions): the mask reaches the first and last slices."""
+    h = head2
+    sl = np.s_[:, :, 40:64]
+    m = be.bet_mask(h["mag"][sl], h["vs"])
+    assert dice(m, h["brain"][sl]) >= 0.95
+    assert dice(m[..., 0], h["brain"][sl][..., 0]) >= 0.9 and dice(m[..., -1], h["brain"][sl][..., -1]) >= 0.9
+
+
 def test_bet_parameters_and_errors():
     h = _synthetic_head(voxel_size_mm=(3.0, 3.0, 3.0))
     loose = be.bet_mask(h["mag"], h["vs"], fractional_threshold=0.2, subdivisions=3)
