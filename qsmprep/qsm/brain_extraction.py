@@ -260,8 +260,8 @@ def bet_surface(
         el = np.linalg.norm(v[edges[:, 0]] - v[edges[:, 1]], axis=1).mean()
         inv_r = 2.0 * np.abs(sn_len) / (el * el)
         f2 = 0.5 * (1.0 + np.tanh(f_c * (inv_r - e_c)))
-        # intensities inwards along -n: (N, n1)
-        # (3, depth, vertex): one depth after the other, vertices in spatial order (cache-friendly)
+        # intensities inwards along -n, (depth, vertex): one depth after the other, the vertices in
+        # spatial order (cache-friendly gathers)
         coords = (v * scale).T[:, None, :] - dists[None, :, None] * (normals * scale).T[:, None, :]
         prof = sample(coords.reshape(3, -1)).reshape(n1, len(v))
         i_min = np.maximum(t2, np.minimum(tm, prof.min(axis=0)))
