@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     for anatomy, les in itertools.product(anatomies, lesions):
         if anatomy == "zubal":
             if zdir is None:
-                print(f"| zubal | skipped: data absent (--zubal-dir or $QSMPREP_ZUBAL_DIR) |", flush=True)
+                print("| zubal | skipped: data absent (--zubal-dir or $QSMPREP_ZUBAL_DIR) |", flush=True)
                 continue
             from qsmprep.simulate import make_zubal_phantom
 

@@ -1,9 +1,10 @@
 """BET-style brain extraction (qsmprep.qsm.brain_extraction) on synthetic heads: a bright brain inside a
 dark skull shell inside a bright scalp shell, in air; and the ``bet``/``bet-phase`` masking entries."""
 
+import nibabel as nib
 import numpy as np
 import pytest
-from helpers import TWO_PI, dice
+from helpers import TWO_PI, dice, save_nifti
 
 from qsmprep.qsm import brain_extraction as be
 from qsmprep.qsm import masking as mk
@@ -19,7 +20,7 @@ def _synthetic_head(voxel_size_mm=(2.0, 2.0, 2.0), fov_mm=(176.0, 200.0, 168.0),
     Geometry in millimetres, so anisotropic voxels sample the same head."""
     rng = np.random.default_rng(seed)
     vs = np.asarray(voxel_size_mm, float)
-    shape = tuple(int(round(f / v)) for f, v in zip(fov_mm, vs))
+    shape = tuple(round(f / v) for f, v in zip(fov_mm, vs))
     x, y, z = (np.arange(n) * v - (n - 1) * v / 2 for n, v in zip(shape, vs))
     x, y, z = np.meshgrid(x, y, z + 10.0, indexing="ij", sparse=True)  # brain centre 10 mm above the FOV centre
 
@@ -190,3 +191,20 @@ def test_bet_on_zubal_head_2mm(zubal_phantom_2mm, b0, tilt):
     res = _masks_vs_truth(zubal_phantom_2mm, b0, tilt)
     assert res["bet"][0] >= 0.96 and res["bet"][1] < 0.06
     assert res["bet-phase"][0] >= 0.95 and res["bet-phase"][1] < 0.06
+
+
+def test_mask_interface_runs_bet(tmp_path, monkeypatch):
+    """The Mask interface passes the voxel size and the parameters to ``bet`` and records them."""
+    from qsmprep.interfaces.qsm import Mask
+
+    h = _synthetic_head(voxel_size_mm=(3.0, 3.0, 3.0))
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    mag = save_nifti(tmp_path / "mag.nii.gz", h["mag"], aff, np.float32)
+    ph = save_nifti(tmp_path / "phase.nii.gz", h["phase"], aff, np.float32)
+    monkeypatch.chdir(tmp_path)
+    res = Mask(phase=ph, magnitude=mag, echo_times=list(TE), voxel_size=[3.0, 3.0, 3.0], method="bet",
+               method_params={"fractional_threshold": 0.7, "subdivisions": 3}).run().outputs
+    m = np.asarray(nib.load(res.mask_file).dataobj) > 0
+    assert dice(m, h["brain"]) >= 0.93
+    assert res.params["Method"] == "bet"
+    assert res.params["Parameters"]["fractional_threshold"] == 0.7 and res.params["Parameters"]["d1_mm"] == 20.0
