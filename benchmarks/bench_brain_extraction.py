@@ -16,6 +16,10 @@ brain, CSF, dural sinuses; for Zubal its own brain mask, which also holds the sp
 Columns: Dice; "outside" = mask voxels outside the true brain (scalp, skull, neck, eyes) in % of the true
 brain's voxels; "missed" = true brain voxels left out, same unit; time of the masking call (wall, s; the
 phase-quality map's numba kernels are compiled beforehand).
+
+``--chain`` adds a second table: each mask through MCPC-3D-S, ROMEO, the B0 fit, V-SHARP and RTS (the
+classical chain of bench_pipeline.py), with the share of the true brain in V-SHARP's output mask, the
+voxels outside the true brain there, and the Chimap NRMSE (%) in that mask (mean-referenced).
 """
 
 from __future__ import annotations
@@ -57,7 +61,26 @@ def dice(a, b) -> float:
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-def run_case(sim, bias: bool) -> list[dict]:
+def chain_nrmse(sim, mask) -> tuple[float, int, float]:
+    """Brain share (%) and voxels outside the brain of V-SHARP's mask, Chimap NRMSE (%) of V-SHARP + RTS."""
+    from qsmprep.qsm import metrics
+    from qsmprep.qsm.constants import hz_to_ppm
+    from qsmprep.qsm.multiecho import fit_b0_hz, mcpc3ds
+    from qsmprep.qsm.reference import reference_mean
+    from qsmprep.qsm.unwrap import romeo_unwrap_multiecho
+
+    te, vs, b = sim.echo_times_s, sim.voxel_size_mm, sim.b0_dir
+    corrected, _ = mcpc3ds(sim.phase_rad, sim.magnitude, te, vs, mask=mask)
+    unwrapped = romeo_unwrap_multiecho(corrected, te, sim.magnitude, mask=mask)
+    total = hz_to_ppm(fit_b0_hz(unwrapped, te, sim.magnitude, mask=mask), sim.b0_tesla) * mask
+    local, m = STAGES["bgremove"].get("vsharp")(total, mask, vs, b)
+    chi = reference_mean(STAGES["inversion"].get("rts")(local, m, vs, b), m)
+    truth = sim.brain_mask
+    return (100.0 * np.count_nonzero(m & truth) / np.count_nonzero(truth), int(np.count_nonzero(m & ~truth)),
+            float(metrics.nrmse(chi, sim.chi_ppm, m)))
+
+
+def run_case(sim, bias: bool, chain: bool = False) -> list[dict]:
     mag = sim.magnitude * bias_field(sim.magnitude.shape[:3])[..., None] if bias else sim.magnitude
     truth = sim.brain_mask
     n = np.count_nonzero(truth)
@@ -70,6 +93,8 @@ def run_case(sim, bias: bool) -> list[dict]:
         m = np.asarray(m[0] if isinstance(m, tuple) else m, bool)
         rows.append(dict(method=name, dice=dice(m, truth), outside=100.0 * np.count_nonzero(m & ~truth) / n,
                          missed=100.0 * np.count_nonzero(truth & ~m) / n, seconds=dt))
+        if chain and not bias:
+            rows[-1]["chain"] = chain_nrmse(sim, m)
     return rows
 
 
@@ -82,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lesions", choices=("no", "yes", "both"), default="both")
     ap.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True,
                     help="add rows with a receive-bias field (7 T, axial, no lesions)")
+    ap.add_argument("--chain", action="store_true", help="also run V-SHARP + RTS in each mask (slower)")
     ap.add_argument("--zubal-dir", default=None)
     ap.add_argument("--out", default=None, help="write the markdown table to this file")
     args = ap.parse_args(argv)
@@ -96,6 +122,8 @@ def main(argv=None) -> int:
     zdir = zubal_dir(args.zubal_dir)
     lines = ["| anatomy | field | orientation | lesions | bias | method | Dice | outside (%) | missed (%) | time (s) |",
              "|---|---|---|---|---|---|---:|---:|---:|---:|"]
+    chain_lines = ["| anatomy | field | orientation | lesions | method | brain in final mask (%) | voxels outside | "
+                   "Chimap NRMSE (%) |", "|---|---|---|---|---|---:|---:|---:|"]
     print("\n".join(lines), flush=True)
     for anatomy, les in itertools.product(anatomies, lesions):
         if anatomy == "zubal":
@@ -112,13 +140,19 @@ def main(argv=None) -> int:
             cases.append((7.0, 0.0, True))
         for b0, tilt, bias in cases:
             sim = simulate_gre(ph, echo_times_s=FIELDS[b0], b0_tesla=b0, tilt_deg=tilt, snr=50, seed=1)
-            for r in run_case(sim, bias):
-                line = (f"| {anatomy.upper() if anatomy == 'mni' else 'Zubal'} | {b0:g} T | "
-                        f"{'axial' if tilt == 0 else f'oblique {tilt:g} deg'} | {'yes' if les else 'no'} | "
-                        f"{'yes' if bias else 'no'} | {r['method']} | {r['dice']:.3f} | {r['outside']:.1f} | "
+            for r in run_case(sim, bias, args.chain):
+                case = (f"| {anatomy.upper() if anatomy == 'mni' else 'Zubal'} | {b0:g} T | "
+                        f"{'axial' if tilt == 0 else f'oblique {tilt:g} deg'} | {'yes' if les else 'no'} | ")
+                line = (f"{case}{'yes' if bias else 'no'} | {r['method']} | {r['dice']:.3f} | {r['outside']:.1f} | "
                         f"{r['missed']:.1f} | {r['seconds']:.1f} |")
                 lines.append(line)
                 print(line, flush=True)
+                if "chain" in r:
+                    share, outside, err = r["chain"]
+                    chain_lines.append(f"{case}{r['method']} | {share:.1f} | {outside} | {err:.1f} |")
+    if len(chain_lines) > 2:
+        print("\n" + "\n".join(chain_lines), flush=True)
+        lines += ["", "Full chain (MCPC-3D-S, ROMEO, B0 fit, V-SHARP, RTS) in each mask:", ""] + chain_lines
     if args.out:
         head = (f"# Brain masks vs the true brain mask, {args.downsample} mm (benchmarks/bench_brain_extraction.py)\n\n"
                 f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} ({os.cpu_count()} CPUs, shared: "
