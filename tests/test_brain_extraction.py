@@ -208,3 +208,22 @@ def test_mask_interface_runs_bet(tmp_path, monkeypatch):
     assert dice(m, h["brain"]) >= 0.93
     assert res.params["Method"] == "bet"
     assert res.params["Parameters"]["fractional_threshold"] == 0.7 and res.params["Parameters"]["d1_mm"] == 20.0
+
+
+def test_magnitude_masking_needs_magnitude_data(tmp_path):
+    """config.check_runs refuses a magnitude-based mask for a phase-only series before any work."""
+    from types import SimpleNamespace
+
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.utils.errors import EX_USAGE, InputError
+
+    def run(has_mag):
+        return SimpleNamespace(echo_times_s=TE, has_magnitude=has_mag, prefix=lambda: "sub-01_part-phase")
+
+    cfg = QsmprepConfig(output_dir=tmp_path, masking="bet+phase")
+    assert cfg.masking == "bet-phase"
+    cfg.check_runs([run(True)])
+    with pytest.raises(InputError, match="needs magnitude") as exc:
+        cfg.check_runs([run(False)])
+    assert exc.value.code == EX_USAGE
+    QsmprepConfig(output_dir=tmp_path, masking="phase").check_runs([run(False)])

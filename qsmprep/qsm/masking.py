@@ -48,6 +48,7 @@ __all__ = [
     "phase_quality_mask",
     "magnitude_mask",
     "bet_phase_mask",
+    "MAGNITUDE_MASKING",
 ]
 
 _CROSS = ndi.generate_binary_structure(3, 1)  # 6-connectivity
@@ -524,6 +525,9 @@ def robust(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_m
     rss = np.sqrt(np.sum(np.square(mag), axis=3, dtype=np.float32))
     return robust_mask(rss, **kwargs)
 
+
+#: Masking methods that need magnitude images (checked against the data before a run starts).
+MAGNITUDE_MASKING = frozenset({"magnitude", "robust", "bet", "bet-phase"})
 
 _BET_RANGES = {"fractional_threshold": "(0, 1)", "iterations": "[0, inf)", "subdivisions": "[0, 7]",
                "d1_mm": "(0, inf)", "d2_mm": "(0, inf)", "tolerance_mm": "[0, inf)", "erode_mm": "[0, inf)"}
