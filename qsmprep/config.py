@@ -228,7 +228,12 @@ class QsmprepConfig:
 
     def check_runs(self, runs: Sequence[Any]) -> None:
         """Choices the data cannot support (``runs``: the :class:`~qsmprep.utils.bids.QsmRun` to process)."""
+        from qsmprep.qsm.masking import MAGNITUDE_MASKING
+
         for run in runs:
+            if self.masking in MAGNITUDE_MASKING and not run.has_magnitude:
+                raise InputError(run.prefix(), f"--masking {self.masking} needs magnitude images (this series has "
+                                 "phase only)", "Use --masking phase, or add the magnitude images", EX_USAGE)
             if self.reference == "csf" and (len(run.echo_times_s) < 2 or not run.has_magnitude):
                 raise InputError(
                     run.prefix(),

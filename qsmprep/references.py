@@ -65,6 +65,11 @@ REFERENCES: dict[str, Reference] = {
         'Computationally efficient combination of multi-channel phase data from multi-echo acquisitions (ASPIRE)',
         'Magn Reson Med', 2018, '79', '2996-3006', '10.1002/mrm.26963',
     ),
+    "smith2002": Reference(
+        'Smith SM',
+        'Fast robust automated brain extraction',
+        'Hum Brain Mapp', 2002, '17', '143-155', '10.1002/hbm.10062',
+    ),
     "stewart2022": Reference(
         "Stewart AW, Robinson SD, O'Brien K, et al",
         'QSMxT: Robust masking and artifact reduction for quantitative susceptibility mapping',

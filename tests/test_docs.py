@@ -78,3 +78,7 @@ def test_defaults_stated_in_prose_are_the_code_defaults():
     assert _number("docs/neural.md", r"outer (\d+) mm shell is dropped first \(`rim_mm`\)") == [nextqsm["rim_mm"]]
     csf = method("reference", "csf").resolve_params()
     assert _number("docs/limits.md", r"ventricles within (\d+) mm of the brain's centre") == [csf["radius_mm"]]
+    bet = method("masking", "bet").resolve_params()
+    assert _number("docs/methods.md", r"Parameters: `fractional_threshold` ([\d.]+) \(BET's `-f`") == [bet["fractional_threshold"]]
+    bet_phase = method("masking", "bet-phase").resolve_params()
+    assert _number("docs/methods.md", r"× `quality_factor` \(([\d.]+)\)") == [bet_phase["quality_factor"]]

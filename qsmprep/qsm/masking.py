@@ -7,6 +7,10 @@
 - :func:`magnitude_mask`: the same filled-mask procedure on the (RSS-combined) magnitude.
 - :func:`robust_mask`: MriResearchTools ``robustmask`` (quantile noise/signal levels, box smoothing,
   limited hole filling).
+- :func:`bet_phase_mask`: brain extraction of the magnitude (BET, Smith 2002;
+  :mod:`qsmprep.qsm.brain_extraction`) restricted to the voxels of reliable phase (ROMEO quality above
+  the Otsu threshold), holes filled: the brain extraction removes scalp, skull and neck, the phase
+  quality the unreliable voxels at its border (ISMRM 2024 QSM consensus).
 
 Beyond QSMxT, the largest 26-connected component of the thresholded map is kept by default
 (``keep_largest=True``) before filling: Gaussian filling would otherwise bridge a bright scalp across
@@ -14,7 +18,7 @@ the dark skull and the hole filling would then swallow the skull.
 
 Registry entries (``MASKING``) share the signature
 ``f(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1, 1, 1), **kw) -> bool``
-and are named ``"phase"``, ``"magnitude"`` and ``"robust"``.
+and are named ``"phase"``, ``"magnitude"``, ``"robust"``, ``"bet"`` and ``"bet-phase"``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from qsmprep.qsm.arrays import as_echo_times, as_float_volume, as_mask
+from qsmprep.qsm.brain_extraction import bet_mask
 from qsmprep.qsm.registry import MASKING
 
 __all__ = [
@@ -42,6 +47,8 @@ __all__ = [
     "phase_quality_map",
     "phase_quality_mask",
     "magnitude_mask",
+    "bet_phase_mask",
+    "MAGNITUDE_MASKING",
 ]
 
 _CROSS = ndi.generate_binary_structure(3, 1)  # 6-connectivity
@@ -432,6 +439,30 @@ def magnitude_mask(
     return m
 
 
+def bet_phase_mask(
+    phase_rad_4d,
+    magnitude_4d,
+    echo_times_s=None,
+    voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
+    quality_factor: float = 1.0,
+    use_second_echo: bool = True,
+    **bet_kwargs,
+) -> np.ndarray:
+    """Brain extraction (:func:`~qsmprep.qsm.brain_extraction.bet_mask` of the magnitude, ``bet_kwargs``)
+    intersected with ``quality > t * quality_factor`` (``quality``: :func:`phase_quality_map`, ``t``: its
+    Otsu threshold over the whole image, as the ``phase`` method), then the largest component and hole
+    filling: unreliable voxels are cut from the border of the brain (air/tissue interfaces, the skull's
+    partial volume) while enclosed ones (veins, haemorrhage) stay in the mask as the dipole inversion needs."""
+    if not np.isfinite(quality_factor) or quality_factor <= 0:
+        raise ValueError(f"quality_factor must be positive, got {quality_factor}")
+    brain = bet_mask(magnitude_4d, voxel_size_mm, **bet_kwargs)
+    q = phase_quality_map(phase_rad_4d, magnitude_4d, echo_times_s, use_second_echo)
+    m = brain & (q > np.float32(otsu_threshold(q) * quality_factor))
+    if not m.any():
+        raise ValueError("no voxel of the brain extraction has reliable phase; lower quality_factor")
+    return fill_holes(largest_component(m))
+
+
 # --------------------------------------------------------------------------------------------------
 # registry entries
 # --------------------------------------------------------------------------------------------------
@@ -493,3 +524,50 @@ def robust(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_m
     mag = _as_4d(magnitude_4d, "magnitude_4d")
     rss = np.sqrt(np.sum(np.square(mag), axis=3, dtype=np.float32))
     return robust_mask(rss, **kwargs)
+
+
+#: Masking methods that need magnitude images (checked against the data before a run starts).
+MAGNITUDE_MASKING = frozenset({"magnitude", "robust", "bet", "bet-phase"})
+
+_BET_RANGES = {"fractional_threshold": "(0, 1)", "iterations": "[0, inf)", "subdivisions": "[0, 7]",
+               "d1_mm": "(0, inf)", "d2_mm": "(0, inf)", "tolerance_mm": "[0, inf)", "erode_mm": "[0, inf)"}
+
+
+@MASKING.register(
+    "bet",
+    label="BET brain extraction",
+    description="brain extraction of the root-sum-of-squares magnitude over echoes with a deformable "
+    "tessellated surface (BET; fractional intensity threshold 0.75 for GRE magnitude), which removes scalp, "
+    "skull and neck",
+    references=("smith2002",),
+    aliases=("brain-extraction", "brain_extraction"),
+    forwards=(bet_mask,),
+    ranges=_BET_RANGES,
+)
+def bet(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0), **kwargs):
+    """MASKING entry: :func:`~qsmprep.qsm.brain_extraction.bet_mask` of the magnitude (phase and echo
+    times unused)."""
+    if magnitude_4d is None:
+        raise ValueError("bet masking needs magnitude_4d")
+    return bet_mask(magnitude_4d, voxel_size_mm, **kwargs)
+
+
+@MASKING.register(
+    "bet-phase",
+    label="BET brain extraction and phase quality",
+    description="brain extraction of the root-sum-of-squares magnitude with a deformable tessellated surface "
+    "(BET; fractional intensity threshold 0.75 for GRE magnitude), restricted to voxels whose ROMEO phase "
+    "quality exceeds its "
+    "Otsu threshold, holes filled",
+    references=("smith2002", "dymerska2021", "stewart2022", "consensus2024"),
+    aliases=("bet+phase", "bet_phase"),
+    forwards=(bet_mask,),
+    ranges={**_BET_RANGES, "quality_factor": "(0, inf)"},
+)
+def bet_phase(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0),
+              quality_factor: float = 1.0, use_second_echo: bool = True, **kwargs):
+    """MASKING entry: :func:`bet_phase_mask`."""
+    if phase_rad_4d is None or magnitude_4d is None:
+        raise ValueError("bet-phase masking needs phase_rad_4d and magnitude_4d")
+    return bet_phase_mask(phase_rad_4d, magnitude_4d, echo_times_s, voxel_size_mm, quality_factor=quality_factor,
+                          use_second_echo=use_second_echo, **kwargs)
