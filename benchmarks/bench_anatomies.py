@@ -50,6 +50,8 @@ CHAINS = {
     "vsharp+rts": ("vsharp", "rts"),
     "pdf+rts": ("pdf", "rts"),
     "pdf+tv": ("pdf", "tv"),
+    "pdf+nextqsm": ("pdf", "nextqsm"),
+    "vsharp+tv": ("vsharp", "tv"),
     "vsharp+nextqsm": ("vsharp", "nextqsm"),
     "vsharp+deepqsm": ("vsharp", "deepqsm"),
 }
@@ -144,7 +146,7 @@ def score(chi: np.ndarray, out_mask: np.ndarray, step_mask: np.ndarray, truth, b
     return row
 
 
-def run_chain(bids: Path, out: Path, work: Path, chain: str, nprocs: int):
+def run_chain(bids: Path, out: Path, work: Path, chain: str, nprocs: int, masking: str | None = None):
     """Run the BIDS App with a chain; the Chimap, the output brain mask, the masking step's mask (where
     the total field map is defined) and the wall time."""
     bg, inv = CHAINS[chain]
@@ -152,6 +154,8 @@ def run_chain(bids: Path, out: Path, work: Path, chain: str, nprocs: int):
            "--nprocs", str(nprocs), "--skip-bids-validation"]
     if bg:
         cmd += ["--bgremove", bg, "--inversion", inv]
+    if masking:
+        cmd += ["--masking", masking]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -173,13 +177,15 @@ def main(argv=None) -> int:
     p.add_argument("--lesions", nargs="+", type=int, default=[0])
     p.add_argument("--chains", nargs="+", default=list(CHAINS), choices=list(CHAINS))
     p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--masking", help="--masking of every chain (default: the App's default)")
     p.add_argument("--texture", action=argparse.BooleanOptionalAction, default=True,
                    help="smooth chi/R2* texture inside tissue classes (default on)")
     p.add_argument("--seed", type=int, default=301, help="phantom/noise seed (training used seed 0)")
     p.add_argument("--out", type=Path, help="also write the tables to this Markdown file")
     args = p.parse_args(argv)
 
-    lines = [f"# bench_anatomies: {args.downsample} mm, seed {args.seed}, chains {', '.join(args.chains)}", ""]
+    lines = [f"# bench_anatomies: {args.downsample} mm, seed {args.seed}, masking {args.masking or 'default'}, "
+             f"texture {'on' if args.texture else 'off'}, chains {', '.join(args.chains)}", ""]
     head = ["anatomy", "B0", "tilt", "lesions", "chain", "NRMSE %", "HFEN %", "XSIM", "DGM NRMSE %",
             "Dice output mask", "Dice masking step", "masking-step voxels outside brain", *NUCLEI.values(), "wall s"]
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -195,7 +201,7 @@ def main(argv=None) -> int:
                 continue
             for chain in args.chains:
                 chi, out_mask, step_mask, wall = run_chain(tmp / "bids", tmp / f"out-{chain}", tmp / "work",
-                                                           chain, args.nprocs)
+                                                           chain, args.nprocs, args.masking)
                 r = score(chi, out_mask, step_mask, *truth)
                 cells = [anatomy, f"{b0:g} T", f"{tilt:g}", "yes" if lesions else "no", chain,
                          f"{r['NRMSE']:.1f}", f"{r['HFEN']:.1f}", f"{r['XSIM']:.3f}",
