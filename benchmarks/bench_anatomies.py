@@ -86,16 +86,18 @@ def cases(args):
         if anatomy == "qsmforward":
             yield anatomy, 7.0, 0.0, 0, write_qsm_forward
             continue
-        for lesions in args.lesions:
-            for b0 in args.fields:
-                for tilt in args.tilts:
-                    def write(bids, anatomy=anatomy, lesions=lesions, b0=b0, tilt=tilt):
-                        phantom = make_phantom(anatomy, args.downsample, bool(lesions), args.seed, args.texture)
-                        sim = simulate_gre(phantom, echo_times_s=ECHOES[b0], b0_tesla=b0, tilt_deg=tilt, snr=50.0,
-                                           seed=args.seed)
-                        write_bids_dataset(bids, {"1": sim}, subjects=["1"], derivatives=False)
-                        return sim.chi_ppm, sim.brain_mask, sim.labels
-                    yield anatomy, b0, tilt, lesions, write
+        rows = ([tuple(float(v) for v in r.split(":")) for r in args.rows] if args.rows else
+                [(b0, tilt, lesions) for lesions in args.lesions for b0 in args.fields for tilt in args.tilts])
+        for b0, tilt, lesions in rows:
+            lesions = int(lesions)
+
+            def write(bids, anatomy=anatomy, lesions=lesions, b0=b0, tilt=tilt):
+                phantom = make_phantom(anatomy, args.downsample, bool(lesions), args.seed, args.texture)
+                sim = simulate_gre(phantom, echo_times_s=ECHOES[b0], b0_tesla=b0, tilt_deg=tilt, snr=50.0,
+                                   seed=args.seed)
+                write_bids_dataset(bids, {"1": sim}, subjects=["1"], derivatives=False)
+                return sim.chi_ppm, sim.brain_mask, sim.labels
+            yield anatomy, b0, tilt, lesions, write
 
 
 def write_qsm_forward(bids: Path):
@@ -175,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--fields", nargs="+", type=float, default=[3.0])
     p.add_argument("--tilts", nargs="+", type=float, default=[0.0])
     p.add_argument("--lesions", nargs="+", type=int, default=[0])
+    p.add_argument("--rows", nargs="+", metavar="B0:TILT:LESIONS",
+                   help="explicit rows instead of the product of --fields/--tilts/--lesions, e.g. 3:0:0 7:20:1")
     p.add_argument("--chains", nargs="+", default=list(CHAINS), choices=list(CHAINS))
     p.add_argument("--nprocs", type=int, default=2)
     p.add_argument("--masking", help="--masking of every chain (default: the App's default)")
