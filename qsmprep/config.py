@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -25,6 +26,11 @@ from qsmprep.utils.errors import EX_DATAERR, EX_USAGE, InputError
 __all__ = ["Stage", "MethodParams", "QsmprepConfig", "DEVICES", "ANALYSIS_LEVELS"]
 
 DEVICES = ("auto", "cuda", "cpu")
+#: the default masking (brain extraction within reliable phase: ISMRM 2024 consensus) and the mask of a
+#: series without magnitude images, where brain extraction cannot run
+DEFAULT_MASKING = "bet-phase"
+PHASE_ONLY_MASKING = "phase"
+LOGGER = logging.getLogger("qsmprep")
 ANALYSIS_LEVELS = ("participant", "group")
 
 
@@ -87,7 +93,7 @@ class MethodParams:
 class QsmprepConfig:
     """All options of a qsmprep run (paths are absolute :class:`~pathlib.Path`).
 
-    The methods are the default pipeline: QSMxT phase-quality mask, ROMEO, PDF alternated with the
+    The methods are the default pipeline: BET brain extraction within reliable phase quality, ROMEO, PDF alternated with the
     NeXtQSM-style VarNet as the susceptibility prior, the VarNet inversion, whole-brain mean reference
     (docs/neural.md names the data this choice rests on).
     """
@@ -115,7 +121,7 @@ class QsmprepConfig:
     self_supervised_steps: int = 0
     verbose: int = 0
     # methods (registered names of the stage's registry in qsmprep.methods)
-    masking: MaskingMethod = "phase"
+    masking: MaskingMethod = DEFAULT_MASKING
     unwrapping: UnwrappingMethod = "romeo"
     bgremove: BgremoveMethod = "nextqsm"
     inversion: InversionMethod = "nextqsm"
@@ -226,12 +232,24 @@ class QsmprepConfig:
         self._check_models()
         return self
 
+    def masking_for(self, run: Any) -> str:
+        """The masking method of a series: the default, BET with phase quality, needs magnitude images; a
+        series without them is masked by phase quality alone (QSMxT's mask). A method given on purpose
+        other than the default is kept (and :meth:`check_runs` refuses it where it cannot run)."""
+        if self.masking == DEFAULT_MASKING and not run.has_magnitude and not self.method_params.for_stage("masking"):
+            return PHASE_ONLY_MASKING
+        return self.masking
+
     def check_runs(self, runs: Sequence[Any]) -> None:
         """Choices the data cannot support (``runs``: the :class:`~qsmprep.utils.bids.QsmRun` to process)."""
         from qsmprep.qsm.masking import MAGNITUDE_MASKING
 
         for run in runs:
-            if self.masking in MAGNITUDE_MASKING and not run.has_magnitude:
+            masking = self.masking_for(run)
+            if masking != self.masking:
+                LOGGER.warning("%s: no magnitude images: masking with %s instead of %s", run.prefix(), masking,
+                               self.masking)
+            if masking in MAGNITUDE_MASKING and not run.has_magnitude:
                 raise InputError(run.prefix(), f"--masking {self.masking} needs magnitude images (this series has "
                                  "phase only)", "Use --masking phase, or add the magnitude images", EX_USAGE)
             if self.reference == "csf" and (len(run.echo_times_s) < 2 or not run.has_magnitude):

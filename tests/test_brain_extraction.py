@@ -220,10 +220,18 @@ def test_magnitude_masking_needs_magnitude_data(tmp_path):
     def run(has_mag):
         return SimpleNamespace(echo_times_s=TE, has_magnitude=has_mag, prefix=lambda: "sub-01_part-phase")
 
-    cfg = QsmprepConfig(output_dir=tmp_path, masking="bet+phase")
-    assert cfg.masking == "bet-phase"
+    cfg = QsmprepConfig(output_dir=tmp_path, masking="bet")
     cfg.check_runs([run(True)])
     with pytest.raises(InputError, match="needs magnitude") as exc:
         cfg.check_runs([run(False)])
     assert exc.value.code == EX_USAGE
     QsmprepConfig(output_dir=tmp_path, masking="phase").check_runs([run(False)])
+    # the default (BET within phase quality) falls back to the phase-quality mask without magnitude
+    default = QsmprepConfig(output_dir=tmp_path, masking="bet+phase")
+    assert default.masking == "bet-phase" == QsmprepConfig().masking
+    default.check_runs([run(False)])
+    assert default.masking_for(run(False)) == "phase" and default.masking_for(run(True)) == "bet-phase"
+    # ... unless its parameters were set on purpose
+    tuned = QsmprepConfig(output_dir=tmp_path, method_params={"masking": {"fractional_threshold": 0.7}})
+    with pytest.raises(InputError, match="needs magnitude"):
+        tuned.check_runs([run(False)])

@@ -304,7 +304,8 @@ def test_saved_settings_load_back_with_config_file(tmp_path):
         ("[method_params.bgremove]\nthreshold = 2", 65, "bgremove method 'vsharp': threshold = 2 is out of range (0, 1)"),
         ("[method_params.bgremove]\nradii_mm = [6, -2]", 65, "radii_mm = [6, -2] is out of range (0, inf)"),
         ("[method_params.inversion]\nmaxit = 0", 65, "inversion method 'rts': maxit = 0 is out of range [1, inf)"),
-        ("[method_params.masking]\nerosions = [3, -1]", 65, "masking method 'phase': erosions = [3, -1] is out of range [0, inf)"),
+        ("[method_params.masking]\nfractional_threshold = 1.5", 65,
+         "masking method 'bet-phase': fractional_threshold = 1.5 is out of range (0, 1)"),
         ("[method_params.reference]\nmin_voxels = 0", 65, "reference method 'mean' has no parameter 'min_voxels'"),
     ],
 )

@@ -50,7 +50,8 @@ def test_the_method_table_holds_every_parameter_with_its_default_and_range():
     params = method("masking", "phase").parameters()
     for name in params:
         assert f"`{name}` = " in row
-    assert "`erosions` = [3, 0] [0, inf)" in row and "(default)" in row
+    assert "`erosions` = [3, 0] [0, inf)" in row
+    assert "(default)" in next(line for line in table.splitlines() if line.startswith("| `bet-phase`"))
     vsharp = next(line for line in gen.method_parameter_table("bgremove").splitlines() if "`vsharp`" in line)
     assert "12 mm down to twice the largest voxel size" in vsharp  # a data-dependent default, in words
 

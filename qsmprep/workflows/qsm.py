@@ -186,7 +186,7 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         mem_gb=0.2 + 3 * vol4_gb + 12 * vol_gb,
     )
     mask = pe.Node(
-        Mask(method=config.masking, method_params=params.for_stage("masking"), num_threads=nthreads),
+        Mask(method=config.masking_for(run), method_params=params.for_stage("masking"), num_threads=nthreads),
         name="brain_mask",
         n_procs=nthreads,
         mem_gb=0.2 + 2 * vol4_gb + 12 * vol_gb,
@@ -222,7 +222,7 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         mem_gb=0.2 + 8 * vol_gb,
     )
     sidecars = pe.Node(QsmSidecars(sources=run_sources(run, config.bids_dir)), name="sidecars")
-    methods = {"masking_method": config.masking, "unwrapping_method": config.unwrapping,
+    methods = {"masking_method": config.masking_for(run), "unwrapping_method": config.unwrapping,
                "bgremove_method": config.bgremove, "inversion_method": config.inversion,
                "reference_method": reference}
     qc = pe.Node(
