@@ -143,7 +143,7 @@ def rigid(fixed: nib.spatialimages.SpatialImage, moving: nib.spatialimages.Spati
 def syn(fixed: nib.spatialimages.SpatialImage, moving: nib.spatialimages.SpatialImage, out_forward: str | os.PathLike,
         out_inverse: str | os.PathLike, fixed_mask: nib.spatialimages.SpatialImage | None = None,
         iterations: Sequence[int] = SYN_ITERATIONS, num_threads: int | None = None, seed: int = 1,
-        metric: str = "mattes", grad_step: float = 0.2) -> Registration:
+        metric: str = "CC", grad_step: float = 0.2) -> Registration:
     """Affine + SyN registration of ``moving`` onto ``fixed``; writes the composite forward (moving -> fixed)
     and inverse transforms (``.h5``)."""
     import ants
@@ -195,15 +195,25 @@ def apply(image: nib.spatialimages.SpatialImage, reference: nib.spatialimages.Sp
     data = np.asarray(image.dataobj)
     vols = [data] if data.ndim == 3 else [data[..., i] for i in range(data.shape[-1])]
     out = []
-    for v in vols:
-        moving = to_ants(nib.Nifti1Image(np.asarray(v, np.float32), image.affine))
-        if tl:
-            res = ants.apply_transforms(ref, moving, tl, interpolator=interpolation, whichtoinvert=inv,
-                                        singleprecision=True)
-        else:
-            res = ants.resample_image_to_target(moving, ref, interp_type=interpolation)
-        arr = res.numpy()
-        out.append(np.rint(arr).astype(np.int32) if label else arr.astype(np.float32))
+    with tempfile.TemporaryDirectory(prefix="qsmprep_apply_") as tmp:
+        for k, (t, v) in enumerate(zip(tl, inv)):
+            if v and not t.endswith(".mat"):  # ANTsPy inverts .mat files only: invert an ITK text transform here
+                if t.endswith(".h5"):
+                    raise ValueError(f"{t}: a composite (nonlinear) transform cannot be inverted; use its inverse file")
+                tl[k] = str(Path(tmp) / f"inverse_{k}.mat")
+                ants.write_transform(ants.read_transform(t).invert(), tl[k])
+                inv[k] = False
+        for v in vols:
+            moving = to_ants(nib.Nifti1Image(np.asarray(v, np.float32), image.affine))
+            if tl:
+                res = ants.apply_transforms(ref, moving, tl, interpolator=interpolation, whichtoinvert=inv,
+                                            singleprecision=True)
+            elif interpolation in ("linear", "nearestNeighbor"):
+                res = ants.resample_image_to_target(moving, ref, interp_type=interpolation)
+            else:
+                raise ValueError(f"interpolation {interpolation!r} needs a transform list")
+            arr = res.numpy()
+            out.append(np.rint(arr).astype(np.int32) if label else arr.astype(np.float32))
     arr = out[0] if data.ndim == 3 else np.stack(out, axis=-1)
     aff = to_nibabel(ref).affine
     img = nib.Nifti1Image(arr, aff)
