@@ -100,7 +100,7 @@ def find_t1w(bids_dir: str | os.PathLike, run: Any) -> tuple[Path | None, str]:
             if not p.name.endswith(("_T1w.nii", "_T1w.nii.gz")) or ents.get("sub") != subject:
                 continue
             same_ses = ents.get("ses") == (str(session) if session else None)
-            score = (2 if same_ses else 0) + sum(
+            score = (10 if same_ses else 0) + sum(
                 1 for k, attr in (("acq", "acquisition"), ("run", "run"))
                 if getattr(run, attr, None) is not None and ents.get(k) == str(getattr(run, attr)))
             cands.append((-score, p.name, p))
