@@ -249,3 +249,47 @@ def test_output_names_of_spaces_and_transforms():
     text = bidsignore_text()
     assert "*_from-T1w_to-*_mode-image_xfm.*" in text and "space-" not in text
     assert os.sep not in output("chimap_space").doc_stem
+
+
+def test_group_maps_in_template_space(tmp_path):
+    """Three series with space-<template> Chimaps and masks: group/<space>_desc-{mean,sd}_Chimap and desc-n_mask
+    hold the voxel-wise mean, sample SD and count; group.html shows the template-space section; the ROI table
+    is long over segmentations (seg-<name> tables)."""
+    from qsmprep.reports.group import run_group
+
+    rng = np.random.default_rng(0)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    chis, masks = [], []
+    for i, sub in enumerate(("01", "02", "03")):
+        anat = tmp_path / f"sub-{sub}" / "anat"
+        anat.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.zeros((6, 6, 6), np.float32), np.eye(4)), anat / f"sub-{sub}_Chimap.nii.gz")
+        chi = rng.normal(0.02 * i, 0.05, (10, 12, 9)).astype(np.float32)
+        mask = np.zeros((10, 12, 9), np.uint8)
+        mask[1 + i:9, 2:11, 1:8] = 1
+        chis.append(chi * mask)
+        masks.append(mask)
+        nib.save(nib.Nifti1Image(chi * mask, aff), anat / f"sub-{sub}_space-MNI152NLin6Asym_res-2_Chimap.nii.gz")
+        nib.save(nib.Nifti1Image(mask, aff), anat / f"sub-{sub}_space-MNI152NLin6Asym_res-2_desc-brain_mask.nii.gz")
+        (anat / f"sub-{sub}_seg-aseg_desc-roi_stats.tsv").write_text(
+            "label\tname\tn_voxels\tmean_ppm\tmedian_ppm\tstd_ppm\n11\tLeft-Caudate\t50\t0.05\t0.05\t0.01\n")
+    paths = run_group(tmp_path)
+    g = tmp_path / "group"
+    mean = np.asarray(nib.load(g / "space-MNI152NLin6Asym_res-2_desc-mean_Chimap.nii.gz").dataobj)
+    sd = np.asarray(nib.load(g / "space-MNI152NLin6Asym_res-2_desc-sd_Chimap.nii.gz").dataobj)
+    n = np.asarray(nib.load(g / "space-MNI152NLin6Asym_res-2_desc-n_mask.nii.gz").dataobj)
+    m = np.stack(masks).astype(bool)
+    c = np.stack(chis)
+    np.testing.assert_array_equal(n, m.sum(0))
+    all3 = m.all(0)
+    np.testing.assert_allclose(mean[all3], c[:, all3].mean(0), atol=1e-6)
+    np.testing.assert_allclose(sd[all3], c[:, all3].std(0, ddof=1), atol=1e-6)
+    one = m.sum(0) == 1
+    assert one.any() and np.all(sd[one] == 0) and np.allclose(mean[one], c.sum(0)[one], atol=1e-6)
+    assert np.all(mean[n == 0] == 0)
+    html = (tmp_path / "group.html").read_text()
+    assert 'id="maps"' in html and "space-MNI152NLin6Asym_res-2" in html
+    assert paths["mean_space-MNI152NLin6Asym_res-2"].is_file()
+    roi = (tmp_path / "group_roi.tsv").read_text().splitlines()
+    assert roi[0].split("\t")[4] == "segmentation" and all("\taseg\t11\tLeft-Caudate" in r for r in roi[1:])
+    assert len(roi) == 4

@@ -28,6 +28,7 @@ __all__ = [
     "Row",
     "load_volume",
     "choose_cuts",
+    "crop_box",
     "mosaic",
     "run_figures",
     "swi_figure",
@@ -112,6 +113,11 @@ def _bbox(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
         pad = int(math.ceil(CROP_MARGIN * (hi - lo))) + 2
         out.append(slice(max(0, lo - pad), min(shape[ax], hi + pad)))
     return tuple(out)
+
+
+def crop_box(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` with a margin (slices per axis; the whole volume without a mask)."""
+    return _bbox(mask, shape)
 
 
 def choose_cuts(mask: np.ndarray | None, shape: tuple[int, ...], n_axial: int = 1) -> list[tuple[int, int]]:
