@@ -324,7 +324,7 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
         type=_non_negative_int,
         metavar="N",
         help=f"erode each region by N voxels of the GRE grid before its statistics, against partial volume "
-        f"(registered segmentations and atlases; default: {d.roi_erode_voxels})",
+        f"(registered segmentations and atlases) (default: {d.roi_erode_voxels})",
     )
 
     g = p.add_argument_group("Execution")
