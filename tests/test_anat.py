@@ -293,3 +293,55 @@ def test_group_maps_in_template_space(tmp_path):
     roi = (tmp_path / "group_roi.tsv").read_text().splitlines()
     assert roi[0].split("\t")[4] == "segmentation" and all("\taseg\t11\tLeft-Caudate" in r for r in roi[1:])
     assert len(roi) == 4
+
+
+def _dataset_with_t1w(shapes_bids, tmp_path, with_aseg=False):
+    import shutil
+
+    from qsmprep.simulate.anatomy import write_t1w
+    from qsmprep.utils.bids import collect_runs
+
+    src, _, sim = shapes_bids()
+    bids = tmp_path / "bids"
+    shutil.copytree(src, bids)
+    write_t1w(bids, "01", np.asarray(sim.magnitude[..., 0]), sim.affine)
+    deriv = None
+    if with_aseg:
+        deriv = tmp_path / "fs"
+        (deriv / "sub-01" / "mri").mkdir(parents=True)
+        nib.save(nib.MGHImage(np.asarray(sim.labels, np.int32), sim.affine), deriv / "sub-01" / "mri" / "aseg.mgz")
+    return bids, list(collect_runs(bids)), deriv
+
+
+def _nodes(wf):
+    return {n.fullname.split(".")[-1] for n in wf._get_all_nodes()}
+
+
+def test_output_spaces_without_a_template_skip_the_nonlinear_step(shapes_bids, tmp_path, tf_env):
+    """T1w only: rigid + resampling, no SyN node and no template transform sinks; with a template the SyN node
+    and its transform sinks appear; an aseg in --derivatives adds its region table. Building writes nothing."""
+    from qsmprep.config import QsmprepConfig
+    from qsmprep.workflows.base import init_single_subject_wf
+
+    bids, runs, deriv = _dataset_with_t1w(shapes_bids, tmp_path, with_aseg=True)
+    out = tmp_path / "out"
+    cfg = QsmprepConfig(bids_dir=bids, output_dir=out, output_spaces=["T1w"])
+    names = _nodes(init_single_subject_wf("01", runs, cfg))
+    assert {"gre_to_t1w", "chi_to_T1w", "mask_to_T1w", "ds_xfm_gre_t1w", "ds_chimap_space_T1w"} <= names
+    assert not any(n.startswith("t1w_to_") or n == "t1w_brain" for n in names), sorted(names)
+    cfg = QsmprepConfig(bids_dir=bids, output_dir=out, output_spaces=["T1w", "MNI152NLin6Asym:res-2"],
+                        derivatives=[deriv], atlas=["MNI152NLin6Asym:HOCPA:desc-th25:res-2"]).validate()
+    names = _nodes(init_single_subject_wf("01", runs, cfg))
+    assert {"t1w_brain", "t1w_to_MNI152NLin6Asym", "ds_xfm_t1w_template_MNI152NLin6Asym",
+            "ds_xfm_template_t1w_MNI152NLin6Asym", "chi_to_MNI152NLin6Asymres2", "roi_aseg", "roi_HOCPAth25",
+            "ds_roi_aseg", "ds_roi_HOCPAth25"} <= names, sorted(names)
+    assert not out.exists()
+    # no T1w for the subject: a warning and the native outputs only
+    cfg = QsmprepConfig(bids_dir=shapes_bids()[0], output_dir=out, output_spaces=["T1w"])
+    assert not any("t1w" in n for n in _nodes(init_single_subject_wf("01", list(collect_runs_of(shapes_bids)), cfg)))
+
+
+def collect_runs_of(shapes_bids):
+    from qsmprep.utils.bids import collect_runs
+
+    return collect_runs(shapes_bids()[0])
