@@ -185,7 +185,8 @@ class QsmprepConfig:
         """JSON-friendly dict (paths as strings) for provenance."""
         out = dataclasses.asdict(self)
         out["method_params"] = self.method_params.to_dict()
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+        return {k: (str(v) if isinstance(v, Path) else [str(x) if isinstance(x, Path) else x for x in v]
+                    if isinstance(v, list) else v) for k, v in out.items()}
 
     def to_toml(self) -> str:
         """The settings as a TOML file that ``--config-file`` loads back (None values are left out; the
