@@ -171,3 +171,37 @@ def parse_atlas(text: str) -> tuple[str, str, str | None, int]:
         else:
             res = int(m.group(2))
     return parts[0], parts[1], desc, res
+
+
+#: what the container images fetch at build time (``python -m qsmprep.anat.templates``), where the network allows:
+#: the two supported templates (T1w and brain mask at the resolutions fMRIPrep's defaults use) and the
+#: Harvard-Oxford cortical atlas of MNI152NLin6Asym
+PREFETCH: tuple[tuple[str, int, dict], ...] = (
+    ("MNI152NLin6Asym", 2, {"suffix": "T1w", "desc": None}),
+    ("MNI152NLin6Asym", 2, {"suffix": "mask", "desc": "brain"}),
+    ("MNI152NLin6Asym", 2, {"suffix": "dseg", "atlas": "HOCPA", "desc": "th25"}),
+    ("MNI152NLin2009cAsym", 1, {"suffix": "T1w", "desc": None}),
+    ("MNI152NLin2009cAsym", 1, {"suffix": "mask", "desc": "brain"}),
+    ("MNI152NLin2009cAsym", 2, {"suffix": "T1w", "desc": None}),
+    ("MNI152NLin2009cAsym", 2, {"suffix": "mask", "desc": "brain"}),
+)
+
+
+def prefetch() -> int:  # pragma: no cover - needs the network (container build)
+    """Fetch :data:`PREFETCH` into TEMPLATEFLOW_HOME with ``templateflow.api.get``; returns the number missing."""
+    from templateflow import api
+
+    missing = 0
+    for template, res, query in PREFETCH:
+        try:
+            api.get(template, resolution=res, extension=".nii.gz", **query)
+        except Exception as exc:  # noqa: BLE001 - report and go on: the run-time check names what is missing
+            print(f"could not fetch {template} res-{res} {query}: {exc}")
+            missing += 1
+    return missing
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(1 if prefetch() else 0)
