@@ -63,6 +63,7 @@ def _save(img: nib.Nifti1Image, name: str, dtype="float32") -> str:
 class _GreT1wInputSpec(BaseInterfaceInputSpec):
     magnitude_files = InputMultiObject(File(exists=True), mandatory=True, desc="magnitude images (echoes)")
     t1w = File(exists=True, mandatory=True, desc="T1w image (fixed)")
+    t1w_reason = Str("", usedefault=True, desc="why this T1w (recorded in the sidecar)")
     num_threads = traits.Int(1, usedefault=True)
 
 
@@ -98,6 +99,7 @@ class RegisterGreToT1w(SimpleInterface):
                            "to the T1w; ITK/ANTs text format, maps points of the T1w to the GRE (image mode: "
                            "resamples a GRE-space image onto the T1w with antsApplyTransforms)",
             "FromSpace": "GRE", "ToSpace": "T1w", "Mode": "image", "Registration": r.params,
+            "AnatomicalReference": self.inputs.t1w_reason or str(self.inputs.t1w),
             "Sources": [str(self.inputs.t1w)] + [str(f) for f in self.inputs.magnitude_files],
             "WallTimeSeconds": round(r.seconds, 2)})
         return runtime

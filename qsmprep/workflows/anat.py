@@ -99,7 +99,7 @@ def init_anat_wf(run: "QsmRun", config: "QsmprepConfig", anat: AnatInputs, refer
     outputnode = pe.Node(niu.IdentityInterface(fields=["xfm", "gre_in_t1w", "t1w_in_template", "seconds"]),
                          name="outputnode")
     gre_t1w = pe.Node(RegisterGreToT1w(magnitude_files=[str(p) for p in run.magnitude_files], t1w=str(anat.t1w),
-                                       num_threads=nthreads), name="gre_to_t1w", n_procs=nthreads, mem_gb=2.0)
+                                       t1w_reason=anat.t1w_reason, num_threads=nthreads), name="gre_to_t1w", n_procs=nthreads, mem_gb=2.0)
     wf.connect([(gre_t1w, outputnode, [("xfm", "xfm"), ("gre_in_t1w", "gre_in_t1w")])])
     out_dir = config.output_dir
     t1w_uri = bids_uri(anat.t1w, config.bids_dir) if config.bids_dir else str(anat.t1w)
