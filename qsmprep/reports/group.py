@@ -305,6 +305,12 @@ def write_tsv(path: str | os.PathLike, columns: Sequence[str], rows: Sequence[di
 # --------------------------------------------------------------------------------------------------
 
 
+def _roi_order(item) -> tuple:
+    """Regions ordered by segmentation (``--segmentation-dir`` first), then label, then name."""
+    (seg, lab, name) = item[0]
+    return (seg != "segmentation-dir", str(seg), str(lab).zfill(6), str(name))
+
+
 def _maps_html(output_dir: Path, figures: dict[str, Path | None]) -> str:
     from qsmprep.reports.html import escape, relative_link
 
@@ -355,13 +361,14 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
         by_roi: dict[tuple, list[float]] = {}
         for r in tables.roi_rows:
             if r.get("mean_ppm") is not None:
-                by_roi.setdefault((r.get("label"), r.get("name")), []).append(float(r["mean_ppm"]))
+                by_roi.setdefault((r.get("segmentation"), r.get("label"), r.get("name")), []).append(
+                    float(r["mean_ppm"]))
         body = "".join(
-            f"<tr><td>{escape(lab)}</td><td>{escape(name)}</td><td class='num'>{len(v)}</td>"
+            f"<tr><td>{escape(seg)}</td><td>{escape(lab)}</td><td>{escape(name)}</td><td class='num'>{len(v)}</td>"
             f"<td class='num'>{np.mean(v):.4f}</td><td class='num'>{np.std(v, ddof=1) if len(v) > 1 else float('nan'):.4f}</td>"
             f"<td class='num'>{np.min(v):.4f}</td><td class='num'>{np.max(v):.4f}</td></tr>"
-            for (lab, name), v in sorted(by_roi.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1]))))
-        roi_html += ("<table><tr><th>label</th><th>name</th><th>series</th><th>mean of means (ppm)</th>"
+            for (seg, lab, name), v in sorted(by_roi.items(), key=_roi_order))
+        roi_html += ("<table><tr><th>segmentation</th><th>label</th><th>name</th><th>series</th><th>mean of means (ppm)</th>"
                      f"<th>SD across series</th><th>min</th><th>max</th></tr>{body}</table>")
 
     qc_fig = fig("qc", "QC metrics across series",
@@ -443,13 +450,15 @@ def run_group(
         groups: dict[tuple, list] = {}
         for r in tables.roi_rows:
             prefix = r["_prefix"]
-            g = groups.setdefault((r.get("label"), r.get("name")), [[], [], []])
+            g = groups.setdefault((r.get("segmentation"), r.get("label"), r.get("name")), [[], [], []])
             g[0].append(r.get("mean_ppm"))
             g[1].append(prefix in flagged_runs)
             g[2].append(prefix)
-        ordered = sorted(groups.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1])))
+        ordered = sorted(groups.items(), key=_roi_order)
+        several = len({k[0] for k in groups}) > 1
         figures["roi"] = strip_box_plot(
-            [(str(name if name is not None else lab), v, f, l) for (lab, name), (v, f, l) in ordered],
+            [((f"{seg}: " if several else "") + str(name if name is not None else lab), v, f, l)
+             for (seg, lab, name), (v, f, l) in ordered],
             fig_dir / "group_desc-roichi.png", ylabel="mean susceptibility (ppm)",
             title=f"Regional susceptibility across {len(tables.qc_rows)} series",
         )
