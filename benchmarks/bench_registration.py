@@ -26,6 +26,49 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 
 
+#: Zubal label -> head-phantom label. Deep grey matter identified by the chi of Biondetti's recipe (pallidus
+#: 0.19 -> 120, thalamus 0.07 -> 109; caudate/putamen both 0.09: 101 (higher, more anterior centroid) is taken as
+#: caudate, 105 as putamen); white matter: in-brain labels with chi -0.05; every other in-brain label is treated as
+#: grey matter (Zubal's lobes), except 2 (centre of the head, in the brain mask) which is treated as CSF. These
+#: identifications are ours, not Zubal's label list: the T1w-like contrast they give is the same for the template
+#: reference and the subjects, so the experiment measures how well a known deformation is recovered.
+ZUBAL_MAP = {120: 2, 109: 7, 101: 1, 105: 3, 83: 8, 26: 8, 107: 8, 111: 8, 2: 10}
+
+
+def zubal_phantom():
+    """The Zubal head as a :class:`~qsmprep.simulate.phantom.Phantom` (1 mm, cropped to the head)."""
+    import nibabel as nib
+    import numpy as np
+
+    from qsmprep.simulate.phantom import AIR_PPM, HEAD_TISSUES, Phantom
+
+    d = Path(os.environ.get("QSMPREP_ZUBAL_DIR") or HERE.parent.parent / "shared" / "data" / "zubal")
+    img = nib.load(d / "zubal_labels_1mm.nii.gz")
+    zl = np.asarray(img.dataobj).astype(np.int16)
+    chi = np.asarray(nib.load(d / "zubal_chi_ppm_derived.nii.gz").dataobj, np.float32)
+    bm = np.asarray(nib.load(d / "zubal_brainmask_1mm.nii.gz").dataobj) > 0
+    head = np.argwhere(zl > 0)
+    lo, hi = np.maximum(head.min(0) - 6, 0), np.minimum(head.max(0) + 7, zl.shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    zl, chi, bm = zl[sl], chi[sl], bm[sl]
+    lab = np.where(zl > 0, 15, 0).astype(np.int16)
+    lab[bm] = 9
+    for z, k in ZUBAL_MAP.items():
+        lab[(zl == z) & bm] = k
+    lab[(zl > 0) & (chi > 5)] = 14
+    m0 = np.zeros(lab.shape, np.float32)
+    r2 = np.zeros(lab.shape, np.float32)
+    for k, (_, _, m, r) in HEAD_TISSUES.items():
+        m0[lab == k] = m
+        r2[lab == k] = r
+    aff = img.affine.copy()
+    aff[:3, 3] = img.affine[:3, :3] @ lo + img.affine[:3, 3]
+    names = {k: v[0] for k, v in HEAD_TISSUES.items()}
+    return Phantom(chi_ppm=chi, labels=lab, label_names=names, brain_mask=bm, m0=m0, r2star_hz=r2,
+                   voxel_size_mm=(1.0, 1.0, 1.0), affine=aff, label_chi_ppm={k: v[1] for k, v in HEAD_TISSUES.items()},
+                   chi_ambient_ppm=AIR_PPM, extend_faces=((2, 0),))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--t1w-mm", type=int, default=1)
@@ -33,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--template-res", type=int, default=2)
     p.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
     p.add_argument("--erode", type=int, default=0)
+    p.add_argument("--anatomy", choices=("mni", "zubal"), default="mni",
+                   help="mni: qsmprep's head phantom; zubal: the Zubal head ($QSMPREP_ZUBAL_DIR or ../shared/data/zubal)")
     a = p.parse_args(argv)
 
     from _measure import measure
@@ -50,7 +95,7 @@ def main(argv=None) -> int:
     files = template_files(Space("MNI152NLin6Asym", a.template_res))
     tpl, tmask = nib.load(files["T1w"]), nib.load(files["mask"])
     grid = nib.load(template_files(Space("MNI152NLin6Asym", 1))["T1w"])
-    ph = make_head_phantom(downsample=1, seed=0)
+    ph = make_head_phantom(downsample=1, seed=0) if a.anatomy == "mni" else zubal_phantom()
     labels, ref = template_dgm_labels(ph, tpl, tmask, grid, a.t1w_mm, tmp)
     print(f"template labels (phantom -> template SyN): {ref.seconds:.0f} s", flush=True)
     names = {k: ph.label_names[k] for k in DGM}
@@ -64,6 +109,8 @@ def main(argv=None) -> int:
               f"{m.peak_gb:.2f} GB", flush=True)
         for k in DGM:
             r = res[k]
+            if r["n_atlas"] == 0 and not (r["dice"] == r["dice"]):
+                continue
             print(f"  {names[k]:18s} Dice {r['dice']:.3f}  chi true {r['chi_true']:+.4f}  via atlas "
                   f"{r['chi_atlas']:+.4f}  error {r['chi_error']:+.4f} ppm", flush=True)
     return 0
