@@ -82,7 +82,8 @@ RUN if ! python3 -c "import ssl" 2>/dev/null; then \
     fi
 COPY --from=cpu-build /opt/qsmprep /opt/qsmprep
 # Read-only root filesystem: everything a run writes goes to /out, /work or /tmp (a tmpfs). TemplateFlow's
-# home is baked in and read-only: the current pipelines use no template (a later release adds them here).
+# home is baked in and read-only: the templates and atlas of qsmprep.anat.templates.PREFETCH are fetched at
+# build time where the network allows (a run never downloads; a missing template stops it with the command).
 ENV PATH=/opt/qsmprep/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -95,6 +96,8 @@ ENV PATH=/opt/qsmprep/bin:${PATH} \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     QSMPREP_CONTAINER=docker:qsmprep/qsmprep:${VERSION}-cpu
 RUN mkdir -p /opt/templateflow /out /work \
+    && (python -m qsmprep.anat.templates || echo "TemplateFlow prefetch incomplete (no network at build time?)") \
+    && chmod -R a+rX /opt/templateflow \
     && useradd --create-home --uid 1000 --shell /bin/bash qsmprep \
     && chmod 755 /opt/templateflow /home/qsmprep \
     && chmod 1777 /out /work
@@ -149,6 +152,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     QSMPREP_CONTAINER=docker:qsmprep/qsmprep:${VERSION}
 RUN mkdir -p /opt/templateflow /out /work \
+    && (python -m qsmprep.anat.templates || echo "TemplateFlow prefetch incomplete (no network at build time?)") \
+    && chmod -R a+rX /opt/templateflow \
     && useradd --create-home --uid 1000 --shell /bin/bash qsmprep \
     && chmod 755 /opt/templateflow /home/qsmprep \
     && chmod 1777 /out /work

@@ -140,6 +140,15 @@ class QsmprepConfig:
     # reports and group level
     reports_only: bool = False
     segmentation_dir: Path | None = None
+    # anatomical and template spaces (qsmprep.anat)
+    #: output spaces besides the native GRE grid: T1w, MNI152NLin6Asym[:res-2], MNI152NLin2009cAsym[:res-1]
+    output_spaces: list[str] = field(default_factory=list)
+    #: sMRIPrep/fMRIPrep (and FreeSurfer) derivative folders with anatomical outputs to reuse
+    derivatives: list[Path] = field(default_factory=list)
+    #: TemplateFlow atlases for region statistics on the GRE grid: <template>:<atlas>[:desc-<d>][:res-<r>]
+    atlas: list[str] = field(default_factory=list)
+    #: erode every region by this many voxels (GRE grid) before its statistics (partial volume)
+    roi_erode_voxels: int = 0
     #: extra keyword parameters per stage
     method_params: MethodParams = field(default_factory=MethodParams)
 
@@ -182,7 +191,8 @@ class QsmprepConfig:
         """JSON-friendly dict (paths as strings) for provenance."""
         out = dataclasses.asdict(self)
         out["method_params"] = self.method_params.to_dict()
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
+        return {k: (str(v) if isinstance(v, Path) else [str(x) if isinstance(x, Path) else x for x in v]
+                    if isinstance(v, list) else v) for k, v in out.items()}
 
     def to_toml(self) -> str:
         """The settings as a TOML file that ``--config-file`` loads back (None values are left out; the
@@ -228,6 +238,7 @@ class QsmprepConfig:
             raise InputError("--self-supervised-steps", f"applies to --inversion nextqsm, not {self.inversion}",
                              "add --inversion nextqsm or drop the option", EX_USAGE)
         self._check_swi()
+        self._check_spaces()
         self._check_device()
         self._check_models()
         return self
@@ -239,6 +250,39 @@ class QsmprepConfig:
         if self.masking == DEFAULT_MASKING and not run.has_magnitude and not self.method_params.for_stage("masking"):
             return PHASE_ONLY_MASKING
         return self.masking
+    def _check_spaces(self) -> None:
+        """``--output-spaces`` and ``--atlas`` values (exit 64), ``--derivatives`` folders (exit 66), and every
+        template and atlas file present in TEMPLATEFLOW_HOME (exit 66; nothing is downloaded during a run)."""
+        from qsmprep.anat.templates import atlas_files, parse_atlas, parse_spaces, template_files
+        from qsmprep.utils.errors import EX_NOINPUT
+
+        try:
+            spaces = parse_spaces(self.output_spaces)
+        except ValueError as exc:
+            raise InputError("--output-spaces", str(exc), "Use e.g. --output-spaces T1w MNI152NLin6Asym:res-2",
+                             EX_USAGE) from None
+        if self.roi_erode_voxels < 0:
+            raise InputError("--roi-erode-voxels", f"{self.roi_erode_voxels} is negative", "Pass 0 or more",
+                             EX_USAGE)
+        for d in self.derivatives:
+            if not Path(d).is_dir():
+                raise InputError(d, "derivatives folder not found", "Give --derivatives the root of an "
+                                 "sMRIPrep/fMRIPrep output folder (or a FreeSurfer SUBJECTS_DIR)", EX_NOINPUT)
+        for space in spaces:
+            if space.is_template:
+                try:
+                    template_files(space)
+                except FileNotFoundError as exc:
+                    raise InputError("--output-spaces", str(exc), "then run qsmprep again", EX_NOINPUT) from None
+        for text in self.atlas:
+            try:
+                template, atlas, desc, res = parse_atlas(text)
+                atlas_files(template, res, atlas, desc)
+            except ValueError as exc:
+                raise InputError("--atlas", str(exc), "Use --atlas <template>:<atlas>[:desc-<d>][:res-<r>], e.g. "
+                                 "MNI152NLin6Asym:HOCPA:desc-th25:res-2", EX_USAGE) from None
+            except FileNotFoundError as exc:
+                raise InputError("--atlas", str(exc), "then run qsmprep again", EX_NOINPUT) from None
 
     def check_runs(self, runs: Sequence[Any]) -> None:
         """Choices the data cannot support (``runs``: the :class:`~qsmprep.utils.bids.QsmRun` to process)."""
@@ -333,7 +377,10 @@ def _convert(tp: Any, value: Any) -> Any:
     if tp in (int, float):
         return tp(value)
     if typing.get_origin(tp) is list:
-        return list(dict.fromkeys(value)) if not isinstance(value, str) else [value]
+        items = list(dict.fromkeys(value)) if not isinstance(value, str) else [value]
+        if typing.get_args(tp) == (Path,):
+            items = [Path(v).expanduser().absolute() for v in items]
+        return items
     if tp is dict or typing.get_origin(tp) is dict:
         return dict(value)
     return value

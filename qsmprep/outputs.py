@@ -14,6 +14,7 @@ reports and the group tables.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ _LOGS = "qsmprep: logs, crash files and the run settings are not BIDS data"
 _FIELDMAPS = "the B0 field map and local field have no anat suffix in BIDS (qsmprep writes them as *_fieldmap)"
 _TABLES = "QC metrics and ROI statistics are qsmprep tables, not BIDS files"
 _REPORTS = "reports (HTML and figures) and the group-level tables"
+_XFMS = ("transforms (from-/to-/mode- xfm files, named as sMRIPrep/fMRIPrep name them) are not in the BIDS "
+         "specification yet (BEP014)")
+_SPACES = "`--output-spaces` with a T1w (found in the BIDS dataset or `--derivatives`)"
 
 
 @dataclass(frozen=True)
@@ -62,12 +66,23 @@ class Output:
     dtype: str | None = "float32"
     #: why it is not BIDS data (listed in .bidsignore), None when it is
     not_bids: str | None = None
+    #: entities before the suffix with ``{placeholders}`` filled in by :meth:`path` (e.g.
+    #: ``{space}_desc-brain``, ``from-T1w_to-{template}_mode-image``); replaces ``label``/``desc``
+    entities: str | None = None
 
     @property
     def stem(self) -> str:
-        """``[label-<l>_][desc-<d>_]<suffix>`` (the name after ``<prefix>_``, without extension)."""
+        """``[label-<l>_][desc-<d>_]<suffix>`` (the name after ``<prefix>_``, without extension; with
+        ``{placeholders}`` for the templated ones)."""
+        if self.entities:
+            return f"{self.entities}_{self.suffix}"
         parts = ([f"label-{self.label}"] if self.label else []) + ([f"desc-{self.desc}"] if self.desc else [])
         return "_".join(parts + [self.suffix])
+
+    @property
+    def doc_stem(self) -> str:
+        """The stem with ``<placeholder>`` (docs)."""
+        return self.stem.replace("{", "<").replace("}", ">")
 
     @property
     def is_image(self) -> bool:
@@ -78,18 +93,21 @@ class Output:
         """Name of the workflow node that writes it."""
         return f"ds_{self.key}"
 
-    def name(self, prefix: str, extension: str | None = None) -> str:
-        return f"{prefix}_{self.stem}{self.extension if extension is None else extension}"
+    def name(self, prefix: str, extension: str | None = None, **fill: str) -> str:
+        stem = self.stem.format(**fill) if fill else self.stem
+        return f"{prefix}_{stem}{self.extension if extension is None else extension}"
 
-    def path(self, output_dir: str | os.PathLike, run: Any) -> Path:
+    def path(self, output_dir: str | os.PathLike, run: Any, **fill: str) -> Path:
         """``OUTPUT_DIR/sub-<s>/[ses-<t>/]anat/<prefix>_<stem><extension>`` of a run (a
-        :class:`~qsmprep.utils.bids.QsmRun`)."""
-        return Path(output_dir) / run_anat_dir(run) / self.name(run.prefix())
+        :class:`~qsmprep.utils.bids.QsmRun`); ``fill`` the placeholders of a templated stem (``space``:
+        ``space-<name>[_res-<r>]``, ``template``, ``seg``)."""
+        return Path(output_dir) / run_anat_dir(run) / self.name(run.prefix(), **fill)
 
     @property
     def ignore_pattern(self) -> str:
         """Its .bidsignore pattern (images with their sidecar)."""
-        return f"*_{self.stem}.*" if self.is_image else f"*_{self.stem}{self.extension}"
+        stem = re.sub(r"\{[a-z]+\}", "*", self.stem)
+        return f"*_{stem}.*" if self.is_image or self.extension in (".h5", ".txt") else f"*_{stem}{self.extension}"
 
 
 OUTPUTS: tuple[Output, ...] = (
@@ -114,11 +132,33 @@ OUTPUTS: tuple[Output, ...] = (
            desc="minIP"),
     Output("reference_mask", "mask", "reference region of `--reference csf` (ventricular CSF)", "0/1", "whole image",
            when="`--reference csf`", label="CSF", dtype="uint8"),
+    Output("chimap_space", "Chimap", "the Chimap resampled into an output space (`space-T1w`, "
+           "`space-<template>_res-<r>`; linear interpolation through GRE -> T1w [-> template])", "ppm",
+           "`{space}_desc-brain_mask`; 0 outside", when=_SPACES, entities="{space}"),
+    Output("brain_mask_space", "mask", "the brain mask resampled into an output space (nearest neighbour)", "0/1",
+           "whole image", when=_SPACES, entities="{space}_desc-brain", dtype="uint8"),
+    Output("xfm_gre_t1w", "xfm", "rigid transform GRE (echo-combined magnitude) -> T1w, ITK text (ANTs), with a "
+           "JSON sidecar (settings, sources, time)", when=_SPACES, entities="from-GRE_to-T1w_mode-image",
+           extension=".txt", dtype=None, not_bids=_XFMS),
+    Output("xfm_t1w_template", "xfm", "T1w -> template composite transform (affine + SyN warp, ITK HDF5), with a "
+           "JSON sidecar; copied when sMRIPrep/fMRIPrep gave one", when=_SPACES + " naming a template",
+           entities="from-T1w_to-{template}_mode-image", extension=".h5", dtype=None, not_bids=_XFMS),
+    Output("xfm_template_t1w", "xfm", "its inverse (template -> T1w), used to bring atlases to the GRE grid",
+           when=_SPACES + " naming a template", entities="from-{template}_to-T1w_mode-image", extension=".h5",
+           dtype=None, not_bids=_XFMS),
     Output("qc_metrics", "metrics", "QC metrics and their flags (see docs/qc.md)", when="always", desc="qc",
            extension=".json", dtype=None, not_bids=_TABLES),
     Output("roi_stats", "stats", "susceptibility statistics per region of a segmentation (columns "
            + ", ".join(f"`{c}`" for c in ROI_COLUMNS) + ")", when="`--segmentation-dir`", desc="roi",
            extension=".tsv", dtype=None, not_bids=_TABLES),
+    Output("roi_stats_seg", "stats", "the same statistics per region of a registered segmentation (`seg-aseg`: "
+           "FreeSurfer/sMRIPrep aseg, FreeSurfer names; `seg-dseg`: sMRIPrep tissue classes) or of a template atlas "
+           "(`seg-<atlas>`, `--atlas`) resampled onto the GRE grid (labels: nearest/generic label interpolation); "
+           "provenance in its JSON sidecar", when="a T1w with a segmentation in `--derivatives`, or `--atlas`",
+           entities="seg-{seg}_desc-roi", extension=".tsv", dtype=None, not_bids=_TABLES),
+    Output("roi_stats_seg_meta", "stats", "sidecar of a `seg-<name>` table: segmentation or atlas file, label "
+           "names, transforms, erosion", when="with `seg-<name>_desc-roi_stats.tsv`", entities="seg-{seg}_desc-roi",
+           extension=".json", dtype=None, not_bids=_TABLES),
 )
 
 #: the per-series images (with sidecars), by key
@@ -154,6 +194,9 @@ DATASET_FILES: tuple[tuple[str, str], ...] = (
     ("group_roi.tsv", "group level: ROI statistics of every series"),
     ("group.html", "group report"),
     ("group/figures/*.png", "figures of group.html"),
+    ("group/space-<template>*_desc-mean_Chimap.nii.gz", "group level: voxel-wise mean of the template-space Chimaps"),
+    ("group/space-<template>*_desc-sd_Chimap.nii.gz", "group level: their SD"),
+    ("group/space-<template>*_desc-n_mask.nii.gz", "group level: number of series per voxel"),
 )
 
 
@@ -184,7 +227,7 @@ def tree_markdown() -> str:
 def output_globs() -> list[str]:
     """Shell patterns (``fnmatch``) of every file qsmprep may write, relative to OUTPUT_DIR."""
     def glob(path: str) -> str:
-        return path.replace("<label>", "*").replace("<run_uuid>", "*").replace("<prefix>", "sub-*")
+        return path.replace("<label>", "*").replace("<run_uuid>", "*").replace("<prefix>", "sub-*").replace("<template>", "*")
 
     out = [glob(p) for p, _ in DATASET_FILES]
     for o in OUTPUTS:
@@ -211,7 +254,7 @@ def bidsignore_text() -> str:
     """``OUTPUT_DIR/.bidsignore``: every file of the spec that is not BIDS data, with the reason."""
     entries = list(_DATASET_NOT_BIDS) + [(o.not_bids, o.ignore_pattern) for o in OUTPUTS if o.not_bids]
     lines: list[str] = []
-    for reason in (_LOGS, _FIELDMAPS, _TABLES, _REPORTS):
+    for reason in (_LOGS, _FIELDMAPS, _TABLES, _XFMS, _REPORTS):
         lines.append(f"# {reason}")
         lines += [pattern for r, pattern in entries if r == reason]
     return "\n".join(lines) + "\n"
@@ -221,6 +264,6 @@ def markdown_table() -> str:
     """The per-series file table of docs/outputs.md."""
     rows = ["| file | content | units | defined in | written |", "|---|---|---|---|---|"]
     for o in OUTPUTS:
-        rows.append(f"| `_{o.stem}{'' if o.is_image else o.extension}` | {o.content} | {o.units} | "
+        rows.append(f"| `_{o.doc_stem}{'' if o.is_image else o.extension}` | {o.content} | {o.units} | "
                     f"{o.defined_in} | {o.when} |")
     return "\n".join(rows) + "\n"

@@ -55,6 +55,16 @@ class Reference:
 
 #: key -> the article
 REFERENCES: dict[str, Reference] = {
+    "avants2008": Reference(
+        'Avants BB, Epstein CL, Grossman M, Gee JC',
+        'Symmetric diffeomorphic image registration with cross-correlation: evaluating automated labeling of elderly and neurodegenerative brain',
+        'Med Image Anal', 2008, '12', '26-41', '10.1016/j.media.2007.06.004',
+    ),
+    "ciric2022": Reference(
+        'Ciric R, Thompson WH, Lorenz R, et al',
+        'TemplateFlow: FAIR-sharing of multi-scale, multi-species brain models',
+        'Nat Methods', 2022, '19', '1568-1571', '10.1038/s41592-022-01681-2',
+    ),
     "dymerska2021": Reference(
         'Dymerska B, Eckstein K, Bachrata B, et al',
         'Phase unwrapping with a rapid opensource minimum spanning tree algorithm (ROMEO)',

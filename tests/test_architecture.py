@@ -95,6 +95,8 @@ def test_layers_depend_one_way():
         "qsmprep.workflows": ("qsmprep.cli",),
         "qsmprep.utils": ("qsmprep.interfaces", "qsmprep.workflows", "qsmprep.cli"),
         "qsmprep.reports": ("qsmprep.workflows", "qsmprep.cli"),
+        "qsmprep.anat": ("qsmprep.interfaces", "qsmprep.workflows", "qsmprep.cli", "qsmprep.reports", "qsmprep.nn",
+                         "qsmprep.qsm"),
     }
     bad = []
     for m, p in modules.items():

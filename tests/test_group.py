@@ -98,8 +98,9 @@ def test_group_tables_load_with_pandas_and_carry_reasons(tmp_path, two_subjects)
     assert math.isnan(second["flag_reasons"])  # n/a when not flagged
 
     roi = _read(out / "group_roi.tsv")
-    assert list(roi.columns) == ["participant_id", "session_id", "acq", "run", "label", "name", "n_voxels", "mean_ppm",
-                                 "median_ppm", "std_ppm"]
+    assert list(roi.columns) == ["participant_id", "session_id", "acq", "run", "segmentation", "label", "name",
+                                 "n_voxels", "mean_ppm", "median_ppm", "std_ppm"]
+    assert set(roi["segmentation"]) == {"segmentation-dir"}
     assert len(roi) == 2 * len(ROIS)
     assert roi["mean_ppm"].dtype == float and roi["label"].dtype == np.int64
     gp = roi[roi["name"] == "globus_pallidus"]["mean_ppm"]

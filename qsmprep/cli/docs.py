@@ -9,10 +9,11 @@ A generated block in a Markdown file sits between two markers::
 ``python -m qsmprep.cli.docs docs/*.md`` rewrites every block from :data:`BLOCKS`; ``--check`` exits 1
 (and names the file and block) when a file is out of date, which is what the test of the docs runs.
 Blocks: ``methods:<stage>`` (each method of a stage with its parameters, their defaults and allowed
-ranges, from the method catalogue), ``options:methods`` (the options of the *Methods* group of the
-command line, with their choices and defaults, from the parser), ``outputs:tree`` and ``outputs:images`` (the
-file tree and the per-series file table of the output spec), ``qc:metrics`` (every QC metric with its expected range, from
-``qsmprep.qsm.qc.QC_METRICS``) and ``reports:windows`` (the display windows of the report figures).
+ranges, from the method catalogue), ``options:methods`` / ``options:anat`` (the options of the *Methods* /
+*Anatomical and template spaces* group of the command line, with their choices and defaults, from the
+parser), ``outputs:tree`` and ``outputs:images`` (the file tree and the per-series file table of the output
+spec), ``qc:metrics`` (every QC metric with its expected range, from ``qsmprep.qsm.qc.QC_METRICS``) and
+``reports:windows`` (the display windows of the report figures).
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def _help(action: argparse.Action) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def method_options_table() -> str:
-    """The *Methods* group of ``qsmprep --help``: option, choices (default first) and what it does."""
+def method_options_table(title: str = "Methods") -> str:
+    """A group of ``qsmprep --help`` (default *Methods*): option, choices (default first) and what it does."""
     parser = build_parser()
-    group = next(g for g in parser._action_groups if g.title == "Methods")
+    group = next(g for g in parser._action_groups if g.title == title)
     d = QsmprepConfig()
     rows = ["| option | choices (default first) | what it does |", "|---|---|---|"]
     for action in group._group_actions:
@@ -107,6 +108,7 @@ def method_options_table() -> str:
 BLOCKS: dict[str, Callable[[], str]] = {
     **{f"methods:{key}": (lambda key=key: method_parameter_table(key)) for key in STAGES},
     "options:methods": method_options_table,
+    "options:anat": lambda: method_options_table("Anatomical and template spaces"),
     "outputs:images": markdown_table,
     "outputs:tree": tree_markdown,
     "qc:metrics": metrics_markdown,

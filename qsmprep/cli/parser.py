@@ -287,6 +287,46 @@ def build_parser(prog: str = "qsmprep") -> QsmprepArgumentParser:
         "of each series: per-region susceptibility statistics are written next to the Chimap",
     )
 
+    g = p.add_argument_group("Anatomical and template spaces")
+    g.add_argument(
+        "--output-spaces",
+        "--output_spaces",
+        dest="output_spaces",
+        nargs="+",
+        metavar="SPACE",
+        help="spaces to resample the Chimap into, besides the native GRE grid (always written): T1w, "
+        "MNI152NLin6Asym[:res-2], MNI152NLin2009cAsym[:res-1] (fMRIPrep's names; a template needs a T1w of the "
+        "subject and its files in TEMPLATEFLOW_HOME; without a template the nonlinear step is skipped); "
+        "default: none",
+    )
+    g.add_argument(
+        "--derivatives",
+        dest="derivatives",
+        nargs="+",
+        type=_existing_or_any_path,
+        metavar="DIR",
+        help="sMRIPrep/fMRIPrep output folders (desc-preproc_T1w, desc-brain_mask, desc-aseg_dseg/dseg, "
+        "from-T1w_to-<template>_mode-image_xfm.h5 are reused, not recomputed) or FreeSurfer/FastSurfer "
+        "SUBJECTS_DIRs (mri/aseg.mgz): segmentations give region tables on the GRE grid",
+    )
+    g.add_argument(
+        "--atlas",
+        dest="atlas",
+        nargs="+",
+        metavar="ATLAS",
+        help="TemplateFlow atlases warped to the GRE grid for region statistics: "
+        "<template>:<atlas>[:desc-<d>][:res-<r>], e.g. MNI152NLin6Asym:HOCPA:desc-th25:res-2 (needs a T1w)",
+    )
+    g.add_argument(
+        "--roi-erode-voxels",
+        "--roi_erode_voxels",
+        dest="roi_erode_voxels",
+        type=_non_negative_int,
+        metavar="N",
+        help=f"erode each region by N voxels of the GRE grid before its statistics, against partial volume "
+        f"(registered segmentations and atlases) (default: {d.roi_erode_voxels})",
+    )
+
     g = p.add_argument_group("Execution")
     g.add_argument(
         "-w",

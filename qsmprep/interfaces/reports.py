@@ -282,6 +282,7 @@ class _ROIStatsInputSpec(BaseInterfaceInputSpec):
     label_tsv = File(exists=True, desc="BIDS dseg.tsv with columns index and name")
     mask = File(exists=True, desc="statistics inside this mask only (the Chimap's mask)")
     reference = File(exists=True, desc="image whose grid the segmentation must have (default: chi)")
+    erode_voxels = traits.Int(0, usedefault=True, desc="erode each region by this many voxels first")
 
 
 class _ROIStatsOutputSpec(TraitedSpec):
@@ -309,6 +310,10 @@ class ROIStats(SimpleInterface):
         chi, _ = load_float(i.chi)
         labels = np.asanyarray(nib.load(i.segmentation).dataobj)
         labels = labels.reshape(labels.shape[:3])
+        if i.erode_voxels > 0:
+            from qsmprep.qsm.roi import erode_labels
+
+            labels = erode_labels(labels, i.erode_voxels)
         names = read_label_table(i.label_tsv) if isdefined(i.label_tsv) else None
         mask = load_mask(i.mask) if isdefined(i.mask) else None
         if mask is not None and not mask.any():

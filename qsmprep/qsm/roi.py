@@ -14,7 +14,7 @@ import numpy as np
 
 from qsmprep.qsm.arrays import as_float_volume, as_mask
 
-__all__ = ["roi_statistics"]
+__all__ = ["roi_statistics", "erode_labels"]
 
 
 def _labels(labels, shape) -> np.ndarray:
@@ -83,4 +83,25 @@ def roi_statistics(
             "median": float(median[i]),
             "std": float(std[k]),
         })
+    return out
+
+
+def erode_labels(labels, voxels: int) -> np.ndarray:
+    """Each label eroded by ``voxels`` (6-connected steps) within itself: a voxel keeps its label only when
+    every voxel within that city-block distance has the same label (partial-volume voxels at region
+    borders are dropped); 0 stays background. ``voxels=0`` returns the labels unchanged."""
+    from scipy import ndimage as ndi
+
+    lab = np.asarray(labels)
+    if voxels <= 0:
+        return lab.copy()
+    lab = lab.astype(np.int64)
+    out = lab.copy()
+    st = ndi.generate_binary_structure(3, 1)
+    # a voxel survives when min and max of the labels in its neighbourhood (iterated) equal its own
+    lo, hi = lab.copy(), lab.copy()
+    for _ in range(int(voxels)):
+        lo = ndi.minimum_filter(lo, footprint=st, mode="nearest")
+        hi = ndi.maximum_filter(hi, footprint=st, mode="nearest")
+    out[(lo != lab) | (hi != lab)] = 0
     return out

@@ -41,6 +41,7 @@ __all__ = [
     "Row",
     "load_volume",
     "choose_cuts",
+    "crop_box",
     "mosaic",
     "run_figures",
     "swi_rows",
@@ -48,6 +49,7 @@ __all__ = [
     "metric_strips",
     "robust_limits",
     "OUTLIER_FENCE_IQR",
+    "registration_figures",
 ]
 
 #: gyromagnetic ratio / 2 pi of 1H (MHz/T = Hz/ppm/T)
@@ -241,6 +243,11 @@ def _bbox(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
         pad = int(math.ceil(CROP_MARGIN * (hi - lo))) + 2
         out.append(slice(max(0, lo - pad), min(shape[ax], hi + pad)))
     return tuple(out)
+
+
+def crop_box(mask: np.ndarray | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` with a margin (slices per axis; the whole volume without a mask)."""
+    return _bbox(mask, shape)
 
 
 def choose_cuts(mask: np.ndarray | None, shape: tuple[int, ...], n_axial: int = 1) -> list[tuple[int, int]]:
@@ -596,7 +603,62 @@ def run_figures(
 
     if run.has("swi") or run.has("minip"):
         attempt("swi", "SWI / minIP", SWI_CAPTION, fig_swi)
+
+    # 6. registration panels: the GRE brain outline over the T1w, the subject's brain outline over the template
+    for key, title, caption, fn in registration_figures(run, fig_dir):
+        attempt(key, title, caption, fn)
     return results
+
+
+def _outline_panel(image_path: Path, outline_path: Path, path: Path, label: str) -> Path:
+    img, z = load_volume(image_path)
+    outline, _ = load_volume(outline_path)
+    inside = outline > 0.5
+    if img.shape[:3] != outline.shape[:3]:
+        raise ValueError(f"{outline_path.name} is not on the grid of {image_path.name}")
+    img = img.reshape(img.shape[:3])
+    lo, hi = np.percentile(img[np.isfinite(img)], (1, 99.5))
+    rows = [Row(img, label, "gray", float(lo), float(hi), "", contours=((inside, "red"),))]
+    return mosaic(rows, z, choose_cuts(inside, img.shape, n_axial=2), crop_box(inside, img.shape), path)
+
+
+def registration_figures(run: Any, fig_dir: str | Path) -> list[tuple[str, str, str, Any]]:
+    """``(key, title, caption, draw)`` of the registration panels a run has outputs for: the GRE brain mask
+    resampled onto the T1w (outline) over the T1w named in the GRE -> T1w transform's sidecar, and the brain mask
+    in each template space (outline) over the template's T1w in TEMPLATEFLOW_HOME."""
+    import json
+    import re
+
+    fig_dir = Path(fig_dir)
+    p = run.prefix
+    out = []
+    xfm_meta = run.anat_dir / f"{p}_from-GRE_to-T1w_mode-image_xfm.json"
+    mask_t1w = run.anat_dir / f"{p}_space-T1w_desc-brain_mask.nii.gz"
+    if xfm_meta.is_file() and mask_t1w.is_file():
+        try:
+            t1w = Path((json.loads(xfm_meta.read_text()).get("Sources") or [""])[0])
+        except (OSError, ValueError):
+            t1w = Path("")
+        if t1w.is_file():
+            out.append(("reg_t1w", "Registration: GRE to T1w",
+                        "The T1w with the outline of the GRE brain mask carried through the rigid GRE -> T1w "
+                        "transform (red): the outline should follow the brain's edge.",
+                        lambda: _outline_panel(t1w, mask_t1w, fig_dir / f"{p}_desc-regT1w.png", "T1w")))
+    for m in sorted(run.anat_dir.glob(f"{p}_space-*_desc-brain_mask.nii.gz")):
+        g = re.search(r"_space-([A-Za-z0-9]+)(?:_res-(\d+))?_desc-brain_mask", m.name)
+        if not g or g.group(1) == "T1w":
+            continue
+        from qsmprep.anat.templates import template_path
+
+        tpl = template_path(g.group(1), "T1w", res=int(g.group(2)) if g.group(2) else None)
+        if tpl.is_file() and tpl.stat().st_size > 0:
+            space = g.group(1) + (f" res-{g.group(2)}" if g.group(2) else "")
+            out.append((f"reg_{g.group(1)}", f"Registration: T1w to {space}",
+                        f"The {space} template with the outline of the subject's brain mask carried through GRE -> "
+                        "T1w -> template (red): the outline should follow the template's brain edge.",
+                        lambda tpl=tpl, m=m, g=g: _outline_panel(tpl, m, fig_dir / f"{p}_desc-reg{g.group(1)}.png",
+                                                                  g.group(1))))
+    return out
 
 
 SWI_CAPTION = ("Susceptibility-weighted image (CLEAR-SWI; veins dark) and its minimum-intensity projection over "

@@ -42,6 +42,8 @@ __all__ = [
     "collect_group",
     "write_tsv",
     "run_group",
+    "voxelwise_group_maps",
+    "write_group_maps",
 ]
 
 ENTITY_COLUMNS = ("subject", "session", "acq", "run")
@@ -73,7 +75,7 @@ class GroupTables:
 
     @property
     def roi_columns(self) -> list[str]:
-        return list(ENTITY_COLUMNS) + list(ROI_COLUMNS)
+        return list(ENTITY_COLUMNS) + ["segmentation"] + list(ROI_COLUMNS)
 
 
 def _entities(run: reader.ProcessedRun) -> dict:
@@ -120,6 +122,92 @@ def _robust_outliers(values: dict[str, float | None]) -> dict[str, tuple[float, 
     return out
 
 
+def _seg_tables(run: reader.ProcessedRun) -> list[tuple[str, Path]]:
+    """``(name, path)`` of the series' ``seg-<name>_desc-roi_stats.tsv`` tables (registered segmentations and
+    atlases)."""
+    out = []
+    for p in sorted(run.anat_dir.glob(f"{run.prefix}_seg-*_desc-roi_stats.tsv")):
+        name = p.name[len(run.prefix) + len("_seg-"):].split("_", 1)[0]
+        out.append((name, p))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# template-space group maps
+# --------------------------------------------------------------------------------------------------
+
+_SPACE_RE = r"_(space-(?!T1w)[A-Za-z0-9]+(?:_res-[0-9]+)?)_Chimap\.nii\.gz$"
+
+
+def voxelwise_group_maps(chis: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Voxel-wise ``mean``, ``sd`` (sample SD, ddof 1) and ``n`` (series with the voxel in their brain mask) of
+    susceptibility maps on one grid; mean is 0 where n = 0, SD 0 where n < 2."""
+    if not chis or len(chis) != len(masks):
+        raise ValueError("need one mask per map and at least one map")
+    shape = np.shape(chis[0])
+    n = np.zeros(shape, np.int32)
+    s1 = np.zeros(shape, np.float64)
+    s2 = np.zeros(shape, np.float64)
+    for c, m in zip(chis, masks):
+        if np.shape(c) != shape or np.shape(m) != shape:
+            raise ValueError(f"maps of different grids: {np.shape(c)} vs {shape}")
+        m = np.asarray(m) != 0
+        c = np.where(m, np.asarray(c, np.float64), 0.0)
+        n += m
+        s1 += c
+        s2 += c * c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, s1 / np.maximum(n, 1), 0.0)
+        var = np.where(n > 1, (s2 - n * mean * mean) / np.maximum(n - 1, 1), 0.0)
+    return {"mean": mean.astype(np.float32), "sd": np.sqrt(np.clip(var, 0, None)).astype(np.float32),
+            "n": n.astype(np.int16)}
+
+
+def write_group_maps(output_dir: str | os.PathLike, runs: Sequence[reader.ProcessedRun]) -> dict[str, dict[str, Path]]:
+    """For each template space with ``space-<template>[_res-<r>]_Chimap`` files (and their brain masks):
+    ``OUTPUT_DIR/group/<space>_desc-{mean,sd}_Chimap.nii.gz`` and ``<space>_desc-n_mask.nii.gz`` (series per
+    voxel). Returns ``{space: {"mean": path, "sd": path, "n": path}}``."""
+    import re
+
+    import nibabel as nib
+
+    from qsmprep.utils.derivatives import atomic_save_nifti, atomic_write_json
+
+    output_dir = Path(output_dir)
+    by_space: dict[str, list[tuple[Path, Path]]] = {}
+    for run in runs:
+        for p in sorted(run.anat_dir.glob(f"{run.prefix}_space-*_Chimap.nii.gz")):
+            m = re.search(_SPACE_RE, p.name)
+            mask = p.with_name(p.name.replace("_Chimap.nii.gz", "_desc-brain_mask.nii.gz"))
+            if m and mask.is_file():
+                by_space.setdefault(m.group(1), []).append((p, mask))
+    out: dict[str, dict[str, Path]] = {}
+    for space, pairs in sorted(by_space.items()):
+        imgs = [nib.load(str(c)) for c, _ in pairs]
+        ref = imgs[0]
+        chis = [np.asarray(i.get_fdata(dtype=np.float32)) for i in imgs]
+        masks = [np.asarray(nib.load(str(m)).dataobj) for _, m in pairs]
+        try:
+            maps = voxelwise_group_maps(chis, masks)
+        except ValueError:
+            continue
+        paths = {}
+        for key, stem in (("mean", "desc-mean_Chimap"), ("sd", "desc-sd_Chimap"), ("n", "desc-n_mask")):
+            path = output_dir / "group" / f"{space}_{stem}.nii.gz"
+            img = nib.Nifti1Image(maps[key], ref.affine)
+            img.set_qform(ref.affine, 1)
+            img.set_sform(ref.affine, 1)
+            atomic_save_nifti(img, path)
+            atomic_write_json(path.with_name(path.name.replace(".nii.gz", ".json")), {
+                "Description": {"mean": "voxel-wise mean susceptibility over series", "sd": "voxel-wise sample SD "
+                                "(0 where fewer than 2 series)", "n": "series with the voxel in their brain mask"}[key],
+                "Units": "ppm" if key != "n" else "count", "Sources": [str(c.relative_to(output_dir)) for c, _ in pairs],
+                "SpatialReference": space})
+            paths[key] = path
+        out[space] = paths
+    return out
+
+
 def collect_group(
     output_dir: str | os.PathLike,
     subjects: Iterable[str] | None = None,
@@ -147,8 +235,10 @@ def collect_group(
             reasons[run.prefix].append(_flag_reason(f))
             if f.get("metric"):
                 tables.flagged_metrics[run.prefix].add(str(f["metric"]))
-        for row in reader.read_roi_tsv(run.roi_tsv):
-            tables.roi_rows.append({**_entities(run), **{c: row.get(c) for c in ROI_COLUMNS}, "_prefix": run.prefix})
+        for seg, path in [("segmentation-dir", run.roi_tsv)] + _seg_tables(run):
+            for row in reader.read_roi_tsv(path):
+                tables.roi_rows.append({**_entities(run), "segmentation": seg, **{c: row.get(c) for c in ROI_COLUMNS},
+                                        "_prefix": run.prefix})
     tables.metrics = sorted(metric_names)
     for name in tables.metrics:
         for prefix, (z, med) in _robust_outliers({p: m.get(name) for p, m in per_run.items()}).items():
@@ -230,6 +320,25 @@ def _clipped_note(values: Iterable[Any]) -> int:
     return sum(1 for x in v if x < lo or x > hi)
 
 
+def _roi_order(item) -> tuple:
+    """Regions ordered by segmentation (``--segmentation-dir`` first), then label, then name."""
+    (seg, lab, name) = item[0]
+    return (seg != "segmentation-dir", str(seg), str(lab).zfill(6), str(name))
+
+
+def _maps_html(output_dir: Path, figures: dict[str, Path | None]) -> str:
+    from qsmprep.reports.html import escape, relative_link
+
+    items = [(k[len("map_"):], p) for k, p in figures.items() if k.startswith("map_") and p is not None]
+    if not items:
+        return ""
+    body = "".join(f'<h3>{escape(space)}</h3><figure><img src="{relative_link(p, output_dir)}" alt="mean map {escape(space)}">'
+                   f"<figcaption>Voxel-wise mean and SD of the series' Chimaps resampled into {escape(space)} (inside "
+                   f"the union of their brain masks); maps in <code>group/{escape(space)}_desc-*.nii.gz</code>."
+                   "</figcaption></figure>" for space, p in items)
+    return f'<section id="maps"><h2>Template space</h2>{body}</section>'
+
+
 def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path | None]) -> str:
     from qsmprep.reports.html import CSS, IMG_SCRIPT, escape, format_value, relative_link
 
@@ -267,13 +376,14 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
         by_roi: dict[tuple, list[float]] = {}
         for r in tables.roi_rows:
             if r.get("mean_ppm") is not None:
-                by_roi.setdefault((r.get("label"), r.get("name")), []).append(float(r["mean_ppm"]))
+                by_roi.setdefault((r.get("segmentation"), r.get("label"), r.get("name")), []).append(
+                    float(r["mean_ppm"]))
         body = "".join(
-            f"<tr><td>{escape(lab)}</td><td>{escape(name)}</td><td class='num'>{len(v)}</td>"
+            f"<tr><td>{escape(seg)}</td><td>{escape(lab)}</td><td>{escape(name)}</td><td class='num'>{len(v)}</td>"
             f"<td class='num'>{np.mean(v):.4f}</td><td class='num'>{_sd_text(v)}</td>"
             f"<td class='num'>{np.min(v):.4f}</td><td class='num'>{np.max(v):.4f}</td></tr>"
-            for (lab, name), v in sorted(by_roi.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1]))))
-        roi_html += ("<table><tr><th>label</th><th>name</th><th>series</th><th>mean of means (ppm)</th>"
+            for (seg, lab, name), v in sorted(by_roi.items(), key=_roi_order))
+        roi_html += ("<table><tr><th>segmentation</th><th>label</th><th>name</th><th>series</th><th>mean of means (ppm)</th>"
                      f"<th>SD across series</th><th>min</th><th>max</th></tr>{body}</table>")
 
     n_clipped = sum(_clipped_note(r.get(m) for r in tables.qc_rows) for m in tables.metrics)
@@ -318,6 +428,7 @@ def _group_html(output_dir: Path, tables: GroupTables, figures: dict[str, Path |
 <section id="flagged"><h2>Flagged series</h2>{flagged_html}</section>
 <section id="roi"><h2>Regions</h2>{roi_html}
 <p class="note">Table: <a href="{ROI_TSV}">{ROI_TSV}</a></p></section>
+{_maps_html(output_dir, figures)}
 <section id="qc"><h2>Quality control</h2>{qc_fig}{qc_table}
 <p class="note">Table: <a href="{QC_TSV}">{QC_TSV}</a>. Group outliers: robust z-score above {OUTLIER_Z:g}
 (needs at least {MIN_RUNS_FOR_OUTLIERS} series).</p></section>
@@ -360,18 +471,41 @@ def run_group(
         groups: dict[tuple, list] = {}
         for r in tables.roi_rows:
             prefix = r["_prefix"]
-            g = groups.setdefault((r.get("label"), r.get("name")), [[], [], []])
+            g = groups.setdefault((r.get("segmentation"), r.get("label"), r.get("name")), [[], [], []])
             g[0].append(r.get("mean_ppm"))
             g[1].append(prefix in flagged_runs)
             g[2].append(prefix)
-        ordered = sorted(groups.items(), key=lambda t: (str(t[0][0]).zfill(6), str(t[0][1])))
+        ordered = sorted(groups.items(), key=_roi_order)
+        several = len({k[0] for k in groups}) > 1
         figures["roi"] = strip_box_plot(
-            [(str(name if name is not None else lab), v, f, l) for (lab, name), (v, f, l) in ordered],
+            [((f"{seg}: " if several else "") + str(name if name is not None else lab), v, f, l)
+             for (seg, lab, name), (v, f, l) in ordered],
             fig_dir / "group_desc-roichi.png", ylabel="mean susceptibility (ppm)",
             title=f"Regional susceptibility across {len(tables.qc_rows)} series",
         )
+    maps = write_group_maps(output_dir, tables.runs)
+    for space, paths in maps.items():
+        figures[f"map_{space}"] = _mean_map_figure(paths, fig_dir / f"group_{space}_desc-mean.png", space)
     for stale in (fig_dir.glob("*.png") if fig_dir.is_dir() else []):
         if stale not in figures.values():
             stale.unlink(missing_ok=True)
     out["html"] = atomic_write_text(output_dir / GROUP_HTML, _group_html(output_dir, tables, figures))
+    for space, paths in maps.items():
+        out[f"mean_{space}"] = paths["mean"]
     return out
+
+
+def _mean_map_figure(paths: dict[str, Path], path: Path, space: str) -> Path:
+    """Mean and SD maps (three planes through the centre of the covered region) of a template space."""
+    from qsmprep.reports.figures import Row, choose_cuts, crop_box, load_volume, mosaic
+
+    mean, zooms = load_volume(paths["mean"])
+    sd, _ = load_volume(paths["sd"])
+    n, _ = load_volume(paths["n"])
+    inside = n > 0
+    cuts = choose_cuts(inside, mean.shape)
+    lim = float(np.percentile(np.abs(mean[inside]), 99)) if inside.any() else 0.1
+    rows = [Row(mean, "mean", "gray", -lim, lim, "ppm", inside=inside),
+            Row(sd, "SD", "magma", 0.0, float(np.percentile(sd[n > 1], 99)) if (n > 1).any() else 0.05, "ppm",
+                inside=inside)]
+    return mosaic(rows, zooms, cuts, crop_box(inside, mean.shape), path, title=f"Group mean susceptibility, {space}")

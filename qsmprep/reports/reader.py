@@ -114,7 +114,8 @@ def find_processed_runs(
     subjects: Iterable[str] | None = None,
     sessions: Iterable[str] | None = None,
 ) -> list[ProcessedRun]:
-    """Every ``*_Chimap.nii.gz`` under ``OUTPUT_DIR/sub-*/[ses-*/]anat``, sorted by prefix.
+    """Every native ``*_Chimap.nii.gz`` under ``OUTPUT_DIR/sub-*/[ses-*/]anat`` (not the ``space-<x>`` copies),
+    sorted by prefix.
 
     ``subjects``/``sessions`` (labels with or without ``sub-``/``ses-``) restrict the result.
     """
@@ -127,7 +128,7 @@ def find_processed_runs(
         for p in root.glob(pattern):
             prefix = p.name[: -len("_Chimap.nii.gz")]
             ents = parse_prefix(prefix)
-            if "sub" not in ents or not p.is_file():
+            if "sub" not in ents or "space" in ents or not p.is_file():  # space-<x>: a resampled copy of a series
                 continue
             if subs is not None and ents["sub"] not in subs:
                 continue

@@ -14,6 +14,7 @@ Building a workflow writes nothing: the dataset-level files (``dataset_descripti
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import uuid
@@ -25,7 +26,11 @@ from typing import TYPE_CHECKING, Sequence
 from nipype.pipeline import engine as pe
 
 from qsmprep.utils.boilerplate import build_boilerplate
-from qsmprep.workflows.qsm import init_qsm_wf
+from qsmprep.anat.inputs import collect_anat
+from qsmprep.workflows.anat import anat_requested, init_anat_wf
+from qsmprep.workflows.qsm import init_qsm_wf, reference_image
+
+LOGGER = logging.getLogger("qsmprep")
 
 if TYPE_CHECKING:  # pragma: no cover
     from qsmprep.config import QsmprepConfig
@@ -85,6 +90,7 @@ def init_single_subject_wf(
             raise ValueError(f"two series of sub-{subject} map to the workflow name {run_wf.name}")
         names.add(run_wf.name)
         wf.add_nodes([run_wf])
+        _add_anat(wf, run_wf, run, config)
     if crash_dir is None:
         if config.output_dir is not None:
             crash_dir = Path(config.output_dir) / f"sub-{subject}" / "log"
@@ -95,6 +101,26 @@ def init_single_subject_wf(
     for node in _all_nodes(wf):
         node.config = json.loads(json.dumps(crash))  # a copy per node (Nipype merges it over the top config)
     return wf
+
+
+def _add_anat(wf: pe.Workflow, run_wf: pe.Workflow, run: "QsmRun", config: "QsmprepConfig") -> None:
+    """The series' anatomical workflow (``anat_<run>_wf``) when spaces/atlases/derivatives are asked for and a
+    T1w is found (else a warning: the native outputs are written alone)."""
+    if not anat_requested(config):
+        return
+    anat = collect_anat(config.bids_dir, config.derivatives, run)
+    if not anat.found:
+        LOGGER.warning("%s: %s; no anatomical or template-space outputs", run.prefix(), anat.t1w_reason)
+        return
+    if not run.has_magnitude:
+        LOGGER.warning("%s: registration to the T1w needs magnitude images; no anatomical outputs", run.prefix())
+        return
+    LOGGER.info("%s: %s", run.prefix(), anat.t1w_reason)
+    anat_wf = init_anat_wf(run, config, anat, str(reference_image(run)),
+                           name=run_wf.name.replace("qsm", "anat", 1))
+    wf.connect([(run_wf, anat_wf, [("outputnode.chi", "inputnode.chi"), ("outputnode.mask", "inputnode.mask"),
+                                   ("outputnode.gre_mask", "inputnode.gre_mask"),
+                                   ("outputnode.sidecars", "inputnode.chi_meta")])])
 
 
 def _all_nodes(wf: pe.Workflow) -> list:

@@ -53,7 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from qsmprep.config import QsmprepConfig
     from qsmprep.utils.bids import QsmRun
 
-__all__ = ["init_qsm_wf", "init_ds_qsm_wf", "run_workflow_name", "omp_nthreads", "estimate_memory_gb"]
+__all__ = ["init_qsm_wf", "init_ds_qsm_wf", "run_workflow_name", "omp_nthreads", "estimate_memory_gb",
+           "reference_image"]
 
 LOGGER = logging.getLogger("qsmprep")
 
@@ -72,6 +73,7 @@ QSM_OUTPUTS = [
     "sidecars",
     "qc_metrics",
     "roi_stats",
+    "gre_mask",
 ]
 
 
@@ -94,7 +96,7 @@ def omp_nthreads(config: "QsmprepConfig") -> int:
     return max(1, int(config.omp_nthreads or config.nprocs or os.cpu_count() or 1))
 
 
-def _reference_image(run: "QsmRun") -> Path:
+def reference_image(run: "QsmRun") -> Path:
     """The image that defines the output grid: echo-1 magnitude (else phase, else real)."""
     for attr in ("magnitude_files", "phase_files", "real_files"):
         files = getattr(run, attr, ())
@@ -108,7 +110,7 @@ def estimate_memory_gb(run: "QsmRun") -> tuple[float, float]:
     try:
         import nibabel as nib
 
-        shape = nib.load(str(_reference_image(run))).shape
+        shape = nib.load(str(reference_image(run))).shape
         n_vox = int(shape[0]) * int(shape[1]) * int(shape[2])
     except Exception:  # pragma: no cover - unreadable header: the node will report the problem
         return 0.01, 0.01 * max(1, len(run.echo_times_s))
@@ -275,11 +277,12 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
                     ("b0_dir", "b0_dir"), ("field_strength", "field_strength")]),
         (inversion, qc, [("params", "inversion_params")]),
         (qc, outputnode, [("out_file", "qc_metrics")]),
+        (mask, outputnode, [("mask_file", "gre_mask")]),
     ])
     # fmt: on
     roi = None
     if segmentation is not None:
-        roi = pe.Node(ROIStats(segmentation=str(segmentation[0]), reference=str(_reference_image(run))),
+        roi = pe.Node(ROIStats(segmentation=str(segmentation[0]), reference=str(reference_image(run))),
                       name="roi_stats", mem_gb=0.2 + 8 * vol_gb)
         if segmentation[1] is not None:
             roi.inputs.label_tsv = str(segmentation[1])
@@ -358,7 +361,7 @@ def _segmentation(run: "QsmRun", config: "QsmprepConfig") -> tuple[Path, Path | 
         LOGGER.warning("%s: no segmentation (sub-%s/**/*_dseg.nii[.gz]) in %s; no ROI statistics",
                        run.prefix(), run.subject, seg_dir)
         return None
-    check_segmentation_grid(found[0], _reference_image(run))
+    check_segmentation_grid(found[0], reference_image(run))
     if found[1] is None:
         LOGGER.warning("%s: no label table (*_dseg.tsv) for %s; ROI names will be n/a", run.prefix(), found[0].name)
     return found
@@ -375,7 +378,7 @@ def init_ds_qsm_wf(run: "QsmRun", output_dir: str | os.PathLike, images: Sequenc
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=[f for k in images for f in (k, f"{k}_meta")]),
                         name="inputnode")
-    reference = str(_reference_image(run))
+    reference = str(reference_image(run))
     for key in images:
         spec = IMAGES[key]
         node = pe.Node(
