@@ -19,6 +19,7 @@ from types import MappingProxyType
 
 import numpy as np
 import pytest
+from anat_helpers import WHEEL_HINT, build_templateflow_home, find_template_wheel
 from helpers import save_nifti
 
 from qsmprep.simulate import make_head_phantom, make_shapes_phantom, simulate_gre, write_bids_dataset
@@ -163,3 +164,13 @@ def tiny_runs(tmp_path_factory) -> MappingProxyType:
                       imag_files=tuple(write("imag", e, "2") for e in echoes),
                       echo_times_s=SHAPES_TES, phase_units=None, **common)
     return MappingProxyType({"multi": multi, "single": single, "complex": complex_})
+
+
+@pytest.fixture(scope="session")
+def tf_home(tmp_path_factory):
+    """An offline TEMPLATEFLOW_HOME built from the genuine TemplateFlow files of NiMARE's wheel
+    (tests/anat_helpers.py); the tests that need it skip, saying how to get the wheel, without it."""
+    wheel = find_template_wheel()
+    if wheel is None:
+        pytest.skip(f"no NiMARE wheel with TemplateFlow files: {WHEEL_HINT}")
+    return build_templateflow_home(tmp_path_factory.mktemp("templateflow"), wheel)

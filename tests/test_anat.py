@@ -12,17 +12,10 @@ from types import SimpleNamespace
 import nibabel as nib
 import numpy as np
 import pytest
-from anat_helpers import WHEEL_HINT, build_templateflow_home, find_template_wheel, no_network
+from anat_helpers import no_network
 
 pytest.importorskip("ants")
 
-
-@pytest.fixture(scope="module")
-def tf_home(tmp_path_factory):
-    wheel = find_template_wheel()
-    if wheel is None:
-        pytest.skip(f"no NiMARE wheel with TemplateFlow files: {WHEEL_HINT}")
-    return build_templateflow_home(tmp_path_factory.mktemp("templateflow"), wheel)
 
 
 @pytest.fixture()

@@ -20,21 +20,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from anat_helpers import (DGM, WHEEL_HINT, build_templateflow_home, evaluate_subject, find_template_wheel, no_network,
-                          register_subject, template_dgm_labels)
+from anat_helpers import DGM, evaluate_subject, no_network, register_subject, template_dgm_labels
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("ants")
 
 VALIDATOR = shutil.which("bids-validator-deno")
 
-
-@pytest.fixture(scope="module")
-def tf_home(tmp_path_factory):
-    wheel = find_template_wheel()
-    if wheel is None:
-        pytest.skip(f"no NiMARE wheel with TemplateFlow files: {WHEEL_HINT}")
-    return build_templateflow_home(tmp_path_factory.mktemp("templateflow"), wheel)
 
 
 @pytest.fixture(scope="module")
