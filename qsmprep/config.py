@@ -253,7 +253,14 @@ class QsmprepConfig:
     def _check_spaces(self) -> None:
         """``--output-spaces`` and ``--atlas`` values (exit 64), ``--derivatives`` folders (exit 66), and every
         template and atlas file present in TEMPLATEFLOW_HOME (exit 66; nothing is downloaded during a run)."""
-        from qsmprep.anat.templates import atlas_files, parse_atlas, parse_spaces, template_files
+        from qsmprep.anat.templates import (
+            Space,
+            atlas_files,
+            parse_atlas,
+            parse_spaces,
+            registration_templates,
+            template_files,
+        )
         from qsmprep.utils.errors import EX_NOINPUT
 
         try:
@@ -274,6 +281,7 @@ class QsmprepConfig:
                     template_files(space)
                 except FileNotFoundError as exc:
                     raise InputError("--output-spaces", str(exc), "then run qsmprep again", EX_NOINPUT) from None
+        atlases = []
         for text in self.atlas:
             try:
                 template, atlas, desc, res = parse_atlas(text)
@@ -281,6 +289,13 @@ class QsmprepConfig:
             except ValueError as exc:
                 raise InputError("--atlas", str(exc), "Use --atlas <template>:<atlas>[:desc-<d>][:res-<r>], e.g. "
                                  "MNI152NLin6Asym:HOCPA:desc-th25:res-2", EX_USAGE) from None
+            except FileNotFoundError as exc:
+                raise InputError("--atlas", str(exc), "then run qsmprep again", EX_NOINPUT) from None
+            atlases.append((template, atlas, desc, res))
+        # an atlas's template is registered to even when no output space names it: its T1w and mask too
+        for template, res in registration_templates(spaces, atlases).items():
+            try:
+                template_files(Space(template, res))
             except FileNotFoundError as exc:
                 raise InputError("--atlas", str(exc), "then run qsmprep again", EX_NOINPUT) from None
 

@@ -41,8 +41,8 @@ _LOGS = "qsmprep: logs, crash files and the run settings are not BIDS data"
 _FIELDMAPS = "the B0 field map and local field have no anat suffix in BIDS (qsmprep writes them as *_fieldmap)"
 _TABLES = "QC metrics and ROI statistics are qsmprep tables, not BIDS files"
 _REPORTS = "reports (HTML and figures) and the group-level tables"
-_XFMS = ("transforms (from-/to-/mode- xfm files, named as sMRIPrep/fMRIPrep name them) are not in the BIDS "
-         "specification yet (BEP014)")
+_XFMS = ("transforms (from-/to-/mode- xfm files, named as sMRIPrep/fMRIPrep name them): BIDS 1.11.1 (schema 1.2.7, "
+         "bids-validator-deno 3.0.2) has no xfm suffix and no from/to/mode entities yet (BEP014)")
 _SPACES = "`--output-spaces` with a T1w (found in the BIDS dataset or `--derivatives`)"
 
 

@@ -132,21 +132,56 @@ def test_templates_are_found_offline_through_templateflow(tf_env):
         socket.create_connection(("example.org", 80), timeout=1)
 
 
-def test_missing_template_stops_before_any_work_with_one_line(tf_env, tmp_path, capsys, shapes_bids):
-    """MNI152NLin2009cAsym is not in the offline folder: exit 66, one line naming the template and the command
-    that fetches it, nothing written."""
+@pytest.mark.parametrize("argv", [
+    ["--output-spaces", "MNI152NLin2009cAsym"],
+    ["--output-spaces", "T1w", "MNI152NLin2009cAsym:res-2"],
+    ["--atlas", "MNI152NLin2009cAsym:HOCPA:desc-th25:res-2"],
+])
+def test_missing_template_stops_before_any_work_with_one_line(argv, tf_env, tmp_path, capsys, shapes_bids):
+    """MNI152NLin2009cAsym (fMRIPrep's default) is not in the offline folder (and nothing else is filed under its
+    name): exit 66, one line naming the template and the ``templateflow.api.get`` command that fetches it,
+    nothing written (no output, no work directory), no network."""
     from qsmprep.cli.run import main
 
+    bids, _, _ = shapes_bids()
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert not (tf_env / "tpl-MNI152NLin2009cAsym").exists()
+    with no_network():
+        rc = main([str(bids), str(out), "participant", "-w", str(work), "--skip-bids-validation", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 66
+    assert len(err) == 1 and "MNI152NLin2009cAsym" in err[0], err
+    assert 'python -c "from templateflow.api import get; get(\'MNI152NLin2009cAsym\'' in err[0], err
+    assert not out.exists() and not work.exists()
+
+
+def test_atlas_needs_its_template_files_before_any_work(tf_home, tmp_path, capsys, shapes_bids, monkeypatch):
+    """An atlas whose template is in no output space is still registered to that template: a missing template
+    T1w stops the run at the checks (exit 66, one line with the fetch command), not when the workflow is built."""
+    import shutil
+
+    from qsmprep.cli.run import main
+
+    home = tmp_path / "tf"
+    shutil.copytree(tf_home, home)
+    (home / "tpl-MNI152NLin6Asym" / "tpl-MNI152NLin6Asym_res-02_T1w.nii.gz").unlink()
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
     bids, _, _ = shapes_bids()
     out = tmp_path / "out"
     with no_network():
         rc = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"), "--skip-bids-validation",
-                   "--output-spaces", "MNI152NLin2009cAsym"])
+                   "--output-spaces", "T1w", "--atlas", "MNI152NLin6Asym:HOCPA:desc-th25:res-2"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 66
-    assert len(err) == 1 and "MNI152NLin2009cAsym" in err[0] and "from templateflow.api import get" in err[0], err
+    assert rc == 66 and len(err) == 1, err
+    assert "--atlas: template MNI152NLin6Asym (res-2" in err[0] and "get('MNI152NLin6Asym', resolution=2" in err[0], err
     assert not out.exists()
-    rc = main([str(bids), str(out), "participant", "--skip-bids-validation", "--output-spaces", "MNI152"])
+
+
+def test_unknown_output_space_is_a_usage_error(tmp_path, shapes_bids):
+    from qsmprep.cli.run import main
+
+    out = tmp_path / "out"
+    rc = main([str(shapes_bids()[0]), str(out), "participant", "--skip-bids-validation", "--output-spaces", "MNI152"])
     assert rc == 64 and not out.exists()
 
 

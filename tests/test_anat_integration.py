@@ -99,7 +99,11 @@ def _aseg_from_labels(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def app(template, phantom_1mm, tmp_path_factory):
     """Three subjects (seeds 3, 4, 5): sub-1 with a 1 mm T1w, an sMRIPrep-style folder (preprocessed T1w, brain
     mask, T1w <-> MNI152NLin6Asym transforms computed here, i.e. by "sMRIPrep") and a FreeSurfer aseg.mgz on the
-    1 mm T1w grid; sub-2/3 with 2 mm T1w only. One App run, networking disabled."""
+    1 mm T1w grid; sub-2/3 with 2 mm T1w only. One App run, networking disabled, MultiProc with ``--nprocs 2``
+    and an atlas (the combination that once ended in a broken process pool). The chain is the fast classical
+    one (V-SHARP, RTS) with the default brain mask (BET and phase quality): ``--masking magnitude`` keeps about
+    1100 skull and CSF voxels of these unstripped heads at the brain border, whose noise-only phase V-SHARP
+    spreads over the whole brain (native NRMSE 1.16 instead of 0.63 on seed 3)."""
     from qsmprep.anat import registration as reg
     from qsmprep.cli.run import main
     from qsmprep.simulate import downsample_phantom, write_bids_dataset
@@ -137,8 +141,8 @@ def app(template, phantom_1mm, tmp_path_factory):
     aseg = _aseg_from_labels(np.asarray(s1.t1w_labels), s1.t1w_affine)
     nib.save(nib.MGHImage(aseg, s1.t1w_affine), fs / "aseg.mgz")
 
-    argv = [str(bids), str(out), "participant", "-w", str(root / "work"), "--nprocs", "1",
-            "--masking", "magnitude", "--bgremove", "vsharp", "--inversion", "rts",
+    argv = [str(bids), str(out), "participant", "-w", str(root / "work"), "--nprocs", "2",
+            "--bgremove", "vsharp", "--inversion", "rts",
             "--output-spaces", "T1w", "MNI152NLin6Asym:res-2", "--derivatives", str(deriv),
             "--atlas", "MNI152NLin6Asym:HOCPA:desc-th25:res-2", "--skip-bids-validation"]
     with no_network():
@@ -195,20 +199,97 @@ def test_freesurfer_aseg_gives_named_regions_on_the_gre_grid(app):
     assert "aseg.mgz" in meta["Segmentation"] and meta["Space"] == "T1w"
 
 
-@pytest.mark.skipif(VALIDATOR is None, reason="bids-validator-deno is not installed")
-def test_outputs_with_transforms_and_spaces_pass_the_bids_validator(app):
-    proc = subprocess.run([VALIDATOR, str(app["out"]), "--datasetTypes", "derivative", "--format", "json",
+def _validate(root) -> tuple[list, dict]:
+    """bids-validator-deno on a derivative dataset: ``(errors as (code, location), summary)``."""
+    proc = subprocess.run([VALIDATOR, str(root), "--datasetTypes", "derivative", "--format", "json",
                            "--no-color"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     report = json.loads(proc.stdout)
     errors = [(i["code"], i.get("location")) for i in report["issues"]["issues"] if i["severity"] == "error"]
+    return errors, report.get("summary", {})
+
+
+@pytest.mark.skipif(VALIDATOR is None, reason="bids-validator-deno is not installed")
+def test_outputs_with_transforms_and_spaces_pass_the_bids_validator(app):
+    errors, _ = _validate(app["out"])
     assert not errors, errors
 
 
-#: measured (fast classical chain: magnitude mask, V-SHARP, RTS at 2 mm): the group mean in template space has
-#: NRMSE 1.10 against the truth's group mean, the series' own native NRMSE is 1.10-1.16 (correlation 0.35): the
-#: voxel-wise error is the QSM chain's, not the resampling's. Bounds: the group mean is no worse than the mean
-#: native NRMSE + 0.05, and below 1.2.
-GROUP_NRMSE_MAX = 1.2
+@pytest.fixture(scope="module")
+def small_participant_with_transforms(shapes_bids, tf_home, tmp_path_factory):
+    """The 40^3 shapes dataset with its first echo as T1w, an sMRIPrep-style folder (preprocessed T1w, brain mask
+    and given T1w <-> MNI152NLin6Asym transforms: ITK affines in HDF5, so no SyN runs) and one App run with
+    ``--output-spaces T1w MNI152NLin6Asym:res-2``: every kind of transform file in ~1 min."""
+    import ants
+
+    from qsmprep.cli.run import main
+    from qsmprep.simulate.anatomy import write_t1w
+
+    src, _, sim = shapes_bids()
+    root = tmp_path_factory.mktemp("xfm_validator")
+    bids, deriv, out = root / "bids", root / "smriprep", root / "out"
+    shutil.copytree(src, bids)
+    t1w = np.asarray(sim.magnitude[..., 0], np.float32)
+    write_t1w(bids, "01", t1w, sim.affine)
+    a = deriv / "sub-01" / "anat"
+    a.mkdir(parents=True)
+    (deriv / "dataset_description.json").write_text(json.dumps(
+        {"Name": "sMRIPrep-style test folder", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
+    nib.save(nib.Nifti1Image(t1w, sim.affine), a / "sub-01_desc-preproc_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(sim.brain_mask, np.uint8), sim.affine), a / "sub-01_desc-brain_mask.nii.gz")
+    for name in ("from-T1w_to-MNI152NLin6Asym", "from-MNI152NLin6Asym_to-T1w"):
+        ants.write_transform(ants.create_ants_transform("AffineTransform", dimension=3),
+                             str(a / f"sub-01_{name}_mode-image_xfm.h5"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TEMPLATEFLOW_HOME", str(tf_home))
+    try:
+        with no_network():
+            rc = main([str(bids), str(out), "participant", "-w", str(root / "work"), "--nprocs", "1",
+                       "--bgremove", "vsharp", "--inversion", "rts", "--skip-bids-validation",
+                       "--output-spaces", "T1w", "MNI152NLin6Asym:res-2", "--derivatives", str(deriv)])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out
+
+
+#: the transform files of one series and their sidecars
+_XFM_FILES = ("from-GRE_to-T1w_mode-image_xfm.txt", "from-T1w_to-MNI152NLin6Asym_mode-image_xfm.h5",
+              "from-MNI152NLin6Asym_to-T1w_mode-image_xfm.h5")
+
+
+@pytest.mark.skipif(VALIDATOR is None, reason="bids-validator-deno is not installed")
+def test_participant_with_transforms_passes_the_validator_and_needs_bidsignore_for_them(
+        small_participant_with_transforms, tmp_path):
+    """0 errors on a participant output with all three transforms. The transforms pass only through
+    ``.bidsignore``: bids-validator-deno 3.0.2 bundles BIDS 1.11.1 (schema 1.2.7), which has no ``xfm`` suffix
+    and no ``from``/``to``/``mode`` entities, so without the entry each transform and its sidecar is
+    NOT_INCLUDED (no other name or extension validates either). If this part fails, the validator has learnt
+    transforms (BEP014): drop the entry from ``qsmprep/outputs.py`` (``_XFMS``) and docs/outputs.md."""
+    out = small_participant_with_transforms
+    anat = out / "sub-01" / "anat"
+    for name in _XFM_FILES:
+        assert (anat / f"sub-01_{name}").is_file() and (anat / f"sub-01_{name.rsplit('.', 1)[0]}.json").is_file()
+    errors, summary = _validate(out)
+    assert not errors, errors
+    # the same dataset without the transform lines of .bidsignore: exactly the transform files are rejected
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("log", "work"))
+    ignore = (bare / ".bidsignore").read_text().splitlines()
+    (bare / ".bidsignore").write_text("\n".join(line for line in ignore if "xfm" not in line) + "\n")
+    errors, summary = _validate(bare)
+    expected = {f"/sub-01/anat/sub-01_{n}" for n in _XFM_FILES}
+    expected |= {f"/sub-01/anat/sub-01_{n.rsplit('.', 1)[0]}.json" for n in _XFM_FILES}
+    assert {loc for _, loc in errors} == expected and {c for c, _ in errors} == {"NOT_INCLUDED"}, (
+        f"schema {summary.get('schemaVersion')}: the validator now treats transforms differently: {errors}")
+
+
+#: measured (fast classical chain: default BET + phase-quality mask, V-SHARP, RTS at 2 mm, SNR 100): native Chimap
+#: NRMSE 0.625, 0.636, 0.640 (seeds 3, 4, 5), the group mean in MNI152NLin6Asym res-2 0.587 against the truth's
+#: group mean carried through the same transforms (202759 voxels covered by all three): the resampling adds no
+#: error and averaging three series removes some. (With --masking magnitude all were 1.10-1.16: skull voxels of
+#: noise-only phase inside the mask, see the ``app`` fixture.) Bounds: measured + ~0.06.
+NATIVE_NRMSE_MAX = 0.70
+GROUP_NRMSE_MAX = 0.65
 
 
 def test_group_mean_map_agrees_with_the_truth_warped_the_same_way(app, template):
@@ -239,6 +320,7 @@ def test_group_mean_map_agrees_with_the_truth_warped_the_same_way(app, template)
     nrmse = float(np.linalg.norm(mean[sel] - t) / np.linalg.norm(t))
     print(f"group mean NRMSE vs truth (n=3 voxels: {int(sel.sum())}): {nrmse:.3f}; native NRMSE per series: "
           + ", ".join(f"{v:.3f}" for v in native))
+    assert max(native) < NATIVE_NRMSE_MAX
     assert nrmse < GROUP_NRMSE_MAX
     assert nrmse <= np.mean(native) + 0.05
     html = (out / "group.html").read_text()

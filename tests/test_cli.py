@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +110,38 @@ def test_console_script_exit_status(tmp_path):
     assert proc.stderr.count("\n") == 1 and "unrecognized arguments: --bogus" in proc.stderr
     proc = subprocess.run(cmd + ["--version"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0 and proc.stdout.strip() == f"qsmprep {__version__}"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("call", ["rc = main(ARGV)\nprint('RC', rc)", "sys.exit(main(ARGV))"])
+def test_unguarded_script_with_multiproc(call, tmp_path, shapes_bids):
+    """A script that calls ``main`` at top level (no ``if __name__ == "__main__":``) with ``--nprocs 2``: every
+    forkserver process imports the script again. ``main`` starts no nested run there (one note line instead of a
+    second run writing into the same output folder), so the run completes; with ``sys.exit(main(...))`` the import
+    itself ends the worker (Python's rule, nothing to catch), and the run ends with exit 1 and a crash file that
+    names the dead worker and the guard, not with Nipype's ``TypeError`` from its crash report (no crash file)."""
+    bids = shapes_bids()[0]
+    argv = [str(bids), str(tmp_path / "out"), "participant", "-w", str(tmp_path / "work"), "--nprocs", "2",
+            "--skip-bids-validation", "--bgremove", "vsharp", "--inversion", "rts"]
+    script = tmp_path / "unguarded.py"
+    script.write_text("import sys\nfrom qsmprep.cli.run import main\n" + call.replace("ARGV", repr(argv)) + "\n")
+    env = dict(os.environ, NIPYPE_NO_ET="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=tmp_path)
+    err = proc.stderr
+    assert "put the call of qsmprep.cli.run.main under if __name__ == '__main__'" in err, err[-3000:]
+    assert err.count("qsmprep: found 1 QSM series") == 1, err[-3000:]  # no nested run
+    assert "TypeError" not in err, err[-3000:]
+    if call.startswith("rc"):
+        assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "RC 0", (proc.stdout[-2000:], err[-3000:])
+        assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_Chimap.nii.gz").is_file()
+    else:
+        assert proc.returncode == 1 and "1 processing step failed" in err, err[-3000:]
+        crash = list((tmp_path / "out").glob("sub-01/log/*/crash-*.txt"))
+        assert len(crash) == 1, crash
+        text = crash[0].read_text()
+        assert "the worker process running this node died (BrokenProcessPool" in text and "__main__" in text
 
 
 def test_defaults_and_label_stripping(tmp_path, monkeypatch):

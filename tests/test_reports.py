@@ -695,3 +695,30 @@ def test_step_reporter_lines_and_plugins(caplog):
     name, args = make_plugin("Linear", {}, status_callback=rep)
     assert LinearPlugin(plugin_args=args)._status_callback is rep
     assert "status_callback" not in make_plugin("SLURMGraph", {}, status_callback=rep)[1]
+
+
+def _die():
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_dead_multiproc_worker_is_a_crashed_node_with_its_crash_file(tmp_path):
+    """A worker killed while running a node (the kernel's OOM killer, a segfault in a library): the run ends
+    with the plugin's own error and a crash file, not Nipype 1.11's ``TypeError: can only concatenate str (not
+    "list") to str`` from ``report_crash`` (no result file), and not a hang."""
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+
+    from qsmprep.utils.plugins import make_plugin
+
+    wf = pe.Workflow("dies", base_dir=str(tmp_path / "work"))
+    wf.add_nodes([pe.Node(Function(function=_die, input_names=[], output_names=[]), name="killed")])
+    wf.config["execution"].update({"crashdump_dir": str(tmp_path / "crash"), "crashfile_format": "txt",
+                                   "stop_on_first_crash": "false"})
+    plugin, _ = make_plugin("MultiProc", {"n_procs": 2})
+    with pytest.raises(RuntimeError, match="worker process running this node died"):
+        wf.run(plugin=plugin)
+    crash = list((tmp_path / "crash").glob("crash-*killed*.txt"))
+    assert len(crash) == 1 and "BrokenProcessPool" in crash[0].read_text()

@@ -25,6 +25,7 @@ __all__ = [
     "template_files",
     "atlas_files",
     "parse_atlas",
+    "registration_templates",
     "fetch_command",
 ]
 
@@ -171,6 +172,19 @@ def parse_atlas(text: str) -> tuple[str, str, str | None, int]:
         else:
             res = int(m.group(2))
     return parts[0], parts[1], desc, res
+
+
+def registration_templates(spaces, atlases) -> dict[str, int]:
+    """``{template: res}``: the templates the T1w is registered to, one per name, on the grid of the first
+    resolution asked for (``spaces``: :class:`Space` list, output spaces first; ``atlases``: :func:`parse_atlas`
+    tuples, an atlas adds its template at its own resolution when no output space names it)."""
+    out: dict[str, int] = {}
+    for s in spaces:
+        if s.is_template:
+            out.setdefault(s.name, s.res)
+    for template, _, _, res in atlases:
+        out.setdefault(template, res)
+    return out
 
 
 #: what the container images fetch at build time (``python -m qsmprep.anat.templates``), where the network allows:

@@ -381,9 +381,23 @@ def _main(argv: Sequence[str] | None) -> int:
     return _run_workflow(cfg, runs)
 
 
+def _importing_main_in_a_worker() -> bool:
+    """True while a ``forkserver``/``spawn`` process imports the caller's main script (multiprocessing's own
+    test, ``spawn._check_not_importing_main``): a script that calls :func:`main` without an ``if __name__ ==
+    "__main__":`` guard would otherwise start a second, nested run there, writing into the same output folder,
+    and break MultiProc's worker pool (``BrokenProcessPool``)."""
+    import multiprocessing
+
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run qsmprep; returns the exit status (0, 1, 64, 65 or 66). ``argv`` defaults to ``sys.argv[1:]``."""
     os.environ.setdefault("NIPYPE_NO_ET", "1")
+    if _importing_main_in_a_worker():
+        print("qsmprep: note: not run again in a MultiProc worker that imports the calling script; put the call "
+              "of qsmprep.cli.run.main under if __name__ == '__main__':", file=sys.stderr)
+        return EX_USAGE
     try:
         return _main(argv)
     except InputError as err:

@@ -1,14 +1,15 @@
 """Nipype execution plugins as qsmprep runs them.
 
-Only one change to Nipype's own ``MultiProc``: a worker process that dies (killed by the kernel for
+One change to Nipype's own ``MultiProc``: a worker process that dies (killed by the kernel for
 exceeding memory, or a segmentation fault) makes ``concurrent.futures`` raise ``BrokenProcessPool`` in
 a callback that Nipype 1.x swallows, and the run then waits forever. Here that node is reported as
 crashed (crash file, exit status 1) instead.
 
-And one to Nipype's ``SLURM``: a job that ends without a result file (cancelled, killed, out of time)
-gets its traceback as one string where ``report_crash`` appends a list, so Nipype 1.11 raises
-``TypeError`` and writes no crash file. Here the traceback is passed as lines: the node is reported as
-crashed with its crash file, like any other failure.
+And one to both ``MultiProc`` and ``SLURM``: a node that ends without a result file (a dead worker; a
+job cancelled, killed or out of time) gets its traceback as one string where ``report_crash`` appends a
+list, so Nipype 1.11 raises ``TypeError: can only concatenate str (not "list") to str`` and writes no
+crash file. Here the traceback is passed as lines: the node is reported as crashed with its crash file,
+like any other failure.
 
 Both (and every other non-graph plugin) accept a ``status_callback``: :class:`StepReporter` prints one
 line per finished node with its elapsed time, the progress qsmprep shows by default.
@@ -50,7 +51,17 @@ class _ReportsCachedNodes:
         return super()._task_finished_cb(jobid, cached=cached)
 
 
-class SafeMultiProcPlugin(_ReportsCachedNodes, MultiProcPlugin):
+class _CrashReportOfMissingResult:
+    """Nipype's crash report of a node that left no result file, with the traceback as lines (see the module
+    docstring)."""
+
+    def _report_crash(self, node, result=None):
+        if result is not None and isinstance(result.get("traceback"), str):
+            result = dict(result, traceback=result["traceback"].splitlines(keepends=True))
+        return super()._report_crash(node, result=result)
+
+
+class SafeMultiProcPlugin(_CrashReportOfMissingResult, _ReportsCachedNodes, MultiProcPlugin):
     """Nipype's ``MultiProc`` that turns a dead worker process into a node crash instead of a hang, and
     whose workers log at the parent's Nipype log levels."""
 
@@ -73,18 +84,14 @@ class SafeMultiProcPlugin(_ReportsCachedNodes, MultiProcPlugin):
             exc = future.exception()
             raise RuntimeError(
                 f"the worker process running this node died ({type(exc).__name__}: {exc}); if it ran out of "
-                "memory, lower --nprocs or give --mem"
+                "memory, lower --nprocs or give --mem; if qsmprep was called from a Python script, the workers "
+                "import that script: put the call under if __name__ == '__main__':"
             ) from exc
         return super()._get_result(taskid)
 
 
-class SafeSLURMPlugin(_ReportsCachedNodes, SLURMPlugin):
+class SafeSLURMPlugin(_CrashReportOfMissingResult, _ReportsCachedNodes, SLURMPlugin):
     """Nipype's ``SLURM`` whose crash report of a job that left no result file does not fail itself."""
-
-    def _report_crash(self, node, result=None):
-        if result is not None and isinstance(result.get("traceback"), str):
-            result = dict(result, traceback=result["traceback"].splitlines(keepends=True))
-        return super()._report_crash(node, result=result)
 
 
 #: log level of the progress lines (``IMPORTANT`` of the CLI: shown by default, between INFO and WARNING)

@@ -23,7 +23,14 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from qsmprep.anat.inputs import AnatInputs
-from qsmprep.anat.templates import Space, atlas_files, parse_atlas, parse_spaces, template_files
+from qsmprep.anat.templates import (
+    Space,
+    atlas_files,
+    parse_atlas,
+    parse_spaces,
+    registration_templates,
+    template_files,
+)
 from qsmprep.interfaces.anat import (
     ApplyTransforms,
     LabelImage,
@@ -87,12 +94,7 @@ def init_anat_wf(run: "QsmRun", config: "QsmprepConfig", anat: AnatInputs, refer
     spaces = parse_spaces(config.output_spaces)
     atlases = [parse_atlas(a) for a in config.atlas]
     # one T1w -> template registration per template name (grid: the first resolution asked for)
-    tpl_res: dict[str, int] = {}
-    for s in spaces:
-        if s.is_template:
-            tpl_res.setdefault(s.name, s.res)
-    for template, _, _, res in atlases:
-        tpl_res.setdefault(template, res)
+    tpl_res = registration_templates(spaces, atlases)
 
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=ANAT_INPUTS), name="inputnode")
