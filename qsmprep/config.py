@@ -93,9 +93,8 @@ class MethodParams:
 class QsmprepConfig:
     """All options of a qsmprep run (paths are absolute :class:`~pathlib.Path`).
 
-    The methods are the default pipeline: BET brain extraction within reliable phase quality, ROMEO, PDF alternated with the
-    NeXtQSM-style VarNet as the susceptibility prior, the VarNet inversion, whole-brain mean reference
-    (docs/neural.md names the data this choice rests on).
+    The methods are the default pipeline: BET brain extraction within reliable phase quality, ROMEO, PDF,
+    TV-ADMM, whole-brain mean reference (docs/limits.md names the data this choice rests on).
     """
 
     bids_dir: Path | None = None
