@@ -51,10 +51,10 @@ MAPS = {
     "desc-local_fieldmap": (np.float32, "ppm"),
 }
 #: Chimap NRMSE (%, demeaned, in the output brain mask) against the simulated truth. Measured with the
-#: default pipeline (phase-quality mask, MCPC-3D-S, ROMEO, B0 fit, PDF alternated with the VarNet prior,
+#: learned chain, the default until 2026-12-04 (phase-quality mask, MCPC-3D-S, ROMEO, B0 fit, PDF alternated with the VarNet prior,
 #: VarNet, whole-brain mean; measured with 4 alternations of 30 CG iterations, the default is now 3 of 20) on
 #: this dataset: sub-1_ses-1 75.1, sub-1_ses-2 75.5, sub-2 (oblique, integer phase) 77.4 % (the classical
-#: V-SHARP + RTS chain: 77.2, 81.3, 74.4 %; 70.7-81.6 % over 8 axial noise seeds of this phantom); most of the error comes from the few skull voxels left in the phase-quality mask
+#: V-SHARP + RTS chain: 77.2, 81.3, 74.4 %; the default PDF + TV chain stays within the bound; 70.7-81.6 % over 8 axial noise seeds of this phantom); most of the error comes from the few skull voxels left in the phase-quality mask
 #: (with the true brain mask instead: ~60 % for V-SHARP + RTS). Bound = worst measured + ~9 points; a zero
 #: map scores 100 %.
 NRMSE_BOUND = 90.0
