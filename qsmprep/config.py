@@ -249,6 +249,7 @@ class QsmprepConfig:
         if self.masking == DEFAULT_MASKING and not run.has_magnitude and not self.method_params.for_stage("masking"):
             return PHASE_ONLY_MASKING
         return self.masking
+
     def _check_spaces(self) -> None:
         """``--output-spaces`` and ``--atlas`` values (exit 64), ``--derivatives`` folders (exit 66), and every
         template and atlas file present in TEMPLATEFLOW_HOME (exit 66; nothing is downloaded during a run)."""
