@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHAINS = {
     "default": (None, None),
     "vsharp+rts": ("vsharp", "rts"),
+    "nextqsm+nextqsm": ("nextqsm", "nextqsm"),
     "pdf+rts": ("pdf", "rts"),
     "pdf+tv": ("pdf", "tv"),
     "pdf+nextqsm": ("pdf", "nextqsm"),

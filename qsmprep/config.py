@@ -123,8 +123,8 @@ class QsmprepConfig:
     # methods (registered names of the stage's registry in qsmprep.methods)
     masking: MaskingMethod = DEFAULT_MASKING
     unwrapping: UnwrappingMethod = "romeo"
-    bgremove: BgremoveMethod = "nextqsm"
-    inversion: InversionMethod = "nextqsm"
+    bgremove: BgremoveMethod = "pdf"
+    inversion: InversionMethod = "tv"
     reference: ReferenceMethod = "mean"
     r2star_method: R2starMethod = "auto"
     r2star: bool = False

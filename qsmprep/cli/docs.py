@@ -29,6 +29,7 @@ from qsmprep.config import QsmprepConfig
 from qsmprep.methods import STAGES
 from qsmprep.outputs import markdown_table, tree_markdown
 from qsmprep.qsm.qc import metrics_markdown
+from qsmprep.references import REFERENCES
 from qsmprep.reports.figures import windows_markdown
 
 __all__ = ["BLOCKS", "method_parameter_table", "method_options_table", "render", "blocks_in", "main"]
@@ -50,9 +51,13 @@ def _value(value) -> str:
 
 
 def _cite(key: str) -> str:
-    """``wu2012`` -> ``Wu 2012``."""
+    """``wu2012`` -> ``Wu 2012``; a key with a longer suffix (``bilgic2014tv``) -> first author and year of
+    its reference."""
     m = re.fullmatch(r"([a-z_]+?)(\d{4})[a-z]?", key)
-    return f"{m.group(1).replace('_', ' ').title()} {m.group(2)}" if m else key
+    if m:
+        return f"{m.group(1).replace('_', ' ').title()} {m.group(2)}"
+    ref = REFERENCES.get(key)
+    return f"{ref.authors.split()[0].rstrip(',')} {ref.year}" if ref else key
 
 
 def method_parameter_table(stage_key: str) -> str:
