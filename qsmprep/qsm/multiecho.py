@@ -257,7 +257,7 @@ def mcpc3ds(
     offset = smooth_phase(po, w, sig_vox)
     del po, w
 
-    out = np.empty(ph.shape, np.float32)
+    out = np.empty(ph.shape, np.float32, order="F")  # echo volumes contiguous (NIfTI layout)
     for e in range(n_e):
         out[..., e] = wrap_to_pi(ph[..., e] - offset)
     return out, offset

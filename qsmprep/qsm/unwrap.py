@@ -578,7 +578,7 @@ def romeo_unwrap_multiecho(
         pm[:, e] = pe - two_pi * np.round((pe - ref) / two_pi)
     if mask is None:
         return pm.reshape(phase.shape)
-    out = phase.copy()
+    out = phase.copy(order="K")  # keep the layout (Fortran as loaded from NIfTI: no transposing copy)
     out[m] = pm
     return out
 
