@@ -360,8 +360,8 @@ def data_consistency_residual(
     box = PaddedBox(m, int(pad_voxels))
     inside = box.mask
     d = dipole_kernel(box.shape, vs, b)
-    field_chi = _fft.irfftn(_fft.rfftn(box.pad(chi)) * d, box.shape)[inside].astype(np.float64)
-    field_one = _fft.irfftn(_fft.rfftn(inside.astype(np.float32)) * d, box.shape)[inside].astype(np.float64)
+    field_chi = _fft.irfftn(_fft.rfftn(box.pad(chi)) * d, box.shape, overwrite=True)[inside].astype(np.float64)
+    field_one = _fft.irfftn(_fft.rfftn(inside.astype(np.float32)) * d, box.shape, overwrite=True)[inside].astype(np.float64)
     fv = box.pad(f)[inside].astype(np.float64)
     norm_f = float(np.linalg.norm(fv))
     if norm_f == 0.0:

@@ -691,7 +691,7 @@ def laplacian_unwrap(phase_rad, voxel_size_mm=(1.0, 1.0, 1.0), mask=None, method
         spec = _fft.rfftn(lap)
         spec /= eig.astype(np.float32)
         spec[0, 0, 0] = 0.0
-        sol = _fft.irfftn(spec, shape)
+        sol = _fft.irfftn(spec, shape, overwrite=True)
     out = np.zeros(phase.shape, np.float32)
     if mc is not None:
         sol *= mc
