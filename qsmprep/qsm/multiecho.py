@@ -117,7 +117,12 @@ def _upsample_linear(c: np.ndarray, f: Sequence[int], shape: Sequence[int]) -> n
         view = [1, 1, 1]
         view[ax] = n
         t = t.reshape(view)
-        out = np.take(out, i0, axis=ax) * (1 - t) + np.take(out, i1, axis=ax) * t
+        lo, hi = np.take(out, i0, axis=ax), np.take(out, i1, axis=ax)
+        lo *= 1 - t  # in place: lo * (1 - t) + hi * t without two more full-size temporaries
+        hi *= t
+        lo += hi
+        out = lo
+        del hi
     return out
 
 
