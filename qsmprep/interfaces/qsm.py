@@ -95,9 +95,14 @@ class _LoadEchoesOutputSpec(TraitedSpec):
 
 def _load_series(paths) -> tuple[list[np.ndarray], list]:
     """3D volumes (float32) and their images from files that hold one echo each (or a 4D series)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    # decompression releases the GIL: read the files of a series in two threads
+    with ThreadPoolExecutor(max(1, min(2, len(paths)))) as pool:
+        loaded = list(pool.map(load_float, paths))
     vols, imgs = [], []
-    for p in paths:
-        data, img = load_float(p)
+    for p, (data, img) in zip(paths, loaded):
         if data.ndim == 4 and data.shape[3] == 1:
             data = data[..., 0]
         if data.ndim == 3:
@@ -110,6 +115,15 @@ def _load_series(paths) -> tuple[list[np.ndarray], list]:
         else:
             raise ValueError(f"{p}: expected a 3D (or 4D echo series) image, got shape {data.shape}")
     return vols, imgs
+
+
+def _stack4(vols) -> np.ndarray:
+    """3D volumes stacked along a last axis, as a float32 Fortran-ordered 4D array (NIfTI's layout:
+    every volume is contiguous, the stack is written to disk in one copy)."""
+    out = np.empty(tuple(vols[0].shape) + (len(vols),), np.float32, order="F")
+    for e, v in enumerate(vols):
+        out[..., e] = v
+    return out
 
 
 def _same_grid(img, ref, shape) -> bool:
@@ -198,7 +212,7 @@ class LoadEchoes(SimpleInterface):
                 mags = [mag_c[..., e] for e in range(n_e)]
         else:
             units = inp.phase_units if inp.phase_units else None
-            stack = np.stack(ph, axis=-1) if all(_same_grid(i, ref, p.shape) for i, p in zip(ph_imgs, ph)) else None
+            stack = _stack4(ph) if all(_same_grid(i, ref, p.shape) for i, p in zip(ph_imgs, ph)) else None
             if stack is None:  # phase on another grid: scale on the native grid, resample complex
                 scaled = [scale_phase_to_rad(p, units) for p in ph]
                 units_detected = detect_phase_units(ph[0], units)
@@ -219,10 +233,12 @@ class LoadEchoes(SimpleInterface):
 
         order = np.argsort(te, kind="stable")
         te = te[order]
-        phase = np.ascontiguousarray(phase[..., order], dtype=np.float32)
+        if np.any(order != np.arange(n_e)):
+            phase = _stack4([phase[..., e] for e in order])
+        phase = np.asfortranarray(phase, dtype=np.float32)
         magnitude = None
         if mags:
-            magnitude = np.ascontiguousarray(np.stack(mags, axis=-1)[..., order], dtype=np.float32)
+            magnitude = _stack4([mags[e] for e in order])
             if np.any(magnitude < 0):
                 raise ValueError("magnitude images contain negative values")
 

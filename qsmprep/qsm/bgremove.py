@@ -122,7 +122,7 @@ def _pad_for_radius(r_mm: float, vs: np.ndarray) -> np.ndarray:
 def _erode(mask_k: np.ndarray, s_k: np.ndarray, shape, vs: np.ndarray, r_mm: float) -> np.ndarray:
     """Voxels whose whole sphere of ``r_mm`` lies in the mask (``mask_k``: rfft of the float mask)."""
     n_sphere = sphere_volume_voxels(vs, r_mm)
-    return _fft.irfftn(mask_k * s_k, shape) > np.float32(1.0 - 0.5 / n_sphere)
+    return _fft.irfftn(mask_k * s_k, shape, overwrite=True) > np.float32(1.0 - 0.5 / n_sphere)
 
 
 def _dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -150,7 +150,7 @@ def _vsharp_core(f, m, vs, radii, threshold):
         if new.any():
             if s_first is None:  # largest kernel that fits somewhere: used for the deconvolution
                 s_first = s_k
-            hp = _fft.irfftn(field_k * (np.float32(1.0) - s_k), shape)
+            hp = _fft.irfftn(field_k * (np.float32(1.0) - s_k), shape, overwrite=True)
             g[new] = hp[new]
             del hp
             done |= new
@@ -164,7 +164,7 @@ def _vsharp_core(f, m, vs, radii, threshold):
     hp_kernel = np.float32(1.0) - s_first
     with np.errstate(divide="ignore"):
         inv = np.where(np.abs(hp_kernel) >= threshold, np.float32(1.0) / hp_kernel, np.float32(0.0))
-    fl = _fft.irfftn(_fft.rfftn(g) * inv.astype(np.float32, copy=False), shape)
+    fl = _fft.irfftn(_fft.rfftn(g) * inv.astype(np.float32, copy=False), shape, overwrite=True)
     return box.unpad(fl, done)
 
 
@@ -316,7 +316,7 @@ class _PdfSolver:
 
     def dconv(self, x: np.ndarray) -> np.ndarray:
         """Field (ppm) of ``x`` on the box (periodic convolution with the dipole kernel)."""
-        return _fft.irfftn(_fft.rfftn(x) * self.d, self.box.shape)
+        return _fft.irfftn(_fft.rfftn(x) * self.d, self.box.shape, overwrite=True)
 
     def local(self, fp: np.ndarray, x0: np.ndarray | None = None,
               max_iter: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -472,7 +472,7 @@ def ismv(
     ring = fp * (box.mask & ~m_r)
 
     def smv(x):
-        return _fft.irfftn(_fft.rfftn(x) * s_k, shape)
+        return _fft.irfftn(_fft.rfftn(x) * s_k, shape, overwrite=True)
 
     def apply_a(u):
         return inner * (u - smv(u))

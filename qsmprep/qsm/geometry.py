@@ -130,5 +130,5 @@ def forward_field_ppm(
     shape = _fft.fast_shape(chi.shape, pad_voxels)
     chi_p, crop = _fft.pad_volume(chi, shape)
     d = dipole_kernel(shape, voxel_size_mm, b0_dir)
-    field = _fft.irfftn(_fft.rfftn(chi_p) * d, shape)
+    field = _fft.irfftn(_fft.rfftn(chi_p) * d, shape, overwrite=True)
     return np.ascontiguousarray(field[crop])

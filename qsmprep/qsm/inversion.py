@@ -217,7 +217,7 @@ def _direct(local_field_ppm, mask, voxel_size_mm, b0_dir, pad_voxels, inv_kernel
     d = dipole_kernel(grid.shape, grid.voxel_size, grid.b0_dir)
     inv = inv_kernel_fn(d, grid)
     inv[0, 0, 0] = 0.0  # undetermined mean: DC of the padded solution set to 0
-    x = _fft.irfftn(_fft.rfftn(fp) * inv, grid.shape)
+    x = _fft.irfftn(_fft.rfftn(fp) * inv, grid.shape, overwrite=True)
     return _finish(x, grid)
 
 
@@ -244,7 +244,7 @@ def data_consistency(
                             grid.shape)
     d = dipole_kernel(grid.shape, grid.voxel_size, grid.b0_dir)
     xk = (d * _fft.rfftn(fp) + np.float32(mu) * _fft.rfftn(pp)) / (d * d + np.float32(mu))
-    return _finish(_fft.irfftn(xk, grid.shape), grid)
+    return _finish(_fft.irfftn(xk, grid.shape, overwrite=True), grid)
 
 
 @INVERSION.register(
@@ -457,7 +457,7 @@ def _admm_tv(
         xk = _fft.rfftn(work)
         xk *= np.float32(rho) * ia
         xk += f_hat
-        x_new = _fft.irfftn(xk, shape)
+        x_new = _fft.irfftn(xk, shape, overwrite=True)
         del xk
         dx = np.linalg.norm((x_new - x).ravel())
         nx = np.linalg.norm(x_new.ravel())
@@ -522,7 +522,7 @@ def rts(
     # step 1: well-conditioned region
     xk = _lsmr_diag(d, _fft.rfftn(fp), _rfft_weights(grid.shape), lstol)
     mp, _ = _fft.pad_volume(grid.mask[grid.bbox], grid.shape)
-    chi1 = _fft.irfftn(xk, grid.shape)
+    chi1 = _fft.irfftn(xk, grid.shape, overwrite=True)
     chi1 *= mp
     del xk, fp
     # step 2: TV fill-in of the ill-conditioned cone

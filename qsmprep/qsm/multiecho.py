@@ -117,7 +117,12 @@ def _upsample_linear(c: np.ndarray, f: Sequence[int], shape: Sequence[int]) -> n
         view = [1, 1, 1]
         view[ax] = n
         t = t.reshape(view)
-        out = np.take(out, i0, axis=ax) * (1 - t) + np.take(out, i1, axis=ax) * t
+        lo, hi = np.take(out, i0, axis=ax), np.take(out, i1, axis=ax)
+        lo *= 1 - t  # in place: lo * (1 - t) + hi * t without two more full-size temporaries
+        hi *= t
+        lo += hi
+        out = lo
+        del hi
     return out
 
 
@@ -257,7 +262,7 @@ def mcpc3ds(
     offset = smooth_phase(po, w, sig_vox)
     del po, w
 
-    out = np.empty(ph.shape, np.float32)
+    out = np.empty(ph.shape, np.float32, order="F")  # echo volumes contiguous (NIfTI layout)
     for e in range(n_e):
         out[..., e] = wrap_to_pi(ph[..., e] - offset)
     return out, offset

@@ -78,9 +78,11 @@ def wrap_to_pi(x) -> np.ndarray:
         raise ValueError("wrap_to_pi expects real phase values, got a complex array")
     if x.dtype == bool or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"wrap_to_pi expects a numeric array, got dtype {x.dtype}")
-    out = np.empty(x.shape, np.float32)
+    if not (x.flags.c_contiguous or x.flags.f_contiguous):
+        x = np.ascontiguousarray(x)
+    out = np.empty_like(x, dtype=np.float32, order="K")  # same memory layout (C or Fortran) as x
     if x.size:
-        _wrap_kernel(np.ascontiguousarray(x).reshape(-1), out.reshape(-1))
+        _wrap_kernel(x.ravel(order="K"), out.ravel(order="K"))
     return out
 
 
@@ -97,9 +99,9 @@ def _in_radian_range(lo: float, hi: float, tol: float = RAD_TOLERANCE) -> bool:
 def _is_integer_valued(a: np.ndarray) -> bool:
     if np.issubdtype(a.dtype, np.integer):
         return True
-    sample = a.reshape(-1)
-    step = max(1, sample.size // 1_000_000)
-    sample = sample[::step]
+    step = max(1, a.size // 1_000_000)
+    # every step-th value in C order, without a C-ordered copy of a Fortran-ordered array
+    sample = a[np.unravel_index(np.arange(0, a.size, step), a.shape)] if a.ndim > 1 else a[::step]
     return bool(np.all(sample == np.round(sample)))
 
 

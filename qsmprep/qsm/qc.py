@@ -325,16 +325,22 @@ def residual_background_fraction(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0,
     centre = [p.mean() for p in pos]
     scale = max(float(np.max(np.abs(p - c))) for p, c in zip(pos, centre)) or 1.0
     coords = [(p - c) / scale for p, c in zip(pos, centre)]
-    a = np.stack(solid_harmonics(coords, order), axis=1)
-    a -= a.mean(axis=0)
+    terms = solid_harmonics(coords, order)
+    a = np.empty((len(terms), idx[0].size))  # one contiguous row per term
+    for row, t in zip(a, terms):
+        np.subtract(t, t.mean(), out=row)
+    del terms
     b = f[idx].astype(np.float64)
     b -= b.mean()
     energy = float(b @ b)
     if energy == 0.0:
         return 0.0
-    coef, *_ = np.linalg.lstsq(a, b, rcond=None)
-    fit = a @ coef
-    return float(fit @ fit) / energy
+    # least squares by the normal equations (k x k, k <= 15; the columns are harmonics of coordinates
+    # scaled to [-1, 1], well conditioned): the explained energy |A c|^2 = c . A^T b
+    gram = a @ a.T
+    atb = a @ b
+    coef, *_ = np.linalg.lstsq(gram, atb, rcond=None)
+    return float(coef @ atb) / energy
 
 
 def data_consistency_residual(
@@ -354,8 +360,8 @@ def data_consistency_residual(
     box = PaddedBox(m, int(pad_voxels))
     inside = box.mask
     d = dipole_kernel(box.shape, vs, b)
-    field_chi = _fft.irfftn(_fft.rfftn(box.pad(chi)) * d, box.shape)[inside].astype(np.float64)
-    field_one = _fft.irfftn(_fft.rfftn(inside.astype(np.float32)) * d, box.shape)[inside].astype(np.float64)
+    field_chi = _fft.irfftn(_fft.rfftn(box.pad(chi)) * d, box.shape, overwrite=True)[inside].astype(np.float64)
+    field_one = _fft.irfftn(_fft.rfftn(inside.astype(np.float32)) * d, box.shape, overwrite=True)[inside].astype(np.float64)
     fv = box.pad(f)[inside].astype(np.float64)
     norm_f = float(np.linalg.norm(fv))
     if norm_f == 0.0:

@@ -578,7 +578,7 @@ def romeo_unwrap_multiecho(
         pm[:, e] = pe - two_pi * np.round((pe - ref) / two_pi)
     if mask is None:
         return pm.reshape(phase.shape)
-    out = phase.copy()
+    out = phase.copy(order="K")  # keep the layout (Fortran as loaded from NIfTI: no transposing copy)
     out[m] = pm
     return out
 
@@ -691,7 +691,7 @@ def laplacian_unwrap(phase_rad, voxel_size_mm=(1.0, 1.0, 1.0), mask=None, method
         spec = _fft.rfftn(lap)
         spec /= eig.astype(np.float32)
         spec[0, 0, 0] = 0.0
-        sol = _fft.irfftn(spec, shape)
+        sol = _fft.irfftn(spec, shape, overwrite=True)
     out = np.zeros(phase.shape, np.float32)
     if mc is not None:
         sol *= mc
