@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy import ndimage
 
+import qsmprep.methods  # noqa: F401  (the complete catalogue: registers the learned methods)
 import qsmprep.nn as qnn
 from qsmprep.nn import inference as inf
 from qsmprep.nn.models import ModelFileError

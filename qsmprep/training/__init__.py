@@ -3,8 +3,9 @@
 Modules: :mod:`~qsmprep.training.data` (seeded synthetic patches), :mod:`~qsmprep.training.losses`
 (masked L1/L2, NRMSE, uQSM self-supervised loss), :mod:`~qsmprep.training.train` (``TrainConfig``,
 ``train``, ``export``) and :mod:`~qsmprep.training.cli` (console script ``qsmprep-train``). Configs:
-``configs/deepqsm.toml`` (section ``deepqsm``) and ``configs/nextqsm.toml`` (sections ``nextqsm-bg``
-and ``nextqsm-varnet``; pick one with ``--section``).
+``configs/deepqsm.toml`` (section ``deepqsm``) and ``configs/nextqsm.toml`` (sections ``nextqsm-bg``,
+``nextqsm-varnet`` and ``nextqsm-varnet-v2``, the GPU recipe with per-step seeded data for ``--workers``;
+pick one with ``--section``).
 
 Scaling contract with the inference side (:mod:`qsmprep.nn`), stored in the model file's ``scales``:
 

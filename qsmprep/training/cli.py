@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=float, help="wall-clock budget for this invocation (checkpoints on stop)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default: auto")
     p.add_argument("--threads", type=int, help="torch CPU threads (overrides num_threads)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that make the training data ahead (needs data_rng = \"per-step\" in the config; "
+                        "the data do not depend on it); default 0: in the training process")
     p.add_argument("--seed", type=int, help="override the config seed")
     p.add_argument("--export", metavar="NAME", help="after training, write NAME.pt + NAME.json to --export-dir")
     p.add_argument("--export-dir", metavar="DIR", help="model directory for --export (default: the package model dir)")
@@ -54,6 +57,8 @@ def main(argv=None) -> int:
             raise _UsageError(f"--steps must be >= 1, got {args.steps}")
         if args.threads is not None and args.threads < 1:
             raise _UsageError(f"--threads must be >= 1, got {args.threads}")
+        if args.workers < 0:
+            raise _UsageError(f"--workers must be >= 0, got {args.workers}")
         if args.stop_after is not None and args.stop_after < 1:
             raise _UsageError(f"--stop-after must be >= 1, got {args.stop_after}")
         if args.max_minutes is not None and not args.max_minutes > 0:
@@ -64,13 +69,17 @@ def main(argv=None) -> int:
             raise _UsageError("--export-only needs --export NAME")
         cfg = TrainConfig.from_toml(args.config, section=args.section, steps=args.steps,
                                     num_threads=args.threads, seed=args.seed)
+        if args.workers and cfg.data_rng != "per-step" and not args.export_only:
+            raise _UsageError(f"--workers needs data_rng = \"per-step\" in the config section; [{cfg.name}] has "
+                              f"{cfg.data_rng!r}")
     except (_UsageError, ConfigError) as exc:
         print(f"qsmprep-train: error: {exc}", file=sys.stderr)
         return EX_USAGE
     try:
         if not args.export_only:
             summary = train(cfg, args.out_dir, resume=not args.no_resume, device=args.device,
-                            max_minutes=args.max_minutes, progress=not args.quiet, stop_after=args.stop_after)
+                            max_minutes=args.max_minutes, progress=not args.quiet, stop_after=args.stop_after,
+                            workers=args.workers)
             print(json.dumps(summary, indent=2))
         if args.export:
             card = export(args.out_dir, args.export, args.export_dir)

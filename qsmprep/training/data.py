@@ -104,9 +104,10 @@ def qsmnet_plus_augment(
     return out
 
 
-def _add_noise(field: np.ndarray, mask: np.ndarray, rng, snr_range) -> tuple[np.ndarray, float]:
-    """Gaussian noise of sigma = rms(field in mask) / snr, snr log-uniform in ``snr_range``; 20 % noiseless."""
-    if snr_range is None or rng.random() < 0.2:
+def _add_noise(field: np.ndarray, mask: np.ndarray, rng, snr_range, noiseless_prob: float = 0.2) -> tuple[np.ndarray, float]:
+    """Gaussian noise of sigma = rms(field in mask) / snr, snr log-uniform in ``snr_range``; a fraction
+    ``noiseless_prob`` (default 20 %) noiseless."""
+    if snr_range is None or rng.random() < noiseless_prob:
         return field, 0.0
     lo, hi = snr_range
     snr = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
@@ -234,19 +235,27 @@ class HeadSource:
         self.brain_mask_f32 = self.brain_mask.astype(np.float32)  # for the trilinear stencil test of local samples
         self.label_names = dict(ph.label_names)
         self.n_labels = int(self.labels.max()) + 1
-        src = ph.chi_ppm - np.float32(ph.chi_ambient_ppm)
-        src[ph.brain_mask] = np.float32(-ph.chi_ambient_ppm)
-        pad = [int(np.ceil(64.0 / v)) for v in self.voxel_size_mm]
-        bg = forward_field_ppm(src, self.voxel_size_mm, (0.0, 0.0, 1.0), pad)
-        del src
-        bg -= _harmonic_fit(bg, ph.brain_mask, self.voxel_size_mm)
-        self.background_field_ppm = np.ascontiguousarray(bg.astype(np.float32))
+        # for the background field, computed on first use (dipole inversion never needs it)
+        self._chi, self._chi_ambient = ph.chi_ppm, float(ph.chi_ambient_ppm)
         self.brain_index = np.argwhere(ph.brain_mask).astype(np.int32)
         # nominal chi table per label (brain labels get the Gaussian mixture, others nominal)
         self.nominal = np.zeros(self.n_labels, np.float32)
         for lab, v in ph.label_chi_ppm.items():
             if lab < self.n_labels:
                 self.nominal[lab] = v
+
+    @functools.cached_property
+    def background_field_ppm(self) -> np.ndarray:
+        """The head's background field (see the class docstring), computed on first access."""
+        brain = self.brain_mask.astype(bool)
+        src = self._chi - np.float32(self._chi_ambient)
+        src[brain] = np.float32(-self._chi_ambient)
+        pad = [int(np.ceil(64.0 / v)) for v in self.voxel_size_mm]
+        bg = forward_field_ppm(src, self.voxel_size_mm, (0.0, 0.0, 1.0), pad)
+        del src
+        bg -= _harmonic_fit(bg, brain, self.voxel_size_mm)
+        self._chi = None
+        return np.ascontiguousarray(bg.astype(np.float32))
 
 
 def _harmonic_basis(coords):
@@ -271,7 +280,39 @@ def _harmonic_fit(field: np.ndarray, mask: np.ndarray, vs) -> np.ndarray:
     return fit
 
 
-@functools.lru_cache(maxsize=4)
+def tissue_texture(
+    rng: np.random.Generator, shape, voxel_size_mm, scales_mm: Sequence[float] = (1.5, 3.0, 6.0, 12.0)
+) -> np.ndarray:
+    """Multi-scale smooth random field (float32, zero mean, unit variance over the volume).
+
+    White noise filtered (one FFT pair, periodic) by ``H = sum_k sqrt(w_k) G_k / ||G_k||``, with ``G_k`` a
+    Gaussian of ``scales_mm[k]`` mm (standard deviation; anisotropic voxels respected) and weights
+    ``w ~ Dirichlet(1, ..., 1)``: each correlation length contributes about a fraction ``w_k`` of the variance,
+    so fine and coarse variation mix in a random proportion per sample. Hybrid brains multiply it by a
+    per-label amplitude (texture inside tissue classes, as :func:`qsmprep.simulate.phantom.texture_phantom`
+    adds to the evaluation heads).
+    """
+    scales = [float(v) for v in scales_mm]
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales_mm must be positive lengths, got {scales_mm}")
+    shape = tuple(int(n) for n in shape)
+    vs = np.broadcast_to(np.asarray(voxel_size_mm, dtype=np.float64), (3,))
+    w = rng.dirichlet(np.ones(len(scales)))
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    # squared spatial frequency (cycles/mm)^2 in the rfft layout
+    k = [np.fft.fftfreq(n, d=v) for n, v in zip(shape[:2], vs[:2])] + [np.fft.rfftfreq(shape[2], d=vs[2])]
+    k2 = (k[0][:, None, None] ** 2 + k[1][None, :, None] ** 2 + k[2][None, None, :] ** 2)
+    h = np.zeros(k2.shape, np.float64)
+    for wk, sc in zip(w, scales):
+        g = np.exp(-2.0 * (np.pi * sc) ** 2 * k2)  # Fourier transform of a Gaussian of sd ``sc`` mm
+        h += np.sqrt(wk) * g / max(float(np.sqrt(np.mean(g * g))), 1e-12)
+    out = np.fft.irfftn(np.fft.rfftn(noise) * h, s=shape, axes=(0, 1, 2)).astype(np.float32)
+    out -= np.float32(out.mean())
+    out /= np.float32(max(float(out.std()), 1e-12))
+    return out
+
+
+@functools.lru_cache(maxsize=10)
 def head_source(downsample: int = 1, seed: int = 0) -> HeadSource:
     """Per-process cache of :class:`HeadSource` (a few seconds to build at 1 mm)."""
     return HeadSource(downsample, seed)
@@ -342,6 +383,13 @@ def hybrid_brain_sample(
     min_mask_fraction: float = 0.15,
     local_voxel_mm: float = 1.0,
     centre_jitter_mm: float | None = None,
+    chi_spread: float = 1.0,
+    wide_prob: float = WIDE_PROB,
+    wide_range_ppm: tuple[float, float] = (-0.3, 0.3),
+    texture_rel: tuple[float, float] | None = None,
+    texture_scales_mm: Sequence[float] = (1.5, 3.0, 6.0, 12.0),
+    texture_floor_ppm: float = 0.05,
+    noiseless_prob: float = 0.2,
 ) -> dict[str, np.ndarray]:
     """One NeXtQSM-style hybrid-brain patch (see the module docstring for the recipe).
 
@@ -350,10 +398,18 @@ def hybrid_brain_sample(
     B0 tilt up to ``max_tilt_deg`` and voxel size from ``voxel_sizes_mm``) or ``"local"`` (background
     removal: axial B0, and a total field is made). Returns float32 ``chi_ppm``, ``mask``,
     ``local_field_ppm`` (noisy for ``"chi"``, clean for ``"local"``; zero outside the mask),
-    ``local_field_clean_ppm``, ``b0_dir``, ``voxel_size_mm`` and for ``"local"`` also
+    ``local_field_clean_ppm``, ``b0_dir``, ``voxel_size_mm``, ``labels`` (int16 phantom label of each voxel,
+    deformed; :attr:`HeadSource.label_names`) and for ``"local"`` also
     ``total_field_ppm`` (noisy, masked) and ``background_field_ppm`` (masked). ``local_voxel_mm``: the
     isotropic voxel size of ``"local"`` patches (e.g. 2 mm whole-brain boxes from a ``phantom_downsample=2``
     phantom); ``centre_jitter_mm``: see :func:`_sample_coords`.
+
+    Per-label chi of brain labels: with probability ``wide_prob`` uniform in ``wide_range_ppm``, otherwise
+    ``N(literature value, chi_spread * spread)`` (:data:`HYBRID_CHI_PPM`). ``texture_rel = (lo, hi)`` adds
+    texture inside tissue classes: :func:`tissue_texture` (correlation lengths ``texture_scales_mm``) times a
+    per-label amplitude ``U(lo, hi) * (|chi_label - chi_white_matter| + texture_floor_ppm)`` (a fraction of
+    the label's contrast; the floor gives white and grey matter some too). ``noiseless_prob``: the fraction of
+    ``"chi"`` samples without noise. The defaults draw exactly what earlier releases drew (no texture).
     """
     p = _check_patch(patch)
     if target not in ("chi", "local"):
@@ -381,16 +437,23 @@ def hybrid_brain_sample(
     labels = ndi.map_coordinates(source.labels, coords, order=0, mode="constant", cval=0)
     # per-label chi: Gaussian around the literature value, sometimes a wide uniform component
     table = source.nominal.copy()
-    for lab, name in source.label_names.items():
-        if name in HYBRID_CHI_PPM and lab < len(table):
-            mu, sd = HYBRID_CHI_PPM[name]
-            table[lab] = rng.uniform(-0.3, 0.3) if rng.random() < WIDE_PROB else mu + sd * rng.standard_normal()
+    brain_labs = [lab for lab, name in source.label_names.items() if name in HYBRID_CHI_PPM and lab < len(table)]
+    for lab in brain_labs:
+        mu, sd = HYBRID_CHI_PPM[source.label_names[lab]]
+        table[lab] = (rng.uniform(*wide_range_ppm) if rng.random() < wide_prob
+                      else mu + float(chi_spread) * sd * rng.standard_normal())
     if target == "local":  # deformed labels in the rigid mask: labels outside the brain (bone, air) become CSF
         brain_labels = np.zeros(len(table), bool)
         brain_labels[[lab for lab, name in source.label_names.items() if name in HYBRID_CHI_PPM and lab < len(table)]] = True
         table = np.where(brain_labels, table, np.float32(HYBRID_CHI_PPM["csf"][0])).astype(np.float32)
     chi = table[labels].astype(np.float32)
-    del labels
+    if texture_rel is not None:  # texture inside tissue classes, a fraction of each label's contrast
+        wm = [lab for lab in brain_labs if source.label_names[lab] == "white_matter"]
+        ref = float(table[wm[0]]) if wm else float(np.median(table[brain_labs]))
+        amp = np.zeros(len(table), np.float32)
+        for lab in brain_labs:
+            amp[lab] = rng.uniform(*texture_rel) * (abs(float(table[lab]) - ref) + float(texture_floor_ppm))
+        chi += amp[labels] * tissue_texture(rng, chi.shape, vs, texture_scales_mm)
     # partial volume + smooth texture (+-0.01 ppm scale)
     chi = ndi.gaussian_filter(chi, 0.6, mode="nearest")
     tex = ndi.zoom(rng.standard_normal((4, 4, 4)).astype(np.float32), p / 4, order=3)[:p, :p, :p]
@@ -411,9 +474,11 @@ def hybrid_brain_sample(
         "b0_dir": np.asarray(b0, np.float32),
         "voxel_size_mm": vs.astype(np.float32),
         "local_field_clean_ppm": local.astype(np.float32),
+        "labels": labels.astype(np.int16, copy=False),
     }
+    del labels
     if target == "chi":
-        noisy, _ = _add_noise(local, mask, rng, snr_range)
+        noisy, _ = _add_noise(local, mask, rng, snr_range, noiseless_prob)
         out["local_field_ppm"] = (noisy * mask).astype(np.float32)
         return out
     # background: resampled head background field, scaled, + external sources + harmonic residual
@@ -566,3 +631,94 @@ def validation_set(kind: str, n: int, seed: int = 12345, patch: int = 48, **opti
     (a stream independent of the training stream when ``seed`` differs from the training seed)."""
     rng = np.random.default_rng(int(seed))
     return [make_batch(kind, rng, 1, patch, **options) for _ in range(int(n))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-step seeding and parallel batches
+
+#: How the data of a training run are seeded (``TrainConfig.data_rng``): ``"stream"`` -- one generator
+#: ``default_rng(seed)`` drawn serially, step after step (earlier releases; the shipped weights);
+#: ``"per-step"`` -- the batch of step ``i`` from its own generator :func:`step_rng` ``(seed, i)``, so it can be
+#: made in any process and in any order: the data do not depend on the number of workers.
+DATA_RNGS = ("stream", "per-step")
+
+
+def step_rng(seed: int, step: int) -> np.random.Generator:
+    """The generator of (0-based) training step ``step`` of a ``"per-step"`` run: the ``step``-th child of
+    ``SeedSequence(seed)`` (``spawn_key=(step,)``), statistically independent of every other step and of a
+    validation set drawn from ``default_rng(val_seed)``."""
+    if int(step) < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(int(step),)))
+
+
+def batch_for_step(kind: str, seed: int, step: int, batch_size: int, patch: int, options: dict) -> dict[str, np.ndarray]:
+    """The batch of step ``step`` of a ``"per-step"`` run: :func:`make_batch` with :func:`step_rng`."""
+    return make_batch(kind, step_rng(seed, step), batch_size, patch, **options)
+
+
+def _worker_init() -> None:
+    """Data workers compute one sample each: keep their FFTs and BLAS to one thread (the pool is the parallelism)."""
+    from qsmprep.qsm import fft as _fft
+
+    _fft.FFT_WORKERS = 1
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    except ImportError:  # pragma: no cover - optional
+        pass
+
+
+class ParallelBatches:
+    """Batches of a ``"per-step"`` run made ahead by ``workers`` processes (:func:`batch_for_step`).
+
+    ``get(step)`` returns the batch of ``step``; steps must be asked for in order from ``start_step``.
+    Up to ``depth`` (default ``2 * workers``) batches are in flight; none is made for ``stop_step`` or
+    later. Worker processes are spawned (never forked: the trainer holds torch, maybe CUDA, threads), each
+    with its own phantom cache, and one FFT/BLAS thread. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, kind: str, seed: int, batch_size: int, patch: int, options: dict, workers: int,
+                 start_step: int = 0, stop_step: int | None = None, depth: int | None = None):
+        import collections
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if int(workers) < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self._args = (kind, int(seed), int(batch_size), int(patch), dict(options))
+        self._next = int(start_step)
+        self._stop = None if stop_step is None else int(stop_step)
+        self._depth = int(depth) if depth else 2 * int(workers)
+        self._pending = collections.deque()
+        self._pool = ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_worker_init)
+        self._fill()
+
+    def _fill(self) -> None:
+        kind, seed, bs, patch, opts = self._args
+        while len(self._pending) < self._depth and (self._stop is None or self._next < self._stop):
+            self._pending.append((self._next, self._pool.submit(batch_for_step, kind, seed, self._next, bs, patch, opts)))
+            self._next += 1
+
+    def get(self, step: int) -> dict[str, np.ndarray]:
+        if not self._pending or self._pending[0][0] != int(step):
+            raise ValueError(f"batch of step {step} was not scheduled (next: "
+                             f"{self._pending[0][0] if self._pending else self._next})")
+        _, fut = self._pending.popleft()
+        out = fut.result()
+        self._fill()
+        return out
+
+    def close(self) -> None:
+        for _, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "ParallelBatches":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -17,6 +17,7 @@ A file with several tables needs ``section=`` (CLI ``--section``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
@@ -71,6 +72,12 @@ class TrainConfig:
     n_val: int = 4
     val_seed: int = 1_000_003
     loss: str = "l1"
+    #: data seeding: "stream" (one generator drawn serially; the shipped weights) or "per-step" (a generator per
+    #: step: the data do not depend on the number of data workers, ``train(workers=N)``)
+    data_rng: str = "stream"
+    #: VarNet only: one forward/backward pass for the whole batch (per-sample dipole kernels stacked), the same
+    #: loss as the per-sample loop (mean over samples of the per-sample masked loss), faster on a GPU
+    batched_forward: bool = False
     uqsm_weight: float = 0.1
     uqsm_b0_tesla: float = 3.0
     uqsm_te_s: float = 0.02
@@ -104,6 +111,10 @@ class TrainConfig:
             raise ConfigError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if "uqsm" in self.loss and self.kind == "nextqsm-bg":
             raise ConfigError("the uQSM loss applies to dipole inversion (deepqsm, nextqsm-varnet), not nextqsm-bg")
+        if self.data_rng not in _data.DATA_RNGS:
+            raise ConfigError(f"data_rng must be one of {', '.join(_data.DATA_RNGS)}, got {self.data_rng!r}")
+        if self.batched_forward and "uqsm" in self.loss:
+            raise ConfigError("batched_forward does not support the uQSM loss; use the per-sample loop")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         for key in ("patch", "batch_size", "steps", "num_threads", "checkpoint_every", "validate_every", "n_val"):
@@ -249,8 +260,16 @@ class _Runner:
     def tensors(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
 
+    def batch_kernels(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dipole kernels of all samples stacked, ``(B, 1, X, Y, Z//2+1)`` (batched VarNet pass)."""
+        shape = t["input"].shape[-3:]
+        return torch.stack([self.kernel(shape, t["voxel_size_mm"][i].cpu().numpy(), t["b0_dir"][i].cpu().numpy())
+                            for i in range(t["input"].shape[0])])[:, None]
+
     def predict(self, t: dict[str, torch.Tensor], i: int | None = None) -> torch.Tensor:
-        """Prediction in ppm for the whole batch (U-Net) or sample ``i`` (VarNet)."""
+        """Prediction in ppm for the whole batch (U-Net; VarNet with ``i=None``: batched pass) or sample ``i`` (VarNet)."""
+        if self.cfg.arch == "varnet" and i is None:
+            return self.model(t["input"], t["mask"], self.batch_kernels(t))
         if self.cfg.arch == "varnet":
             sl = slice(i, i + 1)
             k = self.kernel(t["input"].shape[-3:], t["voxel_size_mm"][i].cpu().numpy(), t["b0_dir"][i].cpu().numpy())
@@ -274,6 +293,15 @@ class _Runner:
         cfg = self.cfg
         base = _losses.masked_l1 if cfg.loss.startswith("l1") else _losses.masked_l2
         n = t["input"].shape[0]
+        if cfg.arch == "varnet" and cfg.batched_forward:  # one pass; per-sample masked loss, averaged
+            pred = self.predict(t)
+            m = t["mask"]
+            dims = tuple(range(1, pred.ndim))
+            err = (pred - t["target"]) * self.loss_s
+            err = err.abs() if cfg.loss.startswith("l1") else err * err
+            loss = ((err * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1.0)).mean()
+            loss.backward()
+            return loss.detach().cpu()
         groups = range(n) if cfg.arch == "varnet" else [None]
         total = 0.0
         for i in groups:
@@ -318,6 +346,10 @@ def _build(cfg: TrainConfig):
     return build_model(cfg.arch, **cfg.model_kwargs)
 
 
+#: config keys a checkpoint must share with the config that resumes it (their defaults for older checkpoints)
+RESUME_KEYS = ("kind", "model", "patch", "batch_size", "seed", "data", "scales", "loss", "data_rng", "batched_forward")
+
+
 def _read_log(path: Path, max_step: int) -> list[list[str]]:
     if not path.is_file():
         return []
@@ -340,6 +372,7 @@ def train(
     max_minutes: float | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
     """Train ``config`` into ``out_dir`` (``checkpoint.pt``, ``loss.tsv``); return a summary dict.
 
@@ -349,8 +382,19 @@ def train(
     ``max_minutes`` of wall time or at step ``stop_after`` (checkpointing on stop; the learning-rate
     schedule still spans ``config.steps``, so ``--stop-after`` reproduces a run that ran out of time). ``loss.tsv`` columns: step (1-based),
     train_loss, val_nrmse (%; empty when not validated), lr, seconds (cumulative wall time).
+
+    ``workers``: with ``config.data_rng = "per-step"``, the number of processes that make the batches ahead
+    (:class:`qsmprep.training.data.ParallelBatches`; 0 = in this process); the data, and so the run, do not
+    depend on it. A ``"stream"`` run (one generator drawn serially) needs ``workers = 0``.
+    Every invocation that trains is appended to the checkpoint's ``runs`` (steps, wall time, hardware,
+    device, workers, torch version, date), which :func:`export` writes to the model card.
     """
     cfg = config.validate()
+    workers = int(workers)
+    if workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {workers}")
+    if workers and cfg.data_rng != "per-step":
+        raise ConfigError("data workers need data_rng = \"per-step\" (a \"stream\" run draws its data serially)")
     device = resolve_device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,13 +402,14 @@ def train(
     model = _build(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=learning_rate(cfg, 0))
     rng = np.random.default_rng(int(cfg.seed))
-    step, elapsed0, last_val = 0, 0.0, float("nan")
+    step, elapsed0, last_val, runs = 0, 0.0, float("nan"), []
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         old = ck["config"]
-        for key in ("kind", "model", "patch", "batch_size", "seed", "data", "scales", "loss"):
-            if old.get(key) != cfg.to_dict().get(key):
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        for key in RESUME_KEYS:
+            if old.get(key, defaults.get(key)) != cfg.to_dict().get(key):
                 raise ConfigError(f"checkpoint {ckpt_path} was trained with a different {key!r} "
                                   f"({old.get(key)!r} vs {cfg.to_dict().get(key)!r}); use --no-resume or another OUT_DIR")
         model.load_state_dict(ck["model"])
@@ -372,6 +417,7 @@ def train(
         rng.bit_generator.state = ck["np_rng"]
         torch.set_rng_state(ck["torch_rng"])
         step, elapsed0, last_val = int(ck["step"]), float(ck["elapsed_s"]), float(ck.get("val_nrmse", float("nan")))
+        runs = list(ck.get("runs", []))
     log_path = out / LOSS_LOG
     rows = _read_log(log_path, step) if step else []
     with open(log_path, "w", newline="") as fh:
@@ -382,13 +428,20 @@ def train(
     val = _data.validation_set(cfg.kind, cfg.n_val, cfg.val_seed, cfg.patch, **cfg.data) if cfg.n_val else []
     hardware = hardware_description(device)
 
+    def run_record(reason: str) -> dict[str, Any]:
+        return {"start_step": start_step, "end_step": step, "wall_s": round(time.perf_counter() - t0, 1),
+                "hardware": hardware, "device": device, "workers": workers, "torch_version": torch.__version__,
+                "started": started, "stopped": reason}
+
     def save(reason: str) -> None:
+        trained = step > start_step
         _atomic_save({
             "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "np_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
             "elapsed_s": elapsed0 + (time.perf_counter() - t0), "val_nrmse": last_val,
             "config": cfg.to_dict(), "hardware": hardware, "device": device, "reason": reason,
-            "torch_version": torch.__version__,
+            "torch_version": torch.__version__, "workers": workers,
+            "runs": runs + ([run_record(reason)] if trained else []),
         }, ckpt_path)
 
     bar = None
@@ -400,9 +453,22 @@ def train(
         except ImportError:  # pragma: no cover - tqdm is optional
             bar = None
     t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     start_step, stopped, train_loss = step, "steps", float("nan")
     model.train()
-    with open(log_path, "a", newline="") as fh:
+    end = cfg.steps if stop_after is None else min(cfg.steps, max(int(stop_after), step))
+    pool = None
+    if workers and step < end:
+        pool = _data.ParallelBatches(cfg.kind, cfg.seed, cfg.batch_size, cfg.patch, cfg.data, workers, step, end)
+
+    def next_batch(i: int) -> dict[str, np.ndarray]:
+        if pool is not None:
+            return pool.get(i)
+        if cfg.data_rng == "per-step":
+            return _data.batch_for_step(cfg.kind, cfg.seed, i, cfg.batch_size, cfg.patch, cfg.data)
+        return _data.make_batch(cfg.kind, rng, cfg.batch_size, cfg.patch, **cfg.data)
+
+    with open(log_path, "a", newline="") as fh, (contextlib.closing(pool) if pool else contextlib.nullcontext()):
         w = csv.writer(fh, delimiter="\t", lineterminator="\n")
         while step < cfg.steps:
             if stop_after is not None and step >= int(stop_after):
@@ -414,7 +480,7 @@ def train(
             lr = learning_rate(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batch = _data.make_batch(cfg.kind, rng, cfg.batch_size, cfg.patch, **cfg.data)
+            batch = next_batch(step)
             opt.zero_grad(set_to_none=True)
             train_loss = float(runner.loss(runner.tensors(batch)))
             if not math.isfinite(train_loss):
@@ -446,7 +512,8 @@ def train(
     return {
         "step": step, "steps": cfg.steps, "stopped": stopped, "train_loss": train_loss, "val_nrmse": last_val,
         "elapsed_s": elapsed0 + wall, "seconds_per_step": wall / done if done else float("nan"),
-        "checkpoint": str(ckpt_path), "loss_log": str(log_path), "hardware": hardware,
+        "samples_per_s": done * cfg.batch_size / wall if done and wall > 0 else float("nan"),
+        "workers": workers, "checkpoint": str(ckpt_path), "loss_log": str(log_path), "hardware": hardware,
     }
 
 
@@ -458,7 +525,7 @@ def read_loss_log(out_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     return {h: np.array([float(r[i]) if r[i] else np.nan for r in body]) for i, h in enumerate(head)}
 
 
-def _command(cfg: TrainConfig, steps: int, threads: int, device: str, name: str) -> str:
+def _command(cfg: TrainConfig, steps: int, threads: int, device: str, name: str, workers: int = 0) -> str:
     src = cfg.source_path or "CONFIG.toml"
     try:
         src = os.path.relpath(src, Path(__file__).resolve().parents[2])
@@ -468,7 +535,8 @@ def _command(cfg: TrainConfig, steps: int, threads: int, device: str, name: str)
         pass
     sec = f" --section {cfg.section}" if cfg.section else ""
     stop = f" --stop-after {steps}" if steps < cfg.steps else ""
-    return (f"qsmprep-train {src} OUT{sec} --steps {cfg.steps}{stop} --threads {threads} --device {device} "
+    wk = f" --workers {int(workers)}" if workers else ""
+    return (f"qsmprep-train {src} OUT{sec} --steps {cfg.steps}{stop} --threads {threads} --device {device}{wk} "
             f"--export {name} --export-dir MODEL_DIR")
 
 
@@ -530,7 +598,7 @@ def export(
         "validation": {"nrmse_percent": ck.get("val_nrmse"), "n_samples": cfg.n_val, "seed": cfg.val_seed,
                        "patch": cfg.patch, "metric": "demeaned NRMSE (%) in the mask, synthetic held-out patches"},
         "licence": LICENCE,
-        "command": _command(cfg, int(ck["step"]), threads, ck.get("device", "cpu"), name),
+        "command": _command(cfg, int(ck["step"]), threads, ck.get("device", "cpu"), name, int(ck.get("workers", 0))),
         "config": {k: v for k, v in d.items() if k not in ("source_path",)},
         "torch_version": ck.get("torch_version", torch.__version__),
         "references": {
@@ -543,6 +611,8 @@ def export(
                                "Hammernik K et al., MRM 2018;79:3055 (variational network)"],
         }[cfg.kind],
     }
+    if ck.get("runs"):  # every invocation that trained (and so every resume)
+        card["training_runs"] = ck["runs"]
     if prior != "none":
         card["prior"] = prior
         if prior == "pdf":  # whole-brain coarse-grid correction (qsmprep.nn.inference._coarse_prior_correction)
