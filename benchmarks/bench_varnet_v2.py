@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--varnet", nargs="+", default=["nextqsm-varnet"], metavar="NAME[=MODEL_DIR]")
-    p.add_argument("--classical", nargs="*", default=["rts", "tv"])
+    p.add_argument("--classical", nargs="*", default=["rts", "tv"],
+                   help="other registered inversions to run (default rts tv; any name of --inversion, e.g. deepqsm tkd)")
     p.add_argument("--out", type=Path, help="also write the table to this Markdown file")
     args = p.parse_args(argv)
     head = ["case", "method", "NRMSE %", "HFEN %", "DGM NRMSE %", *NUCLEI.values(), "s"]
