@@ -293,7 +293,11 @@ class QsmprepConfig:
                 raise InputError("--atlas", str(exc), "then run qsmprep again", EX_NOINPUT) from None
             atlases.append((template, atlas, desc, res))
         # an atlas's template is registered to even when no output space names it: its T1w and mask too
+        # (templates named by an output space were checked above)
+        named = {s.name for s in spaces if s.is_template}
         for template, res in registration_templates(spaces, atlases).items():
+            if template in named:
+                continue
             try:
                 template_files(Space(template, res))
             except FileNotFoundError as exc:

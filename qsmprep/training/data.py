@@ -444,7 +444,7 @@ def hybrid_brain_sample(
                       else mu + float(chi_spread) * sd * rng.standard_normal())
     if target == "local":  # deformed labels in the rigid mask: labels outside the brain (bone, air) become CSF
         brain_labels = np.zeros(len(table), bool)
-        brain_labels[[lab for lab, name in source.label_names.items() if name in HYBRID_CHI_PPM and lab < len(table)]] = True
+        brain_labels[brain_labs] = True
         table = np.where(brain_labels, table, np.float32(HYBRID_CHI_PPM["csf"][0])).astype(np.float32)
     chi = table[labels].astype(np.float32)
     if texture_rel is not None:  # texture inside tissue classes, a fraction of each label's contrast
