@@ -294,12 +294,9 @@ class _Runner:
         base = _losses.masked_l1 if cfg.loss.startswith("l1") else _losses.masked_l2
         n = t["input"].shape[0]
         if cfg.arch == "varnet" and cfg.batched_forward:  # one pass; per-sample masked loss, averaged
-            pred = self.predict(t)
-            m = t["mask"]
-            dims = tuple(range(1, pred.ndim))
-            err = (pred - t["target"]) * self.loss_s
-            err = err.abs() if cfg.loss.startswith("l1") else err * err
-            loss = ((err * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1.0)).mean()
+            pred = self.predict(t) * self.loss_s
+            tgt, m = t["target"] * self.loss_s, t["mask"]
+            loss = torch.stack([base(pred[j : j + 1], tgt[j : j + 1], m[j : j + 1]) for j in range(n)]).mean()
             loss.backward()
             return loss.detach().cpu()
         groups = range(n) if cfg.arch == "varnet" else [None]
