@@ -19,9 +19,13 @@ as errors, as in the QSM-CI scorer), both maps demeaned over that mask:
   the masking step's mask (where the total field map is defined), and that mask's voxels outside it.
 
 Anatomies: ``qsmforward`` (the simple cylinder phantom of the independent simulator qsm-forward, its
-own BIDS writer; one row at 7 T), ``mni`` (the MNI152-based head the networks were trained on) and ``zubal`` (the Zubal head,
-never seen in training; needs the data of ``$QSMPREP_ZUBAL_DIR`` or ``../shared/data/zubal``, not
-shipped). Rows whose anatomy is missing are skipped with a line saying why.
+own BIDS writer; one row per ``--fields`` x ``--tilts``, its B0 and B0 direction, no lesions), ``mni`` (the
+MNI152-based head the networks were trained on), ``zubal`` (the Zubal head, never seen in training; needs
+the data of ``$QSMPREP_ZUBAL_DIR`` or ``../shared/data/zubal``, not shipped; no red nucleus, SN or dentate)
+and ``zubal-deformed`` (a third head: the Zubal head with those three nuclei grafted in from the MNI head by
+a landmark similarity, then seeded atrophy, anisotropic head scaling and a smooth random deformation at
+1 mm, :func:`qsmprep.simulate.deform.make_deformed_zubal_phantom`; never seen in training; needs the Zubal
+data too). Rows whose anatomy is missing are skipped with a line saying why.
 """
 
 from __future__ import annotations
@@ -78,17 +82,25 @@ def make_phantom(anatomy: str, downsample: int, lesions: bool, seed: int, textur
         if d is None:
             raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
         return ph.make_zubal_phantom(d, downsample=downsample, lesions=lesions, seed=seed, texture=texture)
+    if anatomy == "zubal-deformed":
+        from qsmprep.simulate.deform import make_deformed_zubal_phantom
+
+        d = zubal_dir()
+        if d is None:
+            raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
+        return make_deformed_zubal_phantom(d, seed=seed, downsample=downsample, lesions=lesions, texture=texture)
     raise LookupError(f"unknown anatomy {anatomy!r}")
 
 
 def cases(args):
     """(anatomy, B0, tilt, lesions, write(bids_dir) -> (chi truth, brain mask, labels)) for every row."""
     for anatomy in args.anatomies:
-        if anatomy == "qsmforward":
-            yield anatomy, 7.0, 0.0, 0, write_qsm_forward
-            continue
         rows = ([tuple(float(v) for v in r.split(":")) for r in args.rows] if args.rows else
                 [(b0, tilt, lesions) for lesions in args.lesions for b0 in args.fields for tilt in args.tilts])
+        if anatomy == "qsmforward":  # no lesions: one row per field x tilt
+            for b0, tilt in dict.fromkeys((b0, tilt) for b0, tilt, _ in rows):
+                yield anatomy, b0, tilt, None, lambda bids, b0=b0, tilt=tilt: write_qsm_forward(bids, b0, tilt)
+            continue
         for b0, tilt, lesions in rows:
             lesions = int(lesions)
 
@@ -101,13 +113,19 @@ def cases(args):
             yield anatomy, b0, tilt, lesions, write
 
 
-def write_qsm_forward(bids: Path):
+def write_qsm_forward(bids: Path, b0: float = 7.0, tilt: float = 0.0):
     """The simple phantom of the independent simulator qsm-forward (its example: 100^3 at 1 mm, cylinders
-    of 0.05-0.5 ppm in 0.005 ppm, 7 T, 4 echoes 4-28 ms, peak SNR 100), as its own BIDS dataset."""
+    of 0.05-0.5 ppm in 0.005 ppm, 4 echoes 4-28 ms, peak SNR 100), as its own BIDS dataset, at ``b0`` tesla
+    (its ``ReconParams.B0``, written as ``MagneticFieldStrength``) with B0 tilted by ``tilt`` degrees about
+    the first array axis (``B0_dir`` = (0, sin, cos) in array axes; qsm-forward rotates the NIfTI affine so
+    that B0 is the scanner z axis, which is where qsmprep reads it from)."""
     import qsm_forward
 
     recon = qsm_forward.ReconParams()
     recon.subject, recon.peak_snr, recon.random_seed = "1", 100, 0
+    recon.B0 = float(b0)
+    t = np.radians(tilt)
+    recon.B0_dir = np.array([0.0, np.sin(t), np.cos(t)])
     tissue = qsm_forward.TissueParams(chi=qsm_forward.generate_susceptibility_phantom(
         resolution=[100, 100, 100], background=0, large_cylinder_val=0.005,
         small_cylinder_radii=[4, 4, 4, 7], small_cylinder_vals=[0.05, 0.1, 0.2, 0.5]))
@@ -208,7 +226,7 @@ def main(argv=None) -> int:
                 chi, out_mask, step_mask, wall = run_chain(tmp / "bids", tmp / f"out-{chain}", tmp / "work",
                                                            chain, args.nprocs, args.masking)
                 r = score(chi, out_mask, step_mask, *truth)
-                cells = [anatomy, f"{b0:g} T", f"{tilt:g}", "yes" if lesions else "no", chain,
+                cells = [anatomy, f"{b0:g} T", f"{tilt:g}", "n/a" if lesions is None else "yes" if lesions else "no", chain,
                          f"{r['NRMSE']:.1f}", f"{r['HFEN']:.1f}", f"{r['XSIM']:.3f}",
                          f"{r['DGM NRMSE']:.1f}", f"{r['Dice']:.3f}", f"{r['step Dice']:.3f}",
                          str(r["mask outside"]), *(f"{r[n]:+.3f}" for n in NUCLEI.values()), f"{wall:.0f}"]

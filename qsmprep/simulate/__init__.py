@@ -5,6 +5,7 @@
 """
 
 from qsmprep.simulate.bids import write_bids_dataset
+from qsmprep.simulate.deform import make_deformed_zubal_phantom
 from qsmprep.simulate.phantom import (
     Phantom,
     downsample_phantom,
@@ -20,6 +21,7 @@ __all__ = [
     "GreSimulation",
     "Phantom",
     "downsample_phantom",
+    "make_deformed_zubal_phantom",
     "make_head_phantom",
     "make_shapes_phantom",
     "make_zubal_phantom",

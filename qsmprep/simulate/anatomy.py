@@ -60,11 +60,14 @@ def smooth_displacement(shape, voxel_size_mm, seed: int = 0, amplitude_mm: float
 
 
 def deform_phantom(ph: Phantom, seed: int = 0, amplitude_mm: float = 4.0,
-                   displacement: np.ndarray | None = None) -> tuple[Phantom, np.ndarray]:
+                   displacement: np.ndarray | None = None, edge: str = "constant") -> tuple[Phantom, np.ndarray]:
     """The phantom resampled at ``x + u(x)`` (pull-back; ``u`` from :func:`smooth_displacement` unless
     ``displacement`` is given, mm, shape ``(*ph.shape, 3)``): labels and brain mask by nearest
     neighbour, chi/M0/R2* linearly. Returns ``(deformed phantom, u)``; the grid and affine are kept
-    (axis-aligned phantoms only)."""
+    (axis-aligned phantoms only). Points pulled from outside the grid are air (``edge="constant"``) or
+    the nearest edge voxel (``edge="nearest"``: a body that leaves through a face continues there)."""
+    if edge not in ("constant", "nearest"):
+        raise ValueError(f"edge must be 'constant' or 'nearest', got {edge!r}")
     aff = np.asarray(ph.affine, dtype=np.float64)
     if not np.allclose(aff[:3, :3], np.diag(np.diag(aff[:3, :3]))):
         raise ValueError("deform_phantom needs an axis-aligned phantom grid")
@@ -78,7 +81,7 @@ def deform_phantom(ph: Phantom, seed: int = 0, amplitude_mm: float = 4.0,
     del idx
 
     def pull(a, order, fill):
-        return ndi.map_coordinates(a, coords, order=order, mode="constant", cval=fill, prefilter=False)
+        return ndi.map_coordinates(a, coords, order=order, mode=edge, cval=fill, prefilter=False)
 
     out = dataclasses.replace(
         ph,

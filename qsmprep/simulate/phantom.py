@@ -836,6 +836,73 @@ def _zubal_lesion_centres(wm_core: np.ndarray, top_of: np.ndarray, n_side: int =
     return out
 
 
+#: Nuclei the Zubal head has (landmarks of the MNI -> Zubal map) and the ones it lacks (grafted).
+_LANDMARK_NUCLEI = (1, 2, 3, 7)
+_GRAFT_NUCLEI = (4, 5, 6)
+
+
+def _mni_nucleus_centroids() -> dict[tuple[int, int], np.ndarray]:
+    """Centroid (MNI mm) of each nucleus of :data:`_NUCLEI` per hemisphere ``(label, +1 right / -1 left)``:
+    the volume-weighted mean of its ellipsoid centres (the caudate is two ellipsoids)."""
+    acc: dict[tuple[int, int], list] = {}
+    for lab, c, r, _, _ in _NUCLEI:
+        for sign in (1, -1):
+            a = acc.setdefault((lab, sign), [np.zeros(3), 0.0])
+            vol = float(np.prod(r))
+            a[0] += vol * np.array([sign * c[0], c[1], c[2]])
+            a[1] += vol
+    return {k: v[0] / v[1] for k, v in acc.items()}
+
+
+def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Least-squares similarity ``dst ~ s R src + t`` (scale, rotation, translation) of paired points
+    (n x 3), after Umeyama S, IEEE TPAMI 1991;13:376. Returns ``(s, R, t)``."""
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    ms, md = src.mean(axis=0), dst.mean(axis=0)
+    a, b = src - ms, dst - md
+    u, sv, vt = np.linalg.svd(b.T @ a / len(src))
+    e = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
+    rot = u @ e @ vt
+    scale = float(np.trace(np.diag(sv) @ e) / (a**2).sum(axis=1).mean())
+    return scale, rot, md - scale * rot @ ms
+
+
+def _graft_nuclei(canvas: _Canvas, brain: np.ndarray, host: np.ndarray) -> tuple[float, np.ndarray]:
+    """Paint the red nucleus, substantia nigra and dentate nucleus of :data:`_NUCLEI` onto a head that lacks
+    them, placed by a similarity map MNI mm -> canvas grid fitted (:func:`similarity_fit`) to the centroids of
+    caudate, pallidus, putamen and thalamus per hemisphere (8 landmarks both heads have; the high index half
+    of axis 0 is the right, +x, hemisphere). A full affine is not used: these landmarks span only about 12 mm
+    vertically, so its vertical scale is ill-determined (0.41 on the Zubal head) and the dentate, 40 mm
+    below them, would land far off; the similarity takes its one scale from the 50 mm left-right and 30 mm
+    front-back spread. Each graft replaces tissue only where ``host`` (brain parenchyma, no nucleus, CSF or
+    vessel) and ``brain`` hold, as the MNI nuclei keep CSF partial volume. Returns ``(s, rms landmark
+    residual in grid units)``."""
+    mni = _mni_nucleus_centroids()
+    mid = float(np.argwhere(brain)[:, 0].mean())
+    src, dst = [], []
+    for lab in _LANDMARK_NUCLEI:
+        pts = np.argwhere(canvas.labels == lab)
+        for sign in (1, -1):
+            half = pts[(pts[:, 0] >= mid) if sign > 0 else (pts[:, 0] < mid)]
+            if len(half) < 20:
+                raise RuntimeError(f"no landmark {_TISSUES[lab][0]} in the {'right' if sign > 0 else 'left'} hemisphere")
+            src.append(mni[(lab, sign)])
+            dst.append(half.mean(axis=0) + canvas.origin)
+    s, rot, t = similarity_fit(np.array(src), np.array(dst))
+    resid = np.linalg.norm((s * (rot @ np.array(src).T)).T + t - np.array(dst), axis=1)
+    for lab, c, r, rz, rx in _NUCLEI:
+        if lab not in _GRAFT_NUCLEI:
+            continue
+        for sign in (1.0, -1.0):
+            centre = s * rot @ np.array([sign * c[0], c[1], c[2]]) + t
+            frac, sl = _ellipsoid(canvas, centre, tuple(s * np.asarray(r)), rot @ _rot_zx(sign * rz, rx))
+            if sl is None:
+                continue
+            canvas.paint_label(frac * (host[sl] & brain[sl]), sl, lab)
+    return s, float(np.sqrt((resid**2).mean()))
+
+
 def make_zubal_phantom(
     data_dir=None,
     downsample: int = 1,
@@ -847,6 +914,7 @@ def make_zubal_phantom(
     n_random_veins: int = 14,
     voxel_size_mm: float | Sequence[float] = 1.0,
     true_scale: bool = True,
+    graft_nuclei: bool = False,
 ) -> Phantom:
     """Head phantom from the Zubal segmented head (Zubal et al., Med Phys 1994;21:299) in the conventions
     of :func:`make_head_phantom` (chi ppm relative to CSF, ``chi_ambient_ppm`` air, label ids and
@@ -872,7 +940,9 @@ def make_zubal_phantom(
     make a head 1.35 times too large (brain 180 mm left-right, 3.24 l). ``voxel_size_mm`` then sets the
     grid's voxel size. ``texture`` (default on) adds smooth variation within tissue
     classes on the final grid (:func:`texture_phantom`); ``downsample`` block-averages as
-    :func:`downsample_phantom`.
+    :func:`downsample_phantom`. ``graft_nuclei=True`` adds the red nucleus, substantia nigra and dentate
+    nucleus of the MNI head, mapped by a similarity fitted to the nuclei both heads have
+    (:func:`_graft_nuclei`), so that all seven nuclei are measured (default off: the Zubal head as drawn).
     Deterministic for a ``seed``.
     """
     if int(downsample) != downsample or downsample < 1:
@@ -929,6 +999,9 @@ def make_zubal_phantom(
     canvas.shape = labels.shape
     canvas.chi, canvas.m0, canvas.r2, canvas.labels = chi_lut[labels], m0_lut[labels], r2_lut[labels], labels
     present = sorted(int(k) for k in np.unique(labels))
+    if graft_nuclei:
+        _graft_nuclei(canvas, brain, np.isin(labels, (8, 9)))
+        present = sorted(set(present) | set(_GRAFT_NUCLEI))
 
     # --- random medullary veins (grid units: voxels)
     scale = 1.0 / float(vs.mean())
