@@ -60,14 +60,19 @@ def smooth_displacement(shape, voxel_size_mm, seed: int = 0, amplitude_mm: float
 
 
 def deform_phantom(ph: Phantom, seed: int = 0, amplitude_mm: float = 4.0,
-                   displacement: np.ndarray | None = None, edge: str = "constant") -> tuple[Phantom, np.ndarray]:
+                   displacement: np.ndarray | None = None, edge: str = "constant",
+                   maps_order: int = 1) -> tuple[Phantom, np.ndarray]:
     """The phantom resampled at ``x + u(x)`` (pull-back; ``u`` from :func:`smooth_displacement` unless
     ``displacement`` is given, mm, shape ``(*ph.shape, 3)``): labels and brain mask by nearest
-    neighbour, chi/M0/R2* linearly. Returns ``(deformed phantom, u)``; the grid and affine are kept
+    neighbour, chi/M0/R2* linearly (``maps_order=1``) or by nearest neighbour too (``maps_order=0``: every
+    voxel keeps the tissue of its label; linear interpolation mixes bone and air into brain voxels next to the
+    skull or sinuses). Returns ``(deformed phantom, u)``; the grid and affine are kept
     (axis-aligned phantoms only). Points pulled from outside the grid are air (``edge="constant"``) or
     the nearest edge voxel (``edge="nearest"``: a body that leaves through a face continues there)."""
     if edge not in ("constant", "nearest"):
         raise ValueError(f"edge must be 'constant' or 'nearest', got {edge!r}")
+    if maps_order not in (0, 1):
+        raise ValueError(f"maps_order must be 0 (nearest) or 1 (linear), got {maps_order!r}")
     aff = np.asarray(ph.affine, dtype=np.float64)
     if not np.allclose(aff[:3, :3], np.diag(np.diag(aff[:3, :3]))):
         raise ValueError("deform_phantom needs an axis-aligned phantom grid")
@@ -85,11 +90,11 @@ def deform_phantom(ph: Phantom, seed: int = 0, amplitude_mm: float = 4.0,
 
     out = dataclasses.replace(
         ph,
-        chi_ppm=pull(np.asarray(ph.chi_ppm, np.float32), 1, ph.chi_ambient_ppm).astype(np.float32),
+        chi_ppm=pull(np.asarray(ph.chi_ppm, np.float32), maps_order, ph.chi_ambient_ppm).astype(np.float32),
         labels=pull(np.asarray(ph.labels), 0, 0).astype(np.int16),
         brain_mask=pull(np.asarray(ph.brain_mask, np.uint8), 0, 0).astype(bool),
-        m0=pull(np.asarray(ph.m0, np.float32), 1, 0.0).astype(np.float32),
-        r2star_hz=pull(np.asarray(ph.r2star_hz, np.float32), 1, 0.0).astype(np.float32),
+        m0=pull(np.asarray(ph.m0, np.float32), maps_order, 0.0).astype(np.float32),
+        r2star_hz=pull(np.asarray(ph.r2star_hz, np.float32), maps_order, 0.0).astype(np.float32),
         label_names=dict(ph.label_names),
         label_chi_ppm=dict(ph.label_chi_ppm),
     )

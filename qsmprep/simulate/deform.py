@@ -15,8 +15,10 @@ atrophy, so that accuracy can be measured on heads that no network saw in traini
    ``det(I + grad u)`` would fall below :data:`MIN_JACOBIAN` the random part is scaled down until it does not,
    so the map stays one-to-one (fold free).
 
-The maps are pulled back (every voxel takes the value at ``x + u(x)``): chi, M0 and R2* linearly, labels and
-the brain mask by nearest neighbour (the brain mask is the warped brain mask); the grid is padded with air
+The maps are pulled back (every voxel takes the value at ``x + u(x)``), all by nearest neighbour: chi, M0
+and R2* stay those of the voxel's label (linear interpolation put bone and air values, down to -1.4 and up to
++4.5 ppm, into brain-mask voxels next to the skull and sinuses: 0.1 % of the brain, which dominated the
+NRMSE), and the brain mask is the warped brain mask; partial volume comes back with ``downsample``; the grid is padded with air
 first and cropped to the deformed head afterwards, and faces the body leaves through (``extend_faces``, the
 neck) continue their edge voxels, so the neck still touches the bottom face. Deterministic for a seed.
 """
@@ -145,8 +147,8 @@ def deform_phantom(ph: Phantom, seed: int, amplitude_mm: float = 6.0, corr_mm: f
     """A seeded variant of the (1 mm, axis-aligned, untextured) head phantom ``ph``: atrophy by ``atrophy_mm``
     (default a seeded 1.0-1.8 mm: 1 mm widens the CSF inside the Zubal brain by about half; 0: none; :func:`widen_csf`), then a pull-back deformation
     (:func:`head_displacement_mm`: anisotropic scaling within ``1 +- scale_range`` and a random field of peak
-    about ``amplitude_mm``, correlation ``corr_mm``, ``det(I + grad u) >= MIN_JACOBIAN``). chi/M0/R2* linear,
-    labels and brain mask nearest neighbour; the grid is re-cropped to the deformed head plus ``margin_mm``
+    about ``amplitude_mm``, correlation ``corr_mm``, ``det(I + grad u) >= MIN_JACOBIAN``). All maps by nearest
+    neighbour (see the module docstring); the grid is re-cropped to the deformed head plus ``margin_mm``
     (faces in ``ph.extend_faces`` kept). Deterministic for ``seed``; see the module docstring."""
     from qsmprep.simulate.anatomy import deform_phantom as pull_back
 
@@ -167,7 +169,7 @@ def deform_phantom(ph: Phantom, seed: int, amplitude_mm: float = 6.0, corr_mm: f
     # pull_back's displacement is along world axes; flip the components of axes that run backwards
     sign = np.sign(np.diag(aff[:3, :3])).astype(np.float32)
     u *= sign
-    out, _ = pull_back(padded, displacement=u, edge="nearest")
+    out, _ = pull_back(padded, displacement=u, edge="nearest", maps_order=0)
     del u, padded
     out = _crop(out, margin, ph.extend_faces)
     return dataclasses.replace(out, extend_faces=_touching_faces(out.labels))
