@@ -10,7 +10,8 @@ Zubal cases (isotropic and anisotropic) without worsening the deep grey-matter b
 local field (sources inside the brain only, noise-free), the true brain mask, axial B0 at 3 T, texture on.
 Cases: the Zubal head (never used in training; ``$QSMPREP_ZUBAL_DIR`` or ``../shared/data/zubal``) at 1 mm,
 0.75 x 0.75 x 1.5 mm and 1 x 1 x 2 mm (simulated on that grid); the MNI-based head with held-out seed 150 at
-1 mm (training uses phantom seeds 0..9). ``--varnet NAME[=MODEL_DIR]`` (repeatable): model files to compare
+1 mm (training uses phantom seeds 0..9); the deformed Zubal head (``zubal-deformed`` of bench_anatomies.py, all
+seven nuclei) at 1 mm. ``--classical`` takes any registered inversion, learned ones included (e.g. ``deepqsm``). ``--varnet NAME[=MODEL_DIR]`` (repeatable): model files to compare
 (default directory: the package's). Metrics as ``bench_anatomies.py`` (true brain mask, both maps demeaned).
 """
 
@@ -32,6 +33,7 @@ CASES = {
     "zubal-0.75x0.75x1.5": ("zubal", (0.75, 0.75, 1.5), 301),
     "zubal-1x1x2": ("zubal", (1.0, 1.0, 2.0), 301),
     "mni-150": ("mni", (1.0, 1.0, 1.0), 150),
+    "zubal-deformed-1mm": ("zubal-deformed", (1.0, 1.0, 1.0), 301),
 }
 
 
@@ -46,8 +48,8 @@ def case_field(case: str):
         if d is None:
             raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
         p = ph.make_zubal_phantom(d, seed=seed, texture=True, voxel_size_mm=vs)
-    else:
-        p = make_phantom("mni", 1, False, seed, True)
+    else:  # the MNI head, or the deformed Zubal head (a third anatomy, needs the Zubal data too)
+        p = make_phantom(anatomy, 1, False, seed, True)
     sim = simulate_gre(p, b0_tesla=3.0, tilt_deg=0.0, snr=None, seed=seed)
     brain = sim.brain_mask.astype(bool)
     field = np.where(brain, sim.local_field_ppm, np.float32(0.0)).astype(np.float32)
