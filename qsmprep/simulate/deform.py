@@ -30,7 +30,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage as ndi
 
-from qsmprep.simulate.phantom import Phantom, _touching_faces, smooth_noise
+from qsmprep.simulate.phantom import Phantom, smooth_noise, touching_faces
 
 __all__ = ["MIN_JACOBIAN", "deform_phantom", "head_displacement_mm", "jacobian_determinant",
            "make_deformed_zubal_phantom", "widen_csf"]
@@ -172,7 +172,7 @@ def deform_phantom(ph: Phantom, seed: int, amplitude_mm: float = 6.0, corr_mm: f
     out, _ = pull_back(padded, displacement=u, edge="nearest", maps_order=0)
     del u, padded
     out = _crop(out, margin, ph.extend_faces)
-    return dataclasses.replace(out, extend_faces=_touching_faces(out.labels))
+    return dataclasses.replace(out, extend_faces=touching_faces(out.labels))
 
 
 def make_deformed_zubal_phantom(data_dir=None, seed: int = 0, downsample: int = 1, lesions: bool = False,

@@ -461,7 +461,7 @@ def _finish(canvas: "_Canvas", brain: np.ndarray, label_names: dict, label_chi: 
         affine=affine,
         label_chi_ppm=dict(sorted(label_chi.items())),
         chi_ambient_ppm=AIR_PPM,
-        extend_faces=_touching_faces(canvas.labels),
+        extend_faces=touching_faces(canvas.labels),
     )
     if downsample > 1:
         ph = downsample_phantom(ph, downsample)
@@ -470,7 +470,7 @@ def _finish(canvas: "_Canvas", brain: np.ndarray, label_names: dict, label_chi: 
     return ph
 
 
-def _touching_faces(labels: np.ndarray) -> tuple[tuple[int, int], ...]:
+def touching_faces(labels: np.ndarray) -> tuple[tuple[int, int], ...]:
     """Faces ``(axis, side)`` of the grid where the object (label != 0) touches the boundary."""
     faces = []
     for axis in range(3):
