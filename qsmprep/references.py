@@ -110,6 +110,11 @@ REFERENCES: dict[str, Reference] = {
         'A novel background field removal method for MRI using projection onto dipole fields (PDF)',
         'NMR Biomed', 2011, '24', '1129-1136', '10.1002/nbm.1670',
     ),
+    "liu2013": Reference(
+        'Liu T, Wisnieff C, Lou M, Chen W, Spincemaille P, Wang Y',
+        'Nonlinear formulation of the magnetic field to source relationship for robust quantitative susceptibility mapping',
+        'Magn Reson Med', 2013, '69', '467-476', '10.1002/mrm.24272',
+    ),
     "wen2014": Reference(
         'Wen Y, Zhou D, Liu T, Spincemaille P, Wang Y',
         'An iterative spherical mean value method for background field removal in MRI',

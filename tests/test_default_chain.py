@@ -67,9 +67,9 @@ def head_sim(request):
 
 def test_default_chain_beats_vsharp_rts(head_sim):
     """Default (PDF + TV) vs V-SHARP + RTS from the same mask and B0 map. Measured at 2 mm (NRMSE / DGM
-    NRMSE %, worst per-nucleus |bias|): MNI (textured, 3 T, axial; mask Dice 0.991) 68.4 / 30.0, 0.015 ppm
-    (dentate) vs 84.0 / 39.4, 0.030 ppm (pallidum); Zubal (textured, lesions, 7 T, 20 deg oblique; Dice
-    0.966) 76.3 / 39.8, 0.009 ppm (caudate) vs 80.6 / 58.9, 0.030 ppm (pallidum)."""
+    NRMSE %, worst per-nucleus |bias|; B0 fit with the per-voxel offset): MNI (textured, 3 T, axial; mask Dice
+    0.991) 66.2 / 26.9, 0.013 ppm (pallidum) vs 82.0 / 38.6, 0.029 ppm (pallidum); Zubal (textured, lesions,
+    7 T, 20 deg oblique; Dice 0.966) 75.9 / 37.1, 0.006 ppm (caudate) vs 80.2 / 60.2, 0.035 ppm (pallidum)."""
     name, sim = head_sim
     cfg = QsmprepConfig()
     assert (cfg.bgremove, cfg.inversion) == ("pdf", "tv")

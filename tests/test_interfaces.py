@@ -219,7 +219,9 @@ def test_interfaces_compute_sensible_maps(sim, chain):
     ppm = nib.load(chain.b0.total_field_ppm).get_fdata()
     truth = ppm_to_hz(sim.total_field_ppm, B0_T)
     d = (hz - truth)[brain]
-    assert np.percentile(np.abs(d - np.median(d)), 95) < 0.5  # Hz (the field spans about +-8 Hz here)
+    # Hz (the field spans about +-8 Hz here); measured 0.63 with the per-voxel offset of the B0 fit, whose
+    # intercept about doubles the noise of a fit through the origin
+    assert np.percentile(np.abs(d - np.median(d)), 95) < 0.8
     assert np.allclose(ppm[mask], hz[mask] / (42.57747892 * B0_T), rtol=1e-5, atol=1e-6)
     # R2* inside the brain within 10 % of the truth (median relative error)
     r2 = nib.load(chain.r2star.r2star).get_fdata()
@@ -239,7 +241,7 @@ def test_interfaces_report_methods_and_parameters(chain):
     assert chain.mask.params["Parameters"]["factor"] == [1.5, 1.3]
     assert chain.offset.params["Method"] == "mcpc3ds" and chain.offset.params["Parameters"]["sigma_mm"] == 7.0
     assert chain.unwrap.params["Method"] == "romeo" and "template_echo" in chain.unwrap.params["Parameters"]
-    assert chain.b0.params["Parameters"] == {"weighting": "phase_snr"}
+    assert chain.b0.params["Parameters"] == {"weighting": "phase_snr", "fit_offset": True}
     bg = chain.bgremove.params
     assert bg["Method"] == "vsharp" and bg["Parameters"]["radii_mm"][-1] == pytest.approx(3.0)  # 2 x 1.5 mm
     assert bg["MaskVoxelsOut"] < bg["MaskVoxelsIn"]

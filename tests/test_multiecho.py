@@ -194,6 +194,28 @@ def test_fit_b0_hz_with_offset():
     assert np.median(np.abs(b0a - f)) < 3.0
 
 
+def test_fit_b0_hz_fits_the_residual_phase_offset():
+    """Default: a per-voxel intercept, so an offset left by MCPC-3D-S does not enter the field; the fit
+    through the origin (``fit_offset=False``) turns it into a field error of ``off / (2 pi TE)``."""
+    f, ph, mag = _unwrapped_truth(None)
+    off = (0.4 * unit_grid(f.shape)[0] ** 2 - 0.2).astype(np.float32)  # curved residual offset (rad)
+    b0 = fit_b0_hz(ph + off[..., None], TE, mag)
+    assert np.abs(b0 - f).max() < 1e-2
+    b0o = fit_b0_hz(ph + off[..., None], TE, mag, fit_offset=False)
+    assert np.abs(b0o - f).max() > 1.0  # 0.2 rad over TE ~ 10 ms: a few Hz
+    # phase_var weights (w = M^2 TE^2, i.e. M^2 on the phase residuals): the slope of fit_b0_hz_with_offset
+    np.testing.assert_allclose(fit_b0_hz(ph + off[..., None], TE, mag, weighting="phase_var"),
+                               fit_b0_hz_with_offset(ph + off[..., None], TE, mag)[0], atol=1e-2)
+    # the intercept costs noise: about twice the field std of the fit through the origin
+    f, ph, mag = _unwrapped_truth(50)
+    sd_line = np.std(fit_b0_hz(ph, TE, mag) - f)
+    sd_origin = np.std(fit_b0_hz(ph, TE, mag, fit_offset=False) - f)
+    assert 1.3 < sd_line / sd_origin < 3.0
+    # one echo, or a single echo time: no line, phi / (2 pi TE)
+    f, ph, mag = _unwrapped_truth(None)
+    np.testing.assert_allclose(fit_b0_hz(ph[..., 2:3], TE[2:3], mag[..., 2:3]), f, atol=1e-3)
+
+
 def test_fit_b0_errors():
     f, ph, mag = _unwrapped_truth(None, shape=(8, 8, 8))
     with pytest.raises(ValueError, match="echo times"):

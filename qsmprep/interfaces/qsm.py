@@ -426,7 +426,7 @@ class _FitB0InputSpec(_ThreadsInputSpec):
     mask = File(exists=True)
     echo_times = traits.List(traits.Float, mandatory=True)
     field_strength = traits.Float(mandatory=True, desc="B0 (T)")
-    method_params = traits.Dict(usedefault=True, desc="keyword arguments of fit_b0_hz (weighting)")
+    method_params = traits.Dict(usedefault=True, desc="keyword arguments of fit_b0_hz (weighting, fit_offset)")
 
 
 class _FitB0OutputSpec(TraitedSpec):
@@ -457,7 +457,8 @@ class FitB0(SimpleInterface):
         self._results["fieldmap_hz"] = save_like(hz, ref, _out("fieldmap_hz.nii"))
         self._results["total_field_ppm"] = save_like(hz_to_ppm(hz, b0), ref, _out("total_field_ppm.nii"))
         self._results["params"] = {
-            "Method": "weighted echo average (fit_b0_hz)",
+            "Method": ("weighted multi-echo line fit with a per-voxel phase offset (fit_b0_hz)"
+                       if method.resolve_params(kw).get("fit_offset", True) else "weighted echo average (fit_b0_hz)"),
             "Parameters": jsonable(method.resolve_params(kw)),
             "GyromagneticRatioHzPerT": GAMMA_BAR_HZ_PER_T,
             "MagneticFieldStrength": b0,
