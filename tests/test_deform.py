@@ -17,10 +17,10 @@ from qsmprep.simulate.deform import (
     make_deformed_zubal_phantom,
     widen_csf,
 )
-from qsmprep.simulate.phantom import _NUCLEI, _rot_zx, similarity_fit
+from qsmprep.simulate.phantom import _NUCLEI, HEAD_TISSUES, _rot_zx, similarity_fit
 
-NUCLEI = {1: "caudate", 2: "globus_pallidus", 3: "putamen", 4: "red_nucleus", 5: "dentate_nucleus",
-          6: "substantia_nigra", 7: "thalamus"}
+#: the seven deep grey-matter nuclei (labels 1-7 of the head phantoms) by name
+NUCLEI = {k: HEAD_TISSUES[k][0] for k in range(1, 8)}
 
 
 def _necked_head(shape=(56, 56, 56)):
