@@ -69,6 +69,14 @@ def zubal_dir() -> Path | None:
     return d if (d / "zubal_labels_1mm.nii.gz").exists() else None
 
 
+def require_zubal_dir() -> Path:
+    """:func:`zubal_dir`, or LookupError (the row is skipped with that line) when the data are absent."""
+    d = zubal_dir()
+    if d is None:
+        raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
+    return d
+
+
 def make_phantom(anatomy: str, downsample: int, lesions: bool, seed: int, texture: bool = True):
     """The head of ``anatomy`` with texture inside tissue classes (the networks were trained without)."""
     from qsmprep.simulate import phantom as ph
@@ -76,19 +84,13 @@ def make_phantom(anatomy: str, downsample: int, lesions: bool, seed: int, textur
     if anatomy == "mni":
         return ph.make_head_phantom(downsample=downsample, lesions=lesions, seed=seed, texture=texture)
     if anatomy == "zubal":
-        if not hasattr(ph, "make_zubal_phantom"):
-            raise LookupError("this qsmprep has no make_zubal_phantom")
-        d = zubal_dir()
-        if d is None:
-            raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
-        return ph.make_zubal_phantom(d, downsample=downsample, lesions=lesions, seed=seed, texture=texture)
+        return ph.make_zubal_phantom(require_zubal_dir(), downsample=downsample, lesions=lesions, seed=seed,
+                                     texture=texture)
     if anatomy == "zubal-deformed":
         from qsmprep.simulate.deform import make_deformed_zubal_phantom
 
-        d = zubal_dir()
-        if d is None:
-            raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
-        return make_deformed_zubal_phantom(d, seed=seed, downsample=downsample, lesions=lesions, texture=texture)
+        return make_deformed_zubal_phantom(require_zubal_dir(), seed=seed, downsample=downsample, lesions=lesions,
+                                           texture=texture)
     raise LookupError(f"unknown anatomy {anatomy!r}")
 
 

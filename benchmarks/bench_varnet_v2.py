@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_anatomies import NUCLEI, make_phantom, score, zubal_dir  # noqa: E402
+from bench_anatomies import NUCLEI, make_phantom, require_zubal_dir, score  # noqa: E402
 
 #: case -> (anatomy, voxel size mm, phantom seed)
 CASES = {
@@ -44,10 +44,7 @@ def case_field(case: str):
 
     anatomy, vs, seed = CASES[case]
     if anatomy == "zubal":
-        d = zubal_dir()
-        if d is None:
-            raise LookupError("Zubal data not found (set QSMPREP_ZUBAL_DIR)")
-        p = ph.make_zubal_phantom(d, seed=seed, texture=True, voxel_size_mm=vs)
+        p = ph.make_zubal_phantom(require_zubal_dir(), seed=seed, texture=True, voxel_size_mm=vs)
     else:  # the MNI head, or the deformed Zubal head (a third anatomy, needs the Zubal data too)
         p = make_phantom(anatomy, 1, False, seed, True)
     sim = simulate_gre(p, b0_tesla=3.0, tilt_deg=0.0, snr=None, seed=seed)

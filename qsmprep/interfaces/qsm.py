@@ -456,10 +456,11 @@ class FitB0(SimpleInterface):
         hz = method.function(unwrapped, self.inputs.echo_times, magnitude_4d=mag, mask=mask, **kw)
         self._results["fieldmap_hz"] = save_like(hz, ref, _out("fieldmap_hz.nii"))
         self._results["total_field_ppm"] = save_like(hz_to_ppm(hz, b0), ref, _out("total_field_ppm.nii"))
+        resolved = method.resolve_params(kw)
         self._results["params"] = {
             "Method": ("weighted multi-echo line fit with a per-voxel phase offset (fit_b0_hz)"
-                       if method.resolve_params(kw).get("fit_offset", True) else "weighted echo average (fit_b0_hz)"),
-            "Parameters": jsonable(method.resolve_params(kw)),
+                       if resolved.get("fit_offset", True) else "weighted echo average (fit_b0_hz)"),
+            "Parameters": jsonable(resolved),
             "GyromagneticRatioHzPerT": GAMMA_BAR_HZ_PER_T,
             "MagneticFieldStrength": b0,
         }

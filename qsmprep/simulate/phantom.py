@@ -868,7 +868,7 @@ def similarity_fit(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray,
     return scale, rot, md - scale * rot @ ms
 
 
-def _graft_nuclei(canvas: _Canvas, brain: np.ndarray, host: np.ndarray) -> tuple[float, np.ndarray]:
+def _graft_nuclei(canvas: _Canvas, brain: np.ndarray, host: np.ndarray) -> None:
     """Paint the red nucleus, substantia nigra and dentate nucleus of :data:`_NUCLEI` onto a head that lacks
     them, placed by a similarity map MNI mm -> canvas grid fitted (:func:`similarity_fit`) to the centroids of
     caudate, pallidus, putamen and thalamus per hemisphere (8 landmarks both heads have; the high index half
@@ -876,8 +876,7 @@ def _graft_nuclei(canvas: _Canvas, brain: np.ndarray, host: np.ndarray) -> tuple
     vertically, so its vertical scale is ill-determined (0.41 on the Zubal head) and the dentate, 40 mm
     below them, would land far off; the similarity takes its one scale from the 50 mm left-right and 30 mm
     front-back spread. Each graft replaces tissue only where ``host`` (brain parenchyma, no nucleus, CSF or
-    vessel) and ``brain`` hold, as the MNI nuclei keep CSF partial volume. Returns ``(s, rms landmark
-    residual in grid units)``."""
+    vessel) and ``brain`` hold, as the MNI nuclei keep CSF partial volume."""
     mni = _mni_nucleus_centroids()
     mid = float(np.argwhere(brain)[:, 0].mean())
     src, dst = [], []
@@ -890,7 +889,6 @@ def _graft_nuclei(canvas: _Canvas, brain: np.ndarray, host: np.ndarray) -> tuple
             src.append(mni[(lab, sign)])
             dst.append(half.mean(axis=0) + canvas.origin)
     s, rot, t = similarity_fit(np.array(src), np.array(dst))
-    resid = np.linalg.norm((s * (rot @ np.array(src).T)).T + t - np.array(dst), axis=1)
     for lab, c, r, rz, rx in _NUCLEI:
         if lab not in _GRAFT_NUCLEI:
             continue
@@ -900,7 +898,6 @@ def _graft_nuclei(canvas: _Canvas, brain: np.ndarray, host: np.ndarray) -> tuple
             if sl is None:
                 continue
             canvas.paint_label(frac * (host[sl] & brain[sl]), sl, lab)
-    return s, float(np.sqrt((resid**2).mean()))
 
 
 def make_zubal_phantom(
