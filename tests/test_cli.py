@@ -382,3 +382,24 @@ def test_parameter_ranges_are_declared_at_registration():
         Interval.parse("0..1")
     with pytest.raises(ValueError, match="threshold = 2 is out of range \\(0, 1\\)"):
         STAGES["bgremove"].method("vsharp").check_params({"threshold": 2})
+
+
+def test_numpy_huge_page_advice_is_switched_off_only_where_the_kernel_stalls_on_it(tmp_path, monkeypatch):
+    """qsmprep.cli.run.main switches NumPy's MADV_HUGEPAGE off where THP defrag compacts on fault
+    (synchronous compaction made first touches 10-15x slower on the CI machine), and leaves a user's
+    NUMPY_MADVISE_HUGEPAGE alone."""
+    from qsmprep.utils.hugepages import avoid_stalling_hugepages, thp_defrag_mode
+
+    defrag = tmp_path / "defrag"
+    defrag.write_text("always defer defer+madvise [madvise] never\n")
+    assert thp_defrag_mode(defrag) == "madvise"
+    assert thp_defrag_mode(tmp_path / "missing") is None
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    assert avoid_stalling_hugepages(defrag) is True
+    assert os.environ["NUMPY_MADVISE_HUGEPAGE"] == "0"  # inherited by Nipype workers and SLURM jobs
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    assert avoid_stalling_hugepages(defrag) is False and os.environ["NUMPY_MADVISE_HUGEPAGE"] == "1"
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE")
+    for mode in ("always defer defer+madvise madvise [never]", "always [defer] defer+madvise madvise never"):
+        defrag.write_text(mode)
+        assert avoid_stalling_hugepages(defrag) is False and "NUMPY_MADVISE_HUGEPAGE" not in os.environ

@@ -256,6 +256,34 @@ def test_qc_metrics_minimal_inputs_passthrough_and_validation():
         qc_metrics(chi, mask, 1, (0, 0, 1), field_strength_t=0)
 
 
+
+def test_field_metrics_computed_apart_give_the_same_qc():
+    """The workflow computes the chi-independent metrics next to the inversion (FieldQCMetrics) and
+    passes them to qc_metrics: the result equals qc_metrics computing everything itself."""
+    from scipy.ndimage import gaussian_filter
+
+    from qsmprep.qsm.qc import field_qc_metrics
+
+    mask, g = _ball(20, 8.0)
+    rng = np.random.default_rng(3)
+    chi = np.where(mask, gaussian_filter(rng.standard_normal(mask.shape), 1.5) * 0.1, 0).astype(np.float32)
+    local = np.where(mask, gaussian_filter(rng.standard_normal(mask.shape), 2) * 0.05 + 0.01 * g[0], 0)
+    hz = (local * 127.7).astype(np.float32)
+    te = np.array(TES)
+    unwrapped = np.stack([2 * np.pi * hz * t for t in te], -1).astype(np.float32)
+    mag = np.stack([np.exp(-25 * t) * mask for t in te], -1).astype(np.float32)
+    inputs = dict(unwrapped_phase_4d=unwrapped, fieldmap_hz=hz, magnitude_4d=mag, echo_times_s=te,
+                  field_strength_t=3.0)
+    whole = qc_metrics(chi, mask, (1, 1, 2), (0, 0, 1), local_field_ppm=local.astype(np.float32), **inputs)
+    apart = field_qc_metrics(mask, (1, 1, 2), local_field_ppm=local.astype(np.float32), **inputs)
+    assert {"low_quality_fraction", "b0_fit_residual_rad", "r2star_median_hz", "residual_background_fraction",
+            "echo_time_error"} <= set(apart)
+    assert not {"data_consistency_residual", "chi_mean_ppm", "mask_volume_ml"} & set(apart)  # need chi / not field
+    merged = qc_metrics(chi, mask, (1, 1, 2), (0, 0, 1), local_field_ppm=local.astype(np.float32),
+                        echo_times_s=te, field_strength_t=3.0, field_metrics=apart)
+    assert merged == whole and list(merged) == list(whole)
+
+
 # --------------------------------------------------------------------------------------------------
 # ROI statistics
 # --------------------------------------------------------------------------------------------------

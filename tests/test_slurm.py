@@ -42,7 +42,7 @@ FAST = ["--bgremove", "vsharp", "--inversion", "rts", "--omp-nthreads", "1"]
 SUBJECTS = ["01", "02"]
 #: processing nodes of one participant (the ds_* derivative writers always run again)
 PROCESSING = ("load_echoes", "phase_offset", "brain_mask", "unwrap", "fit_b0", "bgremove", "inversion",
-              "reference", "sidecars", "qc")
+              "reference", "sidecars", "qc_field", "qc")
 SBATCH_ARGS = "--time=00:20:00 --cpus-per-task=1 --mem=2G"
 
 

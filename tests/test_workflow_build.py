@@ -42,7 +42,7 @@ NODES = {"masking": (REGISTRIES["masking"], "brain_mask"), "unwrapping": (REGIST
          "bgremove": (REGISTRIES["bgremove"], "bgremove"), "inversion": (REGISTRIES["inversion"], "inversion"),
          "reference": (REGISTRIES["reference"], "reference")}
 CORE = {"load_echoes", "phase_offset", "brain_mask", "unwrap", "fit_b0", "bgremove", "inversion", "reference",
-        "sidecars", "qc", "outputnode"}
+        "sidecars", "qc_field", "qc", "outputnode"}
 #: (source, destination, (output, input)) connections every build has
 CHAIN = [
     ("load_echoes", "phase_offset", ("phase", "phase")),
@@ -54,6 +54,8 @@ CHAIN = [
     ("bgremove", "inversion", ("local_field", "local_field")),
     ("inversion", "reference", ("chi", "chi")),
     ("reference", "outputnode", ("chi_referenced", "chi")),
+    ("bgremove", "qc_field", ("local_field", "local_field")),
+    ("qc_field", "qc", ("metrics", "field_metrics")),
     ("reference", "qc", ("chi_referenced", "chi")),
     ("qc", "outputnode", ("out_file", "qc_metrics")),
 ]

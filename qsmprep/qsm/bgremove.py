@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import numba
 import numpy as np
 
 from qsmprep.qsm import fft as _fft
@@ -316,7 +317,9 @@ class _PdfSolver:
 
     def dconv(self, x: np.ndarray) -> np.ndarray:
         """Field (ppm) of ``x`` on the box (periodic convolution with the dipole kernel)."""
-        return _fft.irfftn(_fft.rfftn(x) * self.d, self.box.shape, overwrite=True)
+        x_k = _fft.rfftn(x)
+        x_k *= self.d
+        return _fft.irfftn(x_k, self.box.shape, overwrite=True)
 
     def local(self, fp: np.ndarray, x0: np.ndarray | None = None,
               max_iter: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -328,24 +331,82 @@ class _PdfSolver:
         x = np.zeros(self.box.shape, np.float32) if x0 is None else x0.astype(np.float32, copy=True)
         r = w * (fp if x0 is None else fp - self.dconv(x))  # weighted residual W M (f - D x), data space
         s = self.dconv(w * r)
-        s[inside] = 0.0  # normal-equation residual A^T r (sources only outside the mask)
+        gamma = _zero_inside_sumsq(s, inside)  # normal-equation residual A^T r (sources outside the mask)
         p = s.copy()
-        gamma = _dot(s, s)
+        wr = np.empty_like(r)
         stop = (self.tol**2) * gamma
         for _ in range(self.max_iter if max_iter is None else max_iter):
             if gamma <= stop or gamma == 0.0:
                 break
-            q = w * self.dconv(p)
-            alpha = gamma / _dot(q, q)
-            x += np.float32(alpha) * p
-            r -= np.float32(alpha) * q
-            s = self.dconv(w * r)
-            s[inside] = 0.0
-            gamma_new = _dot(s, s)
-            p *= np.float32(gamma_new / gamma)
-            p += s
+            q = self.dconv(p)
+            alpha = gamma / _weight_sumsq(q, w)  # q <- W D p
+            _cgls_update(x, r, p, q, w, np.float32(alpha), wr)  # x += a p, r -= a q, wr = W r
+            s = self.dconv(wr)
+            gamma_new = _zero_inside_sumsq(s, inside)
+            _scale_add(p, s, np.float32(gamma_new / gamma))  # p <- s + beta p
             gamma = gamma_new
         return fp - self.dconv(x), x
+
+
+# CGLS vector updates of PDF, fused into one pass over the box each (numba, all cores). Sums of squares
+# are accumulated per x-slab in float64 and added in a fixed order: the same result on every run.
+
+
+@numba.njit(cache=True, parallel=True)
+def _weight_sumsq(q, w):
+    """``q <- w q`` in place; returns ``sum(q**2)`` after weighting."""
+    nx, ny, nz = q.shape
+    partial = np.zeros(nx, dtype=np.float64)
+    for i in numba.prange(nx):
+        acc = 0.0
+        for j in range(ny):
+            for k in range(nz):
+                v = q[i, j, k] * w[i, j, k]
+                q[i, j, k] = v
+                acc += v * v
+        partial[i] = acc
+    return partial.sum()
+
+
+@numba.njit(cache=True, parallel=True)
+def _zero_inside_sumsq(s, inside):
+    """``s <- 0`` where ``inside``, in place; returns ``sum(s**2)`` after."""
+    nx, ny, nz = s.shape
+    partial = np.zeros(nx, dtype=np.float64)
+    for i in numba.prange(nx):
+        acc = 0.0
+        for j in range(ny):
+            for k in range(nz):
+                if inside[i, j, k]:
+                    s[i, j, k] = 0.0
+                else:
+                    v = s[i, j, k]
+                    acc += v * v
+        partial[i] = acc
+    return partial.sum()
+
+
+@numba.njit(cache=True, parallel=True)
+def _cgls_update(x, r, p, q, w, alpha, wr):
+    """``x += alpha p``, ``r -= alpha q``, ``wr = w r`` in one pass."""
+    nx, ny, nz = x.shape
+    for i in numba.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                x[i, j, k] += alpha * p[i, j, k]
+                rv = r[i, j, k] - alpha * q[i, j, k]
+                r[i, j, k] = rv
+                wr[i, j, k] = w[i, j, k] * rv
+
+
+@numba.njit(cache=True, parallel=True)
+def _scale_add(p, s, beta):
+    """``p <- s + beta p`` in place."""
+    nx, ny, nz = p.shape
+    for i in numba.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                p[i, j, k] = s[i, j, k] + beta * p[i, j, k]
 
 
 def pdf_harmonic_restored(

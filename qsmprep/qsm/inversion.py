@@ -440,12 +440,15 @@ def _admm_tv(
     ih = [np.float32(1.0 / h) for h in voxel_size]
 
     def lhs_inv(r):
+        """(``rho / (A + rho |E|^2)``, ``b_hat / (A + rho |E|^2)``), 0 where the denominator is 0."""
         den = a_diag + np.float32(r) * e2
         with np.errstate(divide="ignore"):
             ia = np.where(den > 0, 1.0 / den, 0.0).astype(np.float32)
-        return ia, b_hat * ia
+        f_hat = b_hat * ia
+        ia *= np.float32(r)
+        return ia, f_hat
 
-    ia, f_hat = lhs_inv(rho)
+    rho_ia, f_hat = lhs_inv(rho)
     p = np.zeros((3,) + shape, dtype=np.float32)
     v = _gradient(x0, ih[0], ih[1], ih[2], np.empty((3,) + shape, dtype=np.float32))
     x = x0
@@ -455,14 +458,12 @@ def _admm_tv(
     for it in range(1, maxit + 1):
         _gradient_adjoint(v, ih[0], ih[1], ih[2], work)
         xk = _fft.rfftn(work)
-        xk *= np.float32(rho) * ia
-        xk += f_hat
+        _scale_add_spectrum(xk, rho_ia, f_hat)  # X = rho ia F(grad^T v) + ia b_hat
         x_new = _fft.irfftn(xk, shape, overwrite=True)
         del xk
-        dx = np.linalg.norm((x_new - x).ravel())
-        nx = np.linalg.norm(x_new.ravel())
+        dx2, nx2 = _change_sumsq(x_new, x)
         x = x_new
-        if (it > 1 and dx < tol * nx) or it == maxit:
+        if (it > 1 and dx2 < tol * tol * nx2) or it == maxit:
             break
         res = _shrink_dual_update(x, p, v, np.float32(lam / rho), ih[0], ih[1], ih[2])
         if tau is not None:
@@ -471,9 +472,39 @@ def _admm_tv(
                 rho *= gamma
                 v += p * np.float32(1.0 - 1.0 / gamma)
                 p *= np.float32(1.0 / gamma)
-                ia, f_hat = lhs_inv(rho)
+                rho_ia, f_hat = lhs_inv(rho)
             res_prev = res
     return x, it
+
+
+@numba.njit(cache=True, parallel=True)
+def _scale_add_spectrum(xk, scale, offset):
+    """``xk <- scale xk + offset`` in place (complex spectrum, real ``scale``), one pass."""
+    nx, ny, nz = xk.shape
+    for i in numba.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                xk[i, j, k] = xk[i, j, k] * scale[i, j, k] + offset[i, j, k]
+
+
+@numba.njit(cache=True, parallel=True)
+def _change_sumsq(x_new, x):
+    """(``sum((x_new - x)**2)``, ``sum(x_new**2)``), float64 per x-slab added in a fixed order."""
+    nx, ny, nz = x.shape
+    pd = np.zeros(nx, dtype=np.float64)
+    pn = np.zeros(nx, dtype=np.float64)
+    for i in numba.prange(nx):
+        ad = 0.0
+        an = 0.0
+        for j in range(ny):
+            for k in range(nz):
+                a = x_new[i, j, k]
+                d = a - x[i, j, k]
+                ad += d * d
+                an += a * a
+        pd[i] = ad
+        pn[i] = an
+    return pd.sum(), pn.sum()
 
 
 @INVERSION.register(

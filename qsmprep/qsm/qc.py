@@ -58,6 +58,7 @@ from qsmprep.qsm.geometry import dipole_kernel, obliquity_deg
 __all__ = [
     "EXPECTED_RANGES",
     "QC_METRICS",
+    "field_qc_metrics",
     "RECORDED_VALUES",
     "QcMetric",
     "is_recorded_value",
@@ -320,25 +321,29 @@ def residual_background_fraction(local_field_ppm, mask, voxel_size_mm=(1.0, 1.0,
     f = as_float_volume(local_field_ppm, "local_field_ppm")
     m = as_mask(mask, "mask", shape=f.shape)
     vs = as_voxel_size(voxel_size_mm)
-    idx = np.nonzero(m)
-    pos = [i.astype(np.float64) * v for i, v in zip(idx, vs)]
-    centre = [p.mean() for p in pos]
-    scale = max(float(np.max(np.abs(p - c))) for p, c in zip(pos, centre)) or 1.0
-    coords = [(p - c) / scale for p, c in zip(pos, centre)]
-    terms = solid_harmonics(coords, order)
-    a = np.empty((len(terms), idx[0].size))  # one contiguous row per term
-    for row, t in zip(a, terms):
-        np.subtract(t, t.mean(), out=row)
-    del terms
-    b = f[idx].astype(np.float64)
+    flat = np.flatnonzero(m)
+    b = f.ravel(order="C")[flat].astype(np.float64)
     b -= b.mean()
     energy = float(b @ b)
     if energy == 0.0:
         return 0.0
-    # least squares by the normal equations (k x k, k <= 15; the columns are harmonics of coordinates
-    # scaled to [-1, 1], well conditioned): the explained energy |A c|^2 = c . A^T b
-    gram = a @ a.T
-    atb = a @ b
+    pos = [i * v for i, v in zip(np.unravel_index(flat, m.shape), vs)]  # mm, float64
+    centre = [p.mean() for p in pos]
+    scale = max(float(np.max(np.abs(p - c))) for p, c in zip(pos, centre)) or 1.0
+    # Least squares by the normal equations, accumulated over chunks of voxels (k x k, k <= 16; the
+    # columns are a constant and harmonics of coordinates scaled to [-1, 1], well conditioned). With
+    # the constant column the fit equals that of demeaned harmonics (b is demeaned); the explained
+    # energy |A c|^2 = c . A^T b.
+    k = len(solid_harmonics([np.zeros(1)] * 3, order)) + 1
+    gram = np.zeros((k, k))
+    atb = np.zeros(k)
+    step = 1 << 18
+    for lo in range(0, flat.size, step):
+        sl = slice(lo, lo + step)
+        coords = [(p[sl] - c) / scale for p, c in zip(pos, centre)]
+        a = np.vstack([np.ones_like(coords[0])] + solid_harmonics(coords, order))
+        gram += a @ a.T
+        atb += a @ b[sl]
     coef, *_ = np.linalg.lstsq(gram, atb, rcond=None)
     return float(coef @ atb) / energy
 
@@ -460,11 +465,9 @@ def _fmt(values, digits: int = 4) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def qc_metrics(
-    chi_ppm,
+def field_qc_metrics(
     mask,
     voxel_size_mm,
-    b0_dir,
     *,
     local_field_ppm=None,
     unwrapped_phase_4d=None,
@@ -475,45 +478,27 @@ def qc_metrics(
     quality_mask=None,
     quality_threshold: float = 0.5,
     harmonic_order: int = 3,
-    reference: str | None = None,
-    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """QC metrics of one run (see the module docstring for each), as a flat ``{name: number | str}``.
+    """The metrics of :func:`qc_metrics` that do not depend on the susceptibility map: phase quality,
+    B0-fit residuals, effective echo times, R2* and the residual background of the local field.
 
-    ``chi_ppm`` and ``mask`` are the final susceptibility map and its mask; ``quality_mask`` (default
-    ``mask``) is the region where the phase was unwrapped and the field fitted (the brain mask before
-    background-field erosion). Metrics whose inputs are not given (or single-echo data for the B0
-    residual and R2*) are left out; so is ``chi_mean_ppm`` when ``reference`` is ``"mean"`` (the map was
-    referenced to its mean in the mask, so that is 0 by construction). ``extra`` entries (strings/numbers: methods, model name and
-    checksum) are passed through.
+    ``mask`` is the final (Chimap) mask; the other arguments as :func:`qc_metrics`, which merges this
+    dict (pass it as ``field_metrics``: a workflow computes it while the dipole inversion runs).
     """
-    chi = as_float_volume(chi_ppm, "chi_ppm")
-    m = as_mask(mask, "mask", shape=chi.shape)
+    m = as_mask(mask, "mask")
     vs = as_voxel_size(voxel_size_mm)
-    b = as_b0_dir(b0_dir)
-    qm = m if quality_mask is None else as_mask(quality_mask, "quality_mask", shape=chi.shape)
+    qm = m if quality_mask is None else as_mask(quality_mask, "quality_mask", shape=m.shape)
     if not 0.0 < float(quality_threshold) < 1.0:
         raise ValueError(f"quality_threshold must be in (0, 1), got {quality_threshold}")
     out: dict[str, Any] = {}
-    out["mask_volume_ml"] = float(m.sum()) * float(np.prod(vs)) / 1000.0
-    out["obliquity_deg"] = round(obliquity_deg(b), 3)
-    out["b0_direction"] = _fmt(b)
-    if field_strength_t is not None:
-        if not np.isfinite(field_strength_t) or field_strength_t <= 0:
-            raise ValueError(f"field_strength_t must be positive (tesla), got {field_strength_t}")
-        out["field_strength_t"] = float(field_strength_t)
-    te = None
-    if echo_times_s is not None:
-        te = as_echo_times(echo_times_s)
-        out["n_echoes"] = int(te.size)
-        out["echo_times_ms"] = _fmt(te * 1e3)
+    te = None if echo_times_s is None else as_echo_times(echo_times_s)
 
     mag = None
     if magnitude_4d is not None:
         mag = as_float_volume(magnitude_4d, "magnitude_4d", ndim=(3, 4))
         if mag.ndim == 3:
             mag = mag[..., None]
-        same_shape(mag, chi, "magnitude_4d", "chi_ppm")
+        same_shape(mag, m, "magnitude_4d", "mask")
         if te is not None and mag.shape[3] != te.size:
             raise ValueError(f"magnitude_4d has {mag.shape[3]} echoes but {te.size} echo times were given")
 
@@ -524,7 +509,7 @@ def qc_metrics(
         ph = as_float_volume(unwrapped_phase_4d, "unwrapped_phase_4d", ndim=(3, 4))
         if ph.ndim == 3:
             ph = ph[..., None]
-        same_shape(ph, chi, "unwrapped_phase_4d", "chi_ppm")
+        same_shape(ph, m, "unwrapped_phase_4d", "mask")
         if te is not None and ph.shape[3] != te.size:
             raise ValueError(f"unwrapped_phase_4d has {ph.shape[3]} echoes but {te.size} echo times were given")
         multi = ph.shape[3] > 1 and te is not None
@@ -556,10 +541,73 @@ def qc_metrics(
 
     if local_field_ppm is not None:
         f = as_float_volume(local_field_ppm, "local_field_ppm")
-        same_shape(f, chi, "local_field_ppm", "chi_ppm")
+        same_shape(f, m, "local_field_ppm", "mask")
         out["residual_background_fraction"] = residual_background_fraction(f, m, vs, harmonic_order)
-        if np.any(f[m]):
-            out["data_consistency_residual"] = data_consistency_residual(chi, f, m, vs, b)
+    return out
+
+
+def qc_metrics(
+    chi_ppm,
+    mask,
+    voxel_size_mm,
+    b0_dir,
+    *,
+    local_field_ppm=None,
+    unwrapped_phase_4d=None,
+    fieldmap_hz=None,
+    magnitude_4d=None,
+    echo_times_s=None,
+    field_strength_t: float | None = None,
+    quality_mask=None,
+    quality_threshold: float = 0.5,
+    harmonic_order: int = 3,
+    reference: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    field_metrics: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """QC metrics of one run (see the module docstring for each), as a flat ``{name: number | str}``.
+
+    ``chi_ppm`` and ``mask`` are the final susceptibility map and its mask; ``quality_mask`` (default
+    ``mask``) is the region where the phase was unwrapped and the field fitted (the brain mask before
+    background-field erosion). Metrics whose inputs are not given (or single-echo data for the B0
+    residual and R2*) are left out; so is ``chi_mean_ppm`` when ``reference`` is ``"mean"`` (the map was
+    referenced to its mean in the mask, so that is 0 by construction). ``extra`` entries (strings/numbers: methods, model name and
+    checksum) are passed through. ``field_metrics``: the result of :func:`field_qc_metrics` for the same
+    inputs, computed beforehand; the phase, magnitude and field-map arrays are then not needed
+    (``local_field_ppm`` still is, for the data-consistency residual).
+    """
+    chi = as_float_volume(chi_ppm, "chi_ppm")
+    m = as_mask(mask, "mask", shape=chi.shape)
+    vs = as_voxel_size(voxel_size_mm)
+    b = as_b0_dir(b0_dir)
+    if quality_mask is not None:
+        as_mask(quality_mask, "quality_mask", shape=chi.shape)
+    out: dict[str, Any] = {}
+    out["mask_volume_ml"] = float(m.sum()) * float(np.prod(vs)) / 1000.0
+    out["obliquity_deg"] = round(obliquity_deg(b), 3)
+    out["b0_direction"] = _fmt(b)
+    if field_strength_t is not None:
+        if not np.isfinite(field_strength_t) or field_strength_t <= 0:
+            raise ValueError(f"field_strength_t must be positive (tesla), got {field_strength_t}")
+        out["field_strength_t"] = float(field_strength_t)
+    if echo_times_s is not None:
+        te = as_echo_times(echo_times_s)
+        out["n_echoes"] = int(te.size)
+        out["echo_times_ms"] = _fmt(te * 1e3)
+
+    f = None
+    if local_field_ppm is not None:
+        f = as_float_volume(local_field_ppm, "local_field_ppm")
+        same_shape(f, chi, "local_field_ppm", "chi_ppm")
+    if field_metrics is None:
+        field_metrics = field_qc_metrics(
+            m, vs, local_field_ppm=f, unwrapped_phase_4d=unwrapped_phase_4d, fieldmap_hz=fieldmap_hz,
+            magnitude_4d=magnitude_4d, echo_times_s=echo_times_s, field_strength_t=field_strength_t,
+            quality_mask=quality_mask, quality_threshold=quality_threshold, harmonic_order=harmonic_order,
+        )
+    out.update(field_metrics)
+    if f is not None and np.any(f[m]):
+        out["data_consistency_residual"] = data_consistency_residual(chi, f, m, vs, b)
 
     out.update(chi_summary(chi, m))
     if reference == "mean":

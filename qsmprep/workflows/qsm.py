@@ -6,7 +6,8 @@ Graph (node names are stable: they are the keys of Nipype's cache in the work di
                                                                  [r2star] ------------------> reference
                                           fit_b0 + magnitude -> [swi] (SWI and minIP)
     every step's ``params`` -> sidecars -> ds_* (DerivativesDataSink)
-    reference + intermediate maps -> qc (QC metrics JSON) -> ds_qc_metrics
+    bgremove + intermediate maps -> qc_field (metrics without chi, next to the inversion)
+    reference + local field + qc_field -> qc (QC metrics JSON) -> ds_qc_metrics
     reference + segmentation (config.segmentation_dir) -> [roi_stats] -> [ds_roi_stats]
 
 All physics lives in :mod:`qsmprep.qsm`; nodes are the thin interfaces of
@@ -41,6 +42,7 @@ from qsmprep.interfaces.qsm import (
 )
 from qsmprep.interfaces.reports import (
     DerivativeFileSink,
+    FieldQCMetrics,
     QCMetrics,
     ROIStats,
     check_segmentation_grid,
@@ -227,11 +229,17 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
     methods = {"masking_method": config.masking_for(run), "unwrapping_method": config.unwrapping,
                "bgremove_method": config.bgremove, "inversion_method": config.inversion,
                "reference_method": reference}
+    # the QC metrics that do not need chi run next to the dipole inversion; the rest after referencing
+    qc_field = pe.Node(
+        FieldQCMetrics(num_threads=1),
+        name="qc_field",
+        mem_gb=0.3 + 2 * vol4_gb + 20 * vol_gb,
+    )
     qc = pe.Node(
         QCMetrics(methods=methods, series=run.prefix(), num_threads=nthreads),
         name="qc",
         n_procs=nthreads,
-        mem_gb=0.3 + 2 * vol4_gb + 20 * vol_gb,
+        mem_gb=0.3 + 12 * vol_gb,
     )
     segmentation = _segmentation(run, config)
 
@@ -268,13 +276,18 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         (bgremove, outputnode, [("mask_out", "mask"), ("local_field", "local_field_ppm")]),
         (fit_b0, outputnode, [("fieldmap_hz", "fieldmap_hz"), ("total_field_ppm", "total_field_ppm")]),
         (sidecars, outputnode, [("chimap", "sidecars")]),
+        (bgremove, qc_field, [("mask_out", "mask"), ("local_field", "local_field")]),
+        (mask, qc_field, [("mask_file", "quality_mask")]),
+        (unwrap, qc_field, [("unwrapped", "unwrapped")]),
+        (fit_b0, qc_field, [("fieldmap_hz", "fieldmap_hz")]),
+        (load, qc_field, [("magnitude", "magnitude"), ("echo_times", "echo_times"), ("voxel_size", "voxel_size"),
+                          ("field_strength", "field_strength")]),
+        (qc_field, qc, [("metrics", "field_metrics")]),
         (ref, qc, [("chi_referenced", "chi")]),
         (bgremove, qc, [("mask_out", "mask"), ("local_field", "local_field")]),
         (mask, qc, [("mask_file", "quality_mask")]),
-        (unwrap, qc, [("unwrapped", "unwrapped")]),
-        (fit_b0, qc, [("fieldmap_hz", "fieldmap_hz")]),
-        (load, qc, [("magnitude", "magnitude"), ("echo_times", "echo_times"), ("voxel_size", "voxel_size"),
-                    ("b0_dir", "b0_dir"), ("field_strength", "field_strength")]),
+        (load, qc, [("echo_times", "echo_times"), ("voxel_size", "voxel_size"), ("b0_dir", "b0_dir"),
+                    ("field_strength", "field_strength")]),
         (inversion, qc, [("params", "inversion_params")]),
         (qc, outputnode, [("out_file", "qc_metrics")]),
         (mask, outputnode, [("mask_file", "gre_mask")]),
