@@ -88,7 +88,7 @@ def test_qsmprep_through_slurm(slurm_cluster, tmp_path):  # noqa: F811
     proc = _qsmprep(argv, env, tmp_path / "slurmgraph.log")
     assert proc.returncode == 0, (tmp_path / "slurmgraph.log").read_text()[-3000:]
     jobs = submitted_job_ids(log, off)
-    assert len(jobs) == 15 * len(SUBJECTS), f"expected one sbatch job per node (30), got {jobs}"
+    assert len(jobs) == 16 * len(SUBJECTS), f"expected one sbatch job per node (32), got {jobs}"
     table = wait_for_jobs(jobs)
     print(f"[slurm-test] SLURMGraph: {len(jobs)} sbatch jobs, ids {jobs[0]}..{jobs[-1]}: "
           + ", ".join(f"{j}={table[j][0]}" for j in jobs[:6]) + ", ...")
