@@ -24,11 +24,11 @@ from helpers import save_nifti
 
 from qsmprep.simulate import make_head_phantom, make_shapes_phantom, simulate_gre, write_bids_dataset
 from qsmprep.utils.bids import QsmRun, collect_runs
-from qsmprep.utils.hugepages import avoid_stalling_hugepages
+from qsmprep.utils.allocation import tune_allocation
 
-# as the App does (qsmprep.cli.run.main): no NumPy huge-page advice where the kernel would stall on it;
-# the subprocesses that tests start inherit the setting
-avoid_stalling_hugepages()
+# as the App does (qsmprep.cli.run.main): no NumPy huge-page advice where the kernel would stall on it,
+# freed volumes reused by malloc; the subprocesses that tests start inherit the settings
+tune_allocation()
 
 #: echo times (s) of the small shapes datasets
 SHAPES_TES = (0.004, 0.008, 0.012, 0.016)

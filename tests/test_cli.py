@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qsmprep import __version__
@@ -385,10 +386,10 @@ def test_parameter_ranges_are_declared_at_registration():
 
 
 def test_numpy_huge_page_advice_is_switched_off_only_where_the_kernel_stalls_on_it(tmp_path, monkeypatch):
-    """qsmprep.cli.run.main switches NumPy's MADV_HUGEPAGE off where THP defrag compacts on fault
-    (synchronous compaction made first touches 10-15x slower on the CI machine), and leaves a user's
+    """qsmprep.cli.run.main (tune_allocation) switches NumPy's MADV_HUGEPAGE off where THP defrag compacts on
+    fault (synchronous compaction made first touches 10-15x slower on the CI machine), and leaves a user's
     NUMPY_MADVISE_HUGEPAGE alone."""
-    from qsmprep.utils.hugepages import avoid_stalling_hugepages, thp_defrag_mode
+    from qsmprep.utils.allocation import avoid_stalling_hugepages, thp_defrag_mode
 
     defrag = tmp_path / "defrag"
     defrag.write_text("always defer defer+madvise [madvise] never\n")
@@ -403,3 +404,23 @@ def test_numpy_huge_page_advice_is_switched_off_only_where_the_kernel_stalls_on_
     for mode in ("always defer defer+madvise madvise [never]", "always [defer] defer+madvise madvise never"):
         defrag.write_text(mode)
         assert avoid_stalling_hugepages(defrag) is False and "NUMPY_MADVISE_HUGEPAGE" not in os.environ
+
+
+def test_malloc_keeps_freed_volumes_unless_the_user_chose(monkeypatch):
+    """glibc malloc without mmap blocks and a 256 MiB trim threshold (freed volumes reused without page
+    faults), passed on to child processes; a user's MALLOC_* setting wins; memory is handed back on demand."""
+    from qsmprep.utils.allocation import MALLOC_TRIM_THRESHOLD_BYTES, keep_freed_memory_in_heap, release_free_memory
+
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert keep_freed_memory_in_heap() is True  # glibc (Debian, the container)
+    assert os.environ["MALLOC_MMAP_MAX_"] == "0"
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(MALLOC_TRIM_THRESHOLD_BYTES)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.environ['MALLOC_MMAP_MAX_'])"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "0"
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
+    assert keep_freed_memory_in_heap() is False and os.environ["MALLOC_TRIM_THRESHOLD_"] == "1000"
+    big = np.ones(50_000_000, np.float32)  # 200 MB from the heap, not an mmap block
+    del big
+    release_free_memory()

@@ -33,8 +33,8 @@ from typing import Sequence
 
 from qsmprep.cli.parser import parse_config
 from qsmprep.config import QsmprepConfig
+from qsmprep.utils.allocation import tune_allocation
 from qsmprep.utils.errors import EX_DATAERR, EX_FAILURE, EX_NOINPUT, EX_OK, EX_USAGE, InputError
-from qsmprep.utils.hugepages import avoid_stalling_hugepages
 from qsmprep.utils.plugins import PROGRESS_LEVEL, StepReporter, make_plugin
 
 __all__ = ["main", "validate_inputs", "write_dataset_files", "IMPORTANT"]
@@ -395,7 +395,7 @@ def _importing_main_in_a_worker() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run qsmprep; returns the exit status (0, 1, 64, 65 or 66). ``argv`` defaults to ``sys.argv[1:]``."""
     os.environ.setdefault("NIPYPE_NO_ET", "1")
-    avoid_stalling_hugepages()
+    tune_allocation()
     if _importing_main_in_a_worker():
         print("qsmprep: note: not run again in a MultiProc worker that imports the calling script; put the call "
               "of qsmprep.cli.run.main under if __name__ == '__main__':", file=sys.stderr)

@@ -11,6 +11,10 @@ list, so Nipype 1.11 raises ``TypeError: can only concatenate str (not "list") t
 crash file. Here the traceback is passed as lines: the node is reported as crashed with its crash file,
 like any other failure.
 
+And one to ``MultiProc`` alone: after every node the worker hands the memory the node freed back to the
+system (:func:`qsmprep.utils.allocation.release_free_memory`), since qsmprep's allocation settings let
+``malloc`` keep freed volumes for reuse within a node.
+
 Both (and every other non-graph plugin) accept a ``status_callback``: :class:`StepReporter` prints one
 line per finished node with its elapsed time, the progress qsmprep shows by default.
 """
@@ -27,6 +31,19 @@ from nipype.pipeline.plugins.slurm import SLURMPlugin
 #: Start method of the worker processes: ``forkserver`` starts workers from a clean interpreter, so
 #: thread pools (OpenMP, numba, torch) already running in the parent are never forked half-way.
 DEFAULT_MP_CONTEXT = "forkserver"
+
+
+def _run_node_then_release_memory(node, updatehash, taskid):
+    """Nipype's MultiProc task (``run_node``), then the memory the node freed back to the system
+    (:func:`qsmprep.utils.allocation.release_free_memory`): a worker does not keep its peak between nodes."""
+    from nipype.pipeline.plugins.multiproc import run_node
+
+    from qsmprep.utils.allocation import release_free_memory
+
+    try:
+        return run_node(node, updatehash, taskid)
+    finally:
+        release_free_memory()
 
 
 def _init_worker(cwd: str, levels: dict) -> None:
@@ -77,6 +94,16 @@ class SafeMultiProcPlugin(_CrashReportOfMissingResult, _ReportsCachedNodes, Mult
         self.pool = ProcessPoolExecutor(max_workers=self.processors, initializer=_init_worker,
                                         initargs=(self._cwd, levels),
                                         mp_context=mp.get_context(self.plugin_args.get("mp_context")))
+
+    def _submit_job(self, node, updatehash=False):
+        """Nipype's, with the node run by :func:`_run_node_then_release_memory`."""
+        self._taskid += 1
+        if getattr(node.interface, "terminal_output", "") == "stream":  # no streaming outputs, as in Nipype
+            node.interface.terminal_output = "allatonce"
+        future = self.pool.submit(_run_node_then_release_memory, node, updatehash, self._taskid)
+        future.add_done_callback(self._async_callback)
+        self._task_obj[self._taskid] = future
+        return self._taskid
 
     def _get_result(self, taskid):
         future = self._task_obj.get(taskid)
