@@ -150,6 +150,11 @@ REFERENCES: dict[str, Reference] = {
         'Rapid two-step dipole inversion for susceptibility mapping with sparsity priors',
         'NeuroImage', 2018, '167', '276-283', '10.1016/j.neuroimage.2017.11.018',
     ),
+    "liu2012medi": Reference(
+        'Liu T, Xu W, Spincemaille P, Avestimehr AS, Wang Y',
+        'Accuracy of the morphology enabled dipole inversion (MEDI) algorithm for quantitative susceptibility mapping in MRI',
+        'IEEE Trans Med Imaging', 2012, '31', '816-824', '10.1109/TMI.2011.2182523',
+    ),
     "bilgic2014tv": Reference(
         'Bilgic B, Fan AP, Polimeni JR, et al',
         'Fast quantitative susceptibility mapping with L1-regularization and automatic parameter selection',

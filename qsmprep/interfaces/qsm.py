@@ -538,6 +538,7 @@ class BackgroundRemoval(SimpleInterface):
 class _InvInputSpec(_FieldInputSpec):
     local_field = File(exists=True, mandatory=True, desc="local field (ppm)")
     method = traits.Str(mandatory=True, desc="dipole inversion method (qsmprep.methods)")
+    magnitude = File(exists=True, desc="4D magnitude (used by methods with the data argument 'magnitude')")
 
 
 class _InvOutputSpec(TraitedSpec):
@@ -557,7 +558,10 @@ class DipoleInversion(SimpleInterface):
         field, ref = load_float(self.inputs.local_field)
         mask = load_mask(self.inputs.mask)
         kw = _method_kwargs(method, dict(self.inputs.method_params), self.inputs.device)
-        chi = method.function(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **kw)
+        data = {}
+        if "magnitude" in method.data_args and isdefined(self.inputs.magnitude):
+            data["magnitude"] = load_float(self.inputs.magnitude)[0]
+        chi = method.function(field, mask, self.inputs.voxel_size, self.inputs.b0_dir, **data, **kw)
         chi = np.where(mask, np.asarray(chi, dtype=np.float32), np.float32(0))
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii"))
         used = jsonable(method.resolve_params(kw, {"voxel_size_mm": self.inputs.voxel_size}))

@@ -260,6 +260,7 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         (mask, bgremove, [("mask_file", "mask")]),
         (load, bgremove, [("voxel_size", "voxel_size"), ("b0_dir", "b0_dir")]),
         (bgremove, inversion, [("local_field", "local_field"), ("mask_out", "mask")]),
+        (load, inversion, [("magnitude", "magnitude")]),
         (load, inversion, [("voxel_size", "voxel_size"), ("b0_dir", "b0_dir")]),
         (inversion, ref, [("chi", "chi")]),
         (bgremove, ref, [("mask_out", "mask")]),
