@@ -55,6 +55,7 @@ CHAINS = {
     "nextqsm+nextqsm": ("nextqsm", "nextqsm"),
     "pdf+rts": ("pdf", "rts"),
     "pdf+tv": ("pdf", "tv"),
+    "pdf+medi-tv": ("pdf", "medi-tv"),
     "pdf+nextqsm": ("pdf", "nextqsm"),
     "vsharp+tv": ("vsharp", "tv"),
     "vsharp+nextqsm": ("vsharp", "nextqsm"),
