@@ -94,7 +94,7 @@ class QsmprepConfig:
     """All options of a qsmprep run (paths are absolute :class:`~pathlib.Path`).
 
     The methods are the default pipeline: BET brain extraction within reliable phase quality, ROMEO, PDF,
-    TV-ADMM, whole-brain mean reference (docs/limits.md names the data this choice rests on).
+    MEDI-weighted TV-ADMM, whole-brain mean reference (docs/limits.md names the data this choice rests on).
     """
 
     bids_dir: Path | None = None
@@ -123,7 +123,7 @@ class QsmprepConfig:
     masking: MaskingMethod = DEFAULT_MASKING
     unwrapping: UnwrappingMethod = "romeo"
     bgremove: BgremoveMethod = "pdf"
-    inversion: InversionMethod = "tv"
+    inversion: InversionMethod = "medi-tv"
     reference: ReferenceMethod = "mean"
     r2star_method: R2starMethod = "auto"
     r2star: bool = False

@@ -426,9 +426,16 @@ def test_recorded_parameters_reproduce_the_maps(app, dataset):
 
     inp, outp = node("inversion")
     assert np.allclose(inp["b0_dir"], dataset["b0_dir"]["sub-2"], atol=1e-5)  # the oblique kernel was used
-    chi = INVERSION.get(steps["DipoleInversion"]["Method"])(
-        vol(inp["local_field"]), boolean(inp["mask"]), inp["voxel_size"], inp["b0_dir"],
-        **steps["DipoleInversion"]["Parameters"])
+    from qsmprep.methods import STAGES
+
+    inv_step = steps["DipoleInversion"]
+    data = {}
+    if "magnitude" in STAGES["inversion"].method(inv_step["Method"]).data_args:  # MEDI-TV: magnitude edges
+        assert inv_step["MagnitudeWeighting"] is True, inv_step
+        data["magnitude"] = vol(inp["magnitude"])
+    chi = INVERSION.get(inv_step["Method"])(
+        vol(inp["local_field"]), boolean(inp["mask"]), inp["voxel_size"], inp["b0_dir"], **data,
+        **inv_step["Parameters"])
     dev = float(np.max(np.abs(np.where(boolean(inp["mask"]), chi, 0) - vol(outp.chi))))
     if dev > 1e-5:
         problems.append(f"DipoleInversion {steps['DipoleInversion']}: max difference {dev:.2e} ppm")

@@ -392,9 +392,10 @@ def test_boilerplate_names_the_methods_run_and_cites_them():
     assert "V-SHARP" not in text and "RTS" not in text
     classical = build_boilerplate(QsmprepConfig(bgremove="vsharp", inversion="rts"))
     assert "V-SHARP" in classical and "10.1002/mrm.23000" in classical and "rapid two-step" in classical
-    default = build_boilerplate(QsmprepConfig())  # the default chain: PDF, TV-ADMM
-    assert "projection onto dipole fields" in default and "total-variation regularised dipole inversion" in default
+    default = build_boilerplate(QsmprepConfig())  # the default chain: PDF, MEDI-weighted TV-ADMM
+    assert "projection onto dipole fields" in default and "morphology-enabled" in default
     assert "10.1002/nbm.1670" in default and "10.1002/mrm.25029" in default and "V-SHARP" not in default
+    assert "10.1109/TMI.2011.2182523" in default  # MEDI
     assert "variational network" not in default
     learned = build_boilerplate(QsmprepConfig(bgremove="nextqsm", inversion="nextqsm"))
     assert "variational network" in learned and "10.1002/nbm.1670" in learned

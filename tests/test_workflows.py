@@ -69,7 +69,7 @@ def test_graph_structure_names_and_crash_dirs(dataset):
     for node in nodes.values():
         assert node.config["execution"]["crashdump_dir"] == str(crash)
         assert node.config["execution"]["crashfile_format"] == "txt"
-    assert nodes[prefix + "inversion"].n_procs == 1 and nodes[prefix + "inversion"].inputs.method == "tv"
+    assert nodes[prefix + "inversion"].n_procs == 1 and nodes[prefix + "inversion"].inputs.method == "medi-tv"
     assert nodes[prefix + "brain_mask"].inputs.method == "phase"  # config alias resolved
     out = nodes[prefix + "ds_qsm_wf.ds_chimap"].inputs.out_file
     assert out == str(cfg.output_dir / "sub-01/ses-1/anat/sub-01_ses-1_acq-qsm_Chimap.nii.gz")
@@ -80,7 +80,7 @@ def test_graph_structure_names_and_crash_dirs(dataset):
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "qsmprep"
     assert (cfg.output_dir / "logs" / "CITATION.md").read_text() == wf.visit_desc()
     assert "ROMEO" in wf.visit_desc() and "projection onto dipole fields" in wf.visit_desc()
-    assert "total-variation regularised dipole inversion" in wf.visit_desc()
+    assert "morphology-enabled (magnitude edge weighted) total-variation dipole inversion" in wf.visit_desc()
     settings = json.loads((crash / "qsmprep.json").read_text())
     assert settings["series"] == ["sub-01_ses-1_acq-qsm"] and settings["masking"] == "phase"
     assert (crash / "qsmprep.toml").read_text() == cfg.to_toml()
@@ -176,7 +176,8 @@ def test_end_to_end_outputs_accuracy_and_resume(dataset):
     assert len(meta["Sources"]) == 8 and all(s.startswith("bids:raw:sub-01/ses-1/anat/") for s in meta["Sources"])
     assert meta["EchoTime"] == list(TES) and meta["MagneticFieldStrength"] == 3.0
     assert meta["ProcessingSteps"]["Loading"]["PhaseEncodingDetected"] == "integer"
-    assert meta["ProcessingSteps"]["DipoleInversion"]["Method"] == "tv"
+    assert meta["ProcessingSteps"]["DipoleInversion"]["Method"] == "medi-tv"
+    assert meta["ProcessingSteps"]["DipoleInversion"]["MagnitudeWeighting"] is True  # the magnitude reached it
     assert "ModelName" not in meta["ProcessingSteps"]["DipoleInversion"]  # a classical method: no model file
     assert json.loads((anat / f"{stem}desc-total_fieldmap.json").read_text())["Units"] == "Hz"
     assert json.loads((anat / f"{stem}desc-local_fieldmap.json").read_text())["Units"] == "ppm"
