@@ -201,7 +201,7 @@ def test_shrink_dual_update():
     p = rng.standard_normal((3,) + shape).astype(np.float32) * 0.1
     p0 = p.copy()
     v = np.empty_like(p)
-    res = inv._shrink_dual_update(x, p, v, np.float32(0.3), *[np.float32(1)] * 3)
+    res = inv._shrink_dual_update(x, p, v, np.float32(0.3), inv._NO_WEIGHTS, *[np.float32(1)] * 3)
     g = inv._gradient(x, *[np.float32(1)] * 3, np.empty_like(p))
     q = g + p0
     y = np.sign(q) * np.maximum(np.abs(q) - 0.3, 0)
@@ -327,7 +327,7 @@ def test_shrink_dual_update_weighted():
     w = (rng.random((3,) + shape) > 0.3).astype(np.float32)
     p0 = p.copy()
     v = np.empty_like(p)
-    inv._shrink_dual_update_weighted(x, p, v, np.float32(0.3), w, *[np.float32(1)] * 3)
+    inv._shrink_dual_update(x, p, v, np.float32(0.3), w, *[np.float32(1)] * 3)
     q = inv._gradient(x, *[np.float32(1)] * 3, np.empty_like(p)) + p0
     y = np.sign(q) * np.maximum(np.abs(q) - 0.3 * w, 0)  # w = 0: the difference is left free (y = q)
     np.testing.assert_allclose(p, q - y, atol=1e-6)

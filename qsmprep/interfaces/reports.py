@@ -188,29 +188,6 @@ def write_roi_tsv(rows, path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-class _QCMetricsInputSpec(BaseInterfaceInputSpec):
-    chi = File(exists=True, mandatory=True, desc="referenced susceptibility (ppm)")
-    mask = File(exists=True, mandatory=True, desc="mask of chi (final, eroded)")
-    quality_mask = File(exists=True, desc="mask of unwrapping and the B0 fit (default: mask)")
-    local_field = File(exists=True, desc="local field (ppm)")
-    fieldmap_hz = File(exists=True, desc="B0 field map (Hz)")
-    unwrapped = File(exists=True, desc="4D unwrapped, offset-corrected phase (rad)")
-    magnitude = File(exists=True, desc="4D magnitude")
-    echo_times = traits.List(traits.Float, desc="echo times (s)")
-    voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="voxel size (mm)")
-    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction (voxel frame)")
-    field_strength = traits.Float(desc="B0 (T)")
-    quality_threshold = traits.Float(0.5, usedefault=True, desc="ROMEO voxel quality below which a voxel is 'low'")
-    harmonic_order = traits.Int(3, usedefault=True, desc="degree of the residual-background harmonic fit")
-    methods = traits.Dict(usedefault=True, desc="passthrough strings, e.g. {'inversion_method': 'rts'}")
-    inversion_params = traits.Dict(usedefault=True, desc="params of the inversion (model name/checksum)")
-    series = Str(desc="the run's file-name prefix")
-    num_threads = traits.Int(0, usedefault=True, nohash=True, desc="numba/FFT threads (0: all cores)")
-    qsmprep_version = traits.Str(__version__, usedefault=True, desc="cache key")
-    field_metrics = traits.Dict(desc="FieldQCMetrics' result for the same run: unwrapped, magnitude and field "
-                                     "map are then not read")
-
-
 class _FieldQCMetricsInputSpec(BaseInterfaceInputSpec):
     mask = File(exists=True, mandatory=True, desc="mask of chi (final, eroded)")
     quality_mask = File(exists=True, desc="mask of unwrapping and the B0 fit (default: mask)")
@@ -225,6 +202,37 @@ class _FieldQCMetricsInputSpec(BaseInterfaceInputSpec):
     harmonic_order = traits.Int(3, usedefault=True, desc="degree of the residual-background harmonic fit")
     num_threads = traits.Int(0, usedefault=True, nohash=True, desc="numba/FFT threads (0: all cores)")
     qsmprep_version = traits.Str(__version__, usedefault=True, desc="cache key")
+
+
+class _QCMetricsInputSpec(_FieldQCMetricsInputSpec):
+    chi = File(exists=True, mandatory=True, desc="referenced susceptibility (ppm)")
+    b0_dir = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="B0 direction (voxel frame)")
+    methods = traits.Dict(usedefault=True, desc="passthrough strings, e.g. {'inversion_method': 'rts'}")
+    inversion_params = traits.Dict(usedefault=True, desc="params of the inversion (model name/checksum)")
+    series = Str(desc="the run's file-name prefix")
+    field_metrics = traits.Dict(desc="FieldQCMetrics' result for the same run: unwrapped, magnitude and field "
+                                     "map are then not read")
+
+
+def _qc_inputs(i, read_series: bool = True) -> dict[str, Any]:
+    """The keyword arguments that :func:`~qsmprep.qsm.qc.field_qc_metrics` and
+    :func:`~qsmprep.qsm.qc.qc_metrics` share, read from the node's inputs ``i``; without ``read_series``
+    the 4D series and the field map are left out (their metrics were computed by :class:`FieldQCMetrics`)."""
+
+    def opt_float(name):
+        return load_float(getattr(i, name))[0] if isdefined(getattr(i, name)) else None
+
+    return {
+        "local_field_ppm": opt_float("local_field"),
+        "unwrapped_phase_4d": opt_float("unwrapped") if read_series else None,
+        "fieldmap_hz": opt_float("fieldmap_hz") if read_series else None,
+        "magnitude_4d": opt_float("magnitude") if read_series else None,
+        "echo_times_s": list(i.echo_times) if isdefined(i.echo_times) and i.echo_times else None,
+        "field_strength_t": float(i.field_strength) if isdefined(i.field_strength) else None,
+        "quality_mask": load_mask(i.quality_mask) if isdefined(i.quality_mask) else None,
+        "quality_threshold": i.quality_threshold,
+        "harmonic_order": i.harmonic_order,
+    }
 
 
 class _FieldQCMetricsOutputSpec(TraitedSpec):
@@ -243,23 +251,7 @@ class FieldQCMetrics(SimpleInterface):
 
         set_threads(self.inputs.num_threads)
         i = self.inputs
-
-        def opt_float(name):
-            return load_float(getattr(i, name))[0] if isdefined(getattr(i, name)) else None
-
-        self._results["metrics"] = jsonable(field_qc_metrics(
-            load_mask(i.mask),
-            i.voxel_size,
-            local_field_ppm=opt_float("local_field"),
-            unwrapped_phase_4d=opt_float("unwrapped"),
-            fieldmap_hz=opt_float("fieldmap_hz"),
-            magnitude_4d=opt_float("magnitude"),
-            echo_times_s=list(i.echo_times) if isdefined(i.echo_times) and i.echo_times else None,
-            field_strength_t=float(i.field_strength) if isdefined(i.field_strength) else None,
-            quality_mask=load_mask(i.quality_mask) if isdefined(i.quality_mask) else None,
-            quality_threshold=i.quality_threshold,
-            harmonic_order=i.harmonic_order,
-        ))
+        self._results["metrics"] = jsonable(field_qc_metrics(load_mask(i.mask), i.voxel_size, **_qc_inputs(i)))
         return runtime
 
 
@@ -294,14 +286,8 @@ class QCMetrics(SimpleInterface):
 
         set_threads(self.inputs.num_threads)
         i = self.inputs
-
-        def opt_float(name):
-            return load_float(getattr(i, name))[0] if isdefined(getattr(i, name)) else None
-
         chi, _ = load_float(i.chi)
         field_metrics = dict(i.field_metrics) if isdefined(i.field_metrics) else None
-        # with FieldQCMetrics' result the 4D series and the field map are not read again
-        read_series = field_metrics is None
         extra: dict[str, Any] = {}
         if isdefined(i.series):
             extra["series"] = i.series
@@ -313,15 +299,7 @@ class QCMetrics(SimpleInterface):
             load_mask(i.mask),
             i.voxel_size,
             i.b0_dir,
-            local_field_ppm=opt_float("local_field"),
-            unwrapped_phase_4d=opt_float("unwrapped") if read_series else None,
-            fieldmap_hz=opt_float("fieldmap_hz") if read_series else None,
-            magnitude_4d=opt_float("magnitude") if read_series else None,
-            echo_times_s=list(i.echo_times) if isdefined(i.echo_times) and i.echo_times else None,
-            field_strength_t=float(i.field_strength) if isdefined(i.field_strength) else None,
-            quality_mask=load_mask(i.quality_mask) if isdefined(i.quality_mask) else None,
-            quality_threshold=i.quality_threshold,
-            harmonic_order=i.harmonic_order,
+            **_qc_inputs(i, read_series=field_metrics is None),  # FieldQCMetrics' result: series not read again
             reference=dict(i.methods).get("reference_method"),
             extra=extra,
             field_metrics=field_metrics,

@@ -81,14 +81,21 @@ def _gradient_adjoint(v, ihx, ihy, ihz, out):
     return out
 
 
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _shrink_dual_update(x, p, v, thr, ihx, ihy, ihz):
-    """One ADMM split update for ``min ||grad x||_1`` (anisotropic TV), in place.
+#: the ``weights`` of :func:`_shrink_dual_update` that mean "no weighting" (uniform TV)
+_NO_WEIGHTS = np.ones((1, 1, 1, 1), dtype=np.float32)
 
-    With ``g = grad x``: ``y = shrink(g + p, thr)``, ``p <- p + g - y``, ``v <- y - p`` (the input of the
-    next x-update). Returns the primal residual ``sum_voxels |g - y|_2`` (an L2,1 norm, as in QSM.jl).
+
+@numba.njit(cache=True, parallel=True, fastmath=True)
+def _shrink_dual_update(x, p, v, thr, w, ihx, ihy, ihz):
+    """One ADMM split update for ``min ||W grad x||_1`` (anisotropic TV), in place.
+
+    With ``g = grad x``: ``y = shrink(g + p, thr * w)``, ``p <- p + g - y``, ``v <- y - p`` (the input of the
+    next x-update). ``w``: float32 weights of shape ``(3, *x.shape)``, per voxel and gradient direction (0
+    leaves that difference free: MEDI's morphology weighting), or :data:`_NO_WEIGHTS` for plain TV. Returns
+    the primal residual ``sum_voxels |g - y|_2`` (an L2,1 norm, as in QSM.jl).
     """
     nx, ny, nz = x.shape
+    weighted = w.shape[0] == 3
     partial = np.zeros(nx, dtype=np.float64)
     for i in numba.prange(nx):
         ip = i + 1 if i + 1 < nx else 0
@@ -107,44 +114,7 @@ def _shrink_dual_update(x, p, v, thr, ihx, ihy, ihz):
                     else:
                         g = (x[i, j, kp] - x0) * ihz
                     q = p[d, i, j, k] + g
-                    a = abs(q) - thr
-                    y = np.float32(0.0)
-                    if a > 0:
-                        y = a if q > 0 else -a
-                    pn = q - y
-                    v[d, i, j, k] = y - pn
-                    p[d, i, j, k] = pn
-                    r = g - y
-                    r2 += r * r
-                acc += np.sqrt(r2)
-        partial[i] = acc
-    return partial.sum()
-
-
-@numba.njit(cache=True, parallel=True, fastmath=True)
-def _shrink_dual_update_weighted(x, p, v, thr, w, ihx, ihy, ihz):
-    """:func:`_shrink_dual_update` for ``min ||W grad x||_1``: threshold ``thr * w[d, i, j, k]`` per voxel
-    and gradient direction (``w`` float32, shape ``(3, *x.shape)``; 0 leaves that difference free)."""
-    nx, ny, nz = x.shape
-    partial = np.zeros(nx, dtype=np.float64)
-    for i in numba.prange(nx):
-        ip = i + 1 if i + 1 < nx else 0
-        acc = 0.0
-        for j in range(ny):
-            jp = j + 1 if j + 1 < ny else 0
-            for k in range(nz):
-                kp = k + 1 if k + 1 < nz else 0
-                x0 = x[i, j, k]
-                r2 = np.float32(0.0)
-                for d in range(3):
-                    if d == 0:
-                        g = (x[ip, j, k] - x0) * ihx
-                    elif d == 1:
-                        g = (x[i, jp, k] - x0) * ihy
-                    else:
-                        g = (x[i, j, kp] - x0) * ihz
-                    q = p[d, i, j, k] + g
-                    a = abs(q) - thr * w[d, i, j, k]
+                    a = abs(q) - (thr * w[d, i, j, k] if weighted else thr)
                     y = np.float32(0.0)
                     if a > 0:
                         y = a if q > 0 else -a
@@ -532,10 +502,8 @@ def _admm_tv(
         x = x_new
         if (it > 1 and dx2 < tol * tol * nx2) or it == maxit:
             break
-        if weights is None:
-            res = _shrink_dual_update(x, p, v, np.float32(lam / rho), ih[0], ih[1], ih[2])
-        else:
-            res = _shrink_dual_update_weighted(x, p, v, np.float32(lam / rho), weights, ih[0], ih[1], ih[2])
+        res = _shrink_dual_update(x, p, v, np.float32(lam / rho), _NO_WEIGHTS if weights is None else weights,
+                                  ih[0], ih[1], ih[2])
         if tau is not None:
             if res > tau * res_prev:
                 # rho <- gamma rho, p <- p / gamma; keep y fixed: v = y - p becomes v + p (1 - 1/gamma)
