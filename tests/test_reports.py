@@ -162,7 +162,7 @@ def test_participant_run_writes_self_contained_reports(app):
             assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, f
         text = report.read_text(encoding="utf-8")
         assert "TE = 4, 8, 12 ms" in text and "3 T" in text and "4 x 4 x 4 mm" in text
-        assert "TV-ADMM dipole inversion" in text and "NIfTI affine" in text
+        assert "MEDI-TV dipole inversion" in text and "NIfTI affine" in text
         assert "<h3>References</h3>" in text and "https://doi.org/10.1002/mrm.30006" in text  # the boilerplate
         assert "No errors" in text and 'id="run-sub-' in text and "Quality control</h3>" in text
         # QC written by the workflow (if any): every flag it lists is highlighted in the report
