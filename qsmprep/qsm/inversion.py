@@ -214,6 +214,11 @@ def _check_delta(delta) -> float:
     return d
 
 
+def _echo_rms(magnitude) -> np.ndarray:
+    """A 3D magnitude as float32; 4D (echoes last) combined by root-mean-square over the echoes."""
+    m = np.asarray(magnitude, dtype=np.float32)
+    return np.sqrt(np.mean(np.square(m), axis=-1, dtype=np.float32)) if m.ndim == 4 else m
+
 
 def gradient_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), percentage: float = 0.9) -> np.ndarray:
     """MEDI's binary gradient weighting (Liu J et al., NeuroImage 2012;59:2560, eq. 4; the MEDI toolbox's
@@ -222,15 +227,13 @@ def gradient_mask(magnitude, mask, voxel_size_mm=(1.0, 1.0, 1.0), percentage: fl
     of mask voxels of gradient components (all three directions counted) above it. Scale free in ``m``.
     ``magnitude``: 3D, or 4D with echoes last (combined by root-mean-square). Returns float32 ``(3, *shape)``.
     """
-    m = np.asarray(magnitude, dtype=np.float32)
-    if m.ndim == 4:
-        m = np.sqrt(np.mean(np.square(m), axis=-1, dtype=np.float32))
+    m = _echo_rms(magnitude)
     msk = as_mask(mask, "mask", shape=m.shape[:3])
     if not np.all(np.isfinite(m[msk])):
         raise ValueError("magnitude is not finite inside the mask")
     pct = _check_positive("percentage", percentage)
     vs = as_voxel_size(voxel_size_mm)
-    x = np.where(msk, m, np.float32(0.0)).astype(np.float32)
+    x = np.where(msk, m, np.float32(0.0))
     g = np.abs(_gradient(x, *(np.float32(1.0 / h) for h in vs), np.empty((3,) + x.shape, np.float32)))
     n_edge = int(round(pct * np.count_nonzero(msk)))
     if n_edge <= 0:
@@ -653,12 +656,11 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
     x0 = np.zeros(grid.shape, dtype=np.float32)
     w = None
     if magnitude is not None:
-        mag = np.asarray(magnitude, dtype=np.float32)
-        if mag.ndim == 4:
-            mag = np.sqrt(np.mean(np.square(mag), axis=-1, dtype=np.float32))
-        if mag.shape != grid.full_shape:
+        mag = np.asarray(magnitude)
+        if mag.shape[:3] != grid.full_shape or mag.ndim not in (3, 4):
             raise ValueError(f"magnitude has shape {mag.shape}, the field {grid.full_shape}")
-        mp, _ = _fft.pad_volume(np.ascontiguousarray(mag[grid.bbox]), grid.shape)
+        # echoes combined on the mask's bounding box only
+        mp, _ = _fft.pad_volume(np.ascontiguousarray(_echo_rms(mag[grid.bbox])), grid.shape)
         kp, _ = _fft.pad_volume(grid.mask[grid.bbox], grid.shape)
         w = gradient_mask(mp, kp, grid.voxel_size, percentage)
     x, _ = _admm_tv(b_hat, d * d, e2, x0, grid.voxel_size, lam, rho, tol, maxit, weights=w)

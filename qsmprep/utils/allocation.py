@@ -24,7 +24,7 @@ processes it starts (Nipype workers, SLURM jobs). A variable the user has set is
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 from pathlib import Path
 
@@ -74,13 +74,12 @@ def avoid_stalling_hugepages(path: str | os.PathLike = _DEFRAG) -> bool:
     return True
 
 
+@functools.cache
 def _glibc():
-    """The C library when it is glibc (``mallopt``/``malloc_trim`` are glibc's), else None."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
+    """The C library this interpreter runs on when it is glibc (``mallopt``/``malloc_trim`` are glibc's),
+    else None; looked up once per process (:func:`release_free_memory` runs after every node)."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the symbols already loaded into the process, the C library's among them
         libc.gnu_get_libc_version  # noqa: B018  (AttributeError elsewhere: musl, macOS)
     except (OSError, AttributeError):
         return None
