@@ -149,12 +149,54 @@ def test_bet_registry_entries(head2):
     assert not mk.fill_holes(mp).sum() > mp.sum()  # no holes (the dark 'vein' stays in)
     params = MASKING.method("bet-phase").parameters()
     assert {"quality_factor", "fractional_threshold", "iterations"} <= set(params)
+    # the workflow's split: BET run on its own (the brain_extraction node), passed in as ``brain``
+    assert "brain" in MASKING.method("bet-phase").data_args and "brain" not in params
+    np.testing.assert_array_equal(MASKING.get("bet-phase")(h["phase"], h["mag"], TE, h["vs"], brain=m), mp)
+    assert set(params) - mk.BET_PHASE_QUALITY_PARAMS == set(MASKING.method("bet").parameters())
+    with pytest.raises(ValueError, match="brain"):
+        MASKING.get("bet-phase")(h["phase"], h["mag"], TE, h["vs"], brain=m[:-1])
     with pytest.raises(ValueError, match="out of range"):
         MASKING.method("bet").check_params({"fractional_threshold": 1.5})
     with pytest.raises(ValueError, match="needs magnitude"):
         MASKING.get("bet")(h["phase"])
     with pytest.raises(ValueError, match="needs phase"):
         MASKING.get("bet-phase")(magnitude_4d=h["mag"])
+
+
+def test_mask_interface_takes_a_precomputed_brain_extraction(head2, tmp_path):
+    """The workflow's brain_extraction node (method ``bet``) feeds brain_mask (``bet-phase``): the same mask
+    as bet-phase computing its own BET; a method without a ``brain`` argument refuses the input."""
+    import os
+
+    import nibabel as nib
+
+    from qsmprep.interfaces.qsm import Mask
+
+    h = head2
+    aff = np.diag(list(h["vs"]) + [1.0])
+    files = {}
+    for key, arr in (("phase", h["phase"]), ("mag", h["mag"])):
+        files[key] = str(tmp_path / f"{key}.nii")
+        nib.save(nib.Nifti1Image(np.asarray(arr, np.float32), aff), files[key])
+    common = dict(phase=files["phase"], magnitude=files["mag"], echo_times=list(TE), voxel_size=list(h["vs"]),
+                  num_threads=1)
+    cwd = os.getcwd()
+    try:
+        outs = {}
+        for name, kw in (("bet", dict(method="bet")), ("both", dict(method="bet-phase"))):
+            os.makedirs(tmp_path / name)
+            os.chdir(tmp_path / name)
+            outs[name] = Mask(**common, **kw).run().outputs
+        os.makedirs(tmp_path / "split")
+        os.chdir(tmp_path / "split")
+        split = Mask(**common, method="bet-phase", brain_extraction=outs["bet"].mask_file).run().outputs
+        want = np.asanyarray(nib.load(outs["both"].mask_file).dataobj)
+        np.testing.assert_array_equal(np.asanyarray(nib.load(split.mask_file).dataobj), want)
+        assert split.params["Parameters"] == outs["both"].params["Parameters"]
+        with pytest.raises(ValueError, match="takes no precomputed brain extraction"):
+            Mask(**common, method="phase", brain_extraction=outs["bet"].mask_file).run()
+    finally:
+        os.chdir(cwd)
 
 
 # --------------------------------------------------------------------------------------------------

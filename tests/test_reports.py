@@ -697,6 +697,41 @@ def test_step_reporter_lines_and_plugins(caplog):
     assert "status_callback" not in make_plugin("SLURMGraph", {}, status_callback=rep)[1]
 
 
+_WORKER_SERVER_SCRIPT = """
+import os, sys
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing as mp
+from qsmprep.utils.plugins import start_worker_server
+
+def probe():
+    return sorted(m for m in ("torch", "qsmprep.interfaces.qsm", "nipype") if m in sys.modules), os.environ.get(
+        "OMP_WAIT_POLICY")
+
+if __name__ == "__main__":
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    first, second = start_worker_server("forkserver"), start_worker_server("forkserver")
+    print(first, second, start_worker_server("spawn"))
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("forkserver")) as pool:
+        print(*pool.submit(probe).result())
+"""
+
+
+def test_worker_server_preloads_the_node_modules(tmp_path):
+    """MultiProc's forkserver starts early with torch and the interfaces imported: a worker forked from it
+    has them without importing; OpenMP threads sleep between parallel regions (no spinning next to a node)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_WORKER_SERVER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "QSMPREP_FFT_BACKEND"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0] == "True False False"  # started once; a second call and other start methods do nothing
+    assert lines[1] == "['nipype', 'qsmprep.interfaces.qsm', 'torch'] PASSIVE"
+
+
 def _die():
     import os
     import signal

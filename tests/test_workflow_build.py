@@ -148,6 +148,10 @@ def _build_and_check(case: dict, tiny_runs: dict, tmp_path) -> None:
         expected.add("r2star")
     if case["outputs"]:
         expected |= {"ds_qsm_wf", "ds_qc_metrics"}
+    # BET + phase quality: the brain extraction is a node of its own, next to the phase-offset correction
+    separate_bet = case["masking"] == "bet-phase"
+    if separate_bet:
+        expected.add("brain_extraction")
     assert names == expected
 
     # each stage's node runs the chosen method; MCPC-3D-S only with two echoes or more
@@ -165,6 +169,12 @@ def _build_and_check(case: dict, tiny_runs: dict, tmp_path) -> None:
     for src, dst, conn in CHAIN:
         assert conn in edges.get((src, dst), []), (src, dst, conn)
     assert (("r2star", "reference") in edges) == csf
+    if separate_bet:
+        bet = wf.get_node("brain_extraction")
+        assert bet.inputs.method == "bet" and bet.n_procs == 1
+        assert ("mask_file", "brain_extraction") in edges["brain_extraction", "brain_mask"]
+        assert ("phase_offset", "brain_extraction") not in edges and ("brain_extraction", "phase_offset") not in edges
+        assert wf.get_node("phase_offset").n_procs == max(1, cfg.omp_nthreads - 1)
     if csf:
         assert ("r2star", "r2star") in edges["r2star", "reference"]
     load_node = wf.get_node("load_echoes")

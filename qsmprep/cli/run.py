@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,7 +36,7 @@ from qsmprep.cli.parser import parse_config
 from qsmprep.config import QsmprepConfig
 from qsmprep.utils.allocation import tune_allocation
 from qsmprep.utils.errors import EX_DATAERR, EX_FAILURE, EX_NOINPUT, EX_OK, EX_USAGE, InputError
-from qsmprep.utils.plugins import PROGRESS_LEVEL, StepReporter, make_plugin
+from qsmprep.utils.plugins import DEFAULT_MP_CONTEXT, PROGRESS_LEVEL, StepReporter, make_plugin, start_worker_server
 
 __all__ = ["main", "validate_inputs", "write_dataset_files", "IMPORTANT"]
 
@@ -215,6 +216,8 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
         cfg.work_dir,
     )
     t0 = time.time()
+    # the report modules (matplotlib: ~0.6 s) import while the workflow runs, in this process's idle time
+    threading.Thread(target=_import_reports, name="qsmprep-import-reports", daemon=True).start()
     try:
         plugin, plugin_args = make_plugin(cfg.plugin, cfg.plugin_args, status_callback=StepReporter(LOGGER))
         wf.run(plugin=plugin, plugin_args=plugin_args)
@@ -249,6 +252,18 @@ def _run_workflow(cfg: QsmprepConfig, runs: list) -> int:
 # --------------------------------------------------------------------------------------------------
 # reports and group level
 # --------------------------------------------------------------------------------------------------
+
+
+def _import_reports() -> None:
+    """Import what :func:`_write_reports` needs (run in a thread while the workflow runs)."""
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+
+        import qsmprep.reports.figures  # noqa: F401
+        import qsmprep.reports.html  # noqa: F401
+    except Exception:  # pragma: no cover - _write_reports reports it
+        pass
 
 
 def _write_reports(cfg: QsmprepConfig, runs: list) -> list:
@@ -371,6 +386,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if cfg.reports_only:
         return _reports_only(cfg)
     cfg.validate()
+    if cfg.plugin == "MultiProc" and not cfg.boilerplate_only:
+        # the workers' imports (torch, scipy, nipype) run in the forkserver while the inputs are checked
+        start_worker_server(cfg.plugin_args.get("mp_context", DEFAULT_MP_CONTEXT))
     runs = validate_inputs(cfg)
     LOGGER.log(
         IMPORTANT,

@@ -291,6 +291,10 @@ class _MaskInputSpec(_ThreadsInputSpec):
     voxel_size = traits.List(traits.Float, minlen=3, maxlen=3, mandatory=True, desc="voxel size (mm)")
     method = traits.Str(mandatory=True, desc="masking method (qsmprep.methods)")
     method_params = traits.Dict(usedefault=True, desc="keyword arguments of the method")
+    brain_extraction = File(
+        exists=True,
+        desc="the method's brain extraction, computed beforehand (uint8; methods with a ``brain`` argument: bet-phase)",
+    )
 
 
 class _MaskOutputSpec(TraitedSpec):
@@ -310,12 +314,18 @@ class Mask(SimpleInterface):
         phase, ref = load_float(self.inputs.phase)
         mag = load_float(self.inputs.magnitude)[0] if isdefined(self.inputs.magnitude) else None
         kw = dict(self.inputs.method_params)
+        data = {}
+        if isdefined(self.inputs.brain_extraction):
+            if "brain" not in method.data_args:
+                raise ValueError(f"the {method.name} masking method takes no precomputed brain extraction")
+            data["brain"] = load_mask(self.inputs.brain_extraction)
         mask = method.function(
             phase_rad_4d=phase,
             magnitude_4d=mag,
             echo_times_s=self.inputs.echo_times,
             voxel_size_mm=self.inputs.voxel_size,
             **kw,
+            **data,
         )
         if isinstance(mask, tuple):  # (filled, unfilled) variants: the filled mask is the brain mask
             mask = mask[0]

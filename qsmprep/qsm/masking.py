@@ -33,6 +33,7 @@ from qsmprep.qsm.brain_extraction import bet_mask
 from qsmprep.qsm.registry import MASKING
 
 __all__ = [
+    "BET_PHASE_QUALITY_PARAMS",
     "otsu_threshold",
     "gaussian_threshold",
     "threshold_mask",
@@ -446,16 +447,24 @@ def bet_phase_mask(
     voxel_size_mm: Sequence[float] = (1.0, 1.0, 1.0),
     quality_factor: float = 1.0,
     use_second_echo: bool = True,
+    brain=None,
     **bet_kwargs,
 ) -> np.ndarray:
     """Brain extraction (:func:`~qsmprep.qsm.brain_extraction.bet_mask` of the magnitude, ``bet_kwargs``)
     intersected with ``quality > t * quality_factor`` (``quality``: :func:`phase_quality_map`, ``t``: its
     Otsu threshold over the whole image, as the ``phase`` method), then the largest component and hole
     filling: unreliable voxels are cut from the border of the brain (air/tissue interfaces, the skull's
-    partial volume) while enclosed ones (veins, haemorrhage) stay in the mask as the dipole inversion needs."""
+    partial volume) while enclosed ones (veins, haemorrhage) stay in the mask as the dipole inversion needs.
+
+    ``brain``: that brain extraction computed beforehand (``bet_mask(magnitude_4d, voxel_size_mm,
+    **bet_kwargs)``, e.g. by a workflow node that runs it next to the phase-offset correction, which
+    it does not depend on); ``bet_kwargs`` are then unused."""
     if not np.isfinite(quality_factor) or quality_factor <= 0:
         raise ValueError(f"quality_factor must be positive, got {quality_factor}")
-    brain = bet_mask(magnitude_4d, voxel_size_mm, **bet_kwargs)
+    if brain is None:
+        brain = bet_mask(magnitude_4d, voxel_size_mm, **bet_kwargs)
+    else:
+        brain = as_mask(brain, "brain", shape=np.shape(magnitude_4d)[:3])
     q = phase_quality_map(phase_rad_4d, magnitude_4d, echo_times_s, use_second_echo)
     m = brain & (q > np.float32(otsu_threshold(q) * quality_factor))
     if not m.any():
@@ -561,13 +570,19 @@ def bet(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(
     "Otsu threshold, holes filled",
     references=("smith2002", "dymerska2021", "stewart2022", "consensus2024"),
     aliases=("bet+phase", "bet_phase"),
+    data_args=("brain",),
     forwards=(bet_mask,),
     ranges={**_BET_RANGES, "quality_factor": "(0, inf)"},
 )
 def bet_phase(phase_rad_4d=None, magnitude_4d=None, echo_times_s=None, voxel_size_mm=(1.0, 1.0, 1.0),
-              quality_factor: float = 1.0, use_second_echo: bool = True, **kwargs):
-    """MASKING entry: :func:`bet_phase_mask`."""
+              quality_factor: float = 1.0, use_second_echo: bool = True, brain=None, **kwargs):
+    """MASKING entry: :func:`bet_phase_mask` (``brain``: its brain extraction, computed beforehand)."""
     if phase_rad_4d is None or magnitude_4d is None:
         raise ValueError("bet-phase masking needs phase_rad_4d and magnitude_4d")
     return bet_phase_mask(phase_rad_4d, magnitude_4d, echo_times_s, voxel_size_mm, quality_factor=quality_factor,
-                          use_second_echo=use_second_echo, **kwargs)
+                          use_second_echo=use_second_echo, brain=brain, **kwargs)
+
+
+#: Parameters of the ``bet-phase`` method that are not BET's (the rest go to
+#: :func:`~qsmprep.qsm.brain_extraction.bet_mask` when the brain extraction runs on its own).
+BET_PHASE_QUALITY_PARAMS = frozenset({"quality_factor", "use_second_echo"})

@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import numba
 import numpy as np
 
 from qsmprep.qsm import fft as _fft
@@ -377,6 +378,63 @@ def data_consistency_residual(
     return float(np.linalg.norm(r0 + c * field_one)) / norm_f
 
 
+@numba.njit(parallel=True, cache=True)
+def _echo_fit_sums(ph, mag, use_mag, hz, te, idx, n_chunks):  # pragma: no cover - compiled
+    """Per voxel of ``idx`` (flat indices into the echo-major views ``ph``/``mag`` of shape (n_voxels,
+    n_echoes)) the weighted RMS of ``phi_e - 2 pi f TE_e``; summed over them: the weighted squared residual
+    and phase, and per echo ``w phi_e g`` and ``w g^2`` (``g = 2 pi f``, ``w = M_e^2`` or 1), in float64."""
+    n_e = te.size
+    n = idx.size
+    rms = np.empty(n, np.float64)
+    part = np.zeros((n_chunks, 2 + 2 * n_e))
+    for c in numba.prange(n_chunks):
+        lo = c * n // n_chunks
+        hi = (c + 1) * n // n_chunks
+        for k in range(lo, hi):
+            v = idx[k]
+            g = 2.0 * np.pi * np.float64(hz[v])
+            num = 0.0
+            den = 0.0
+            for e in range(n_e):
+                p = np.float64(ph[v, e])
+                w = 1.0
+                if use_mag:
+                    w = np.float64(mag[v, e]) ** 2
+                r = p - g * te[e]
+                num += w * r * r
+                den += w
+                part[c, 1] += w * p * p
+                part[c, 2 + e] += w * p * g
+                part[c, 2 + n_e + e] += w * g * g
+            part[c, 0] += num
+            rms[k] = np.sqrt(num / den) if den > 0.0 else np.nan
+    return rms, part.sum(axis=0)
+
+
+def _echo_fit(unwrapped_phase_4d, fieldmap_hz, echo_times_s, mask, magnitude_4d):
+    """:func:`_echo_fit_sums` of the voxels in ``mask``: (rms per voxel, sum w r^2, sum w phi^2, per echo
+    sum w phi g, per echo sum w g^2)."""
+    ph = as_float_volume(unwrapped_phase_4d, "unwrapped_phase_4d", ndim=4)
+    n_e = ph.shape[3]
+    te = as_echo_times(echo_times_s, n_echoes=n_e) if echo_times_s is not None else np.zeros(n_e)
+    f = as_float_volume(fieldmap_hz, "fieldmap_hz")
+    same_shape(ph, f, "unwrapped_phase_4d", "fieldmap_hz")
+    m = as_mask(mask, "mask", shape=f.shape)
+    mag = None
+    if magnitude_4d is not None:
+        mag = as_float_volume(magnitude_4d, "magnitude_4d", ndim=4)
+        same_shape(mag, ph, "magnitude_4d", "unwrapped_phase_4d", ndim=4)
+    # (n_voxels, n_echoes) views in the arrays' own memory order: no copy of the 4D volumes
+    order = "F" if ph.flags.f_contiguous else "C"
+    ph2 = np.ascontiguousarray(ph).reshape(-1, n_e) if order == "C" else ph.reshape(-1, n_e, order="F")
+    idx = np.flatnonzero(m.ravel(order=order))
+    hz = np.ascontiguousarray(f.ravel(order=order))
+    mag2 = np.ones((1, 1), np.float32) if mag is None else np.asarray(mag.reshape(-1, n_e, order=order))
+    n_chunks = max(1, min(64, idx.size // 4096))
+    rms, sums = _echo_fit_sums(ph2, mag2, mag is not None, hz, np.asarray(te, np.float64), idx, n_chunks)
+    return rms, float(sums[0]), float(sums[1]), sums[2:2 + n_e], sums[2 + n_e:]
+
+
 def b0_fit_residual(
     unwrapped_phase_4d, fieldmap_hz, echo_times_s, mask, magnitude_4d=None
 ) -> tuple[float, float]:
@@ -384,33 +442,16 @@ def b0_fit_residual(
 
     Returns ``(median over the mask of the per-voxel weighted RMS residual (rad), sum w r^2 / sum w phi^2
     over the mask)`` with weights ``w_e = M_e^2`` (inverse phase variance; 1 without magnitude).
+    One pass over the mask with :func:`effective_echo_times`'s sums (numba, all cores).
     """
-    ph = as_float_volume(unwrapped_phase_4d, "unwrapped_phase_4d", ndim=4)
-    n_e = ph.shape[3]
-    te = as_echo_times(echo_times_s, n_echoes=n_e)
-    f = as_float_volume(fieldmap_hz, "fieldmap_hz")
-    same_shape(ph, f, "unwrapped_phase_4d", "fieldmap_hz")
-    m = as_mask(mask, "mask", shape=f.shape)
-    fv = f[m].astype(np.float64)
-    num = np.zeros(fv.size)
-    den = np.zeros(fv.size)
-    sig = np.zeros(fv.size)
-    if magnitude_4d is not None:
-        mag = as_float_volume(magnitude_4d, "magnitude_4d", ndim=4)
-        same_shape(mag, ph, "magnitude_4d", "unwrapped_phase_4d", ndim=4)
-    for e in range(n_e):
-        p = ph[..., e][m].astype(np.float64)
-        w = np.square(mag[..., e][m].astype(np.float64)) if magnitude_4d is not None else 1.0
-        r = p - TWO_PI * fv * te[e]
-        num += w * r * r
-        den += w
-        sig += w * p * p
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rms = np.sqrt(num / den)
+    return _b0_fit_residual_of(_echo_fit(unwrapped_phase_4d, fieldmap_hz, echo_times_s, mask, magnitude_4d))
+
+
+def _b0_fit_residual_of(fit) -> tuple[float, float]:
+    rms, num, sig = fit[0], fit[1], fit[2]
     rms = rms[np.isfinite(rms)]
     median = float(np.median(rms)) if rms.size else float("nan")
-    total = float(sig.sum())
-    rel = float(num.sum()) / total if total > 0 else float("nan")
+    rel = num / sig if sig > 0 else float("nan")
     return median, rel
 
 
@@ -420,22 +461,14 @@ def effective_echo_times(unwrapped_phase_4d, fieldmap_hz, mask, magnitude_4d=Non
     a least-squares slope over the mask. Equals the given echo times when they are right (noise
     averages out over the mask); an echo whose EchoTime is wrong stands out.
     """
-    ph = as_float_volume(unwrapped_phase_4d, "unwrapped_phase_4d", ndim=4)
-    f = as_float_volume(fieldmap_hz, "fieldmap_hz")
-    same_shape(ph, f, "unwrapped_phase_4d", "fieldmap_hz")
-    m = as_mask(mask, "mask", shape=f.shape)
-    g = TWO_PI * f[m].astype(np.float64)
-    if magnitude_4d is not None:
-        mag = as_float_volume(magnitude_4d, "magnitude_4d", ndim=4)
-        same_shape(mag, ph, "magnitude_4d", "unwrapped_phase_4d", ndim=4)
-    out = np.zeros(ph.shape[3])
-    for e in range(ph.shape[3]):
-        w = np.square(mag[..., e][m].astype(np.float64)) if magnitude_4d is not None else 1.0
-        den = float(np.sum(w * g * g))
-        if den <= 0.0:
-            raise ValueError("the field map is zero in the mask: effective echo times are undefined")
-        out[e] = float(np.sum(w * ph[..., e][m] * g)) / den
-    return out
+    return _effective_echo_times_of(_echo_fit(unwrapped_phase_4d, fieldmap_hz, None, mask, magnitude_4d))
+
+
+def _effective_echo_times_of(fit) -> np.ndarray:
+    wpg, wgg = fit[3], fit[4]
+    if np.any(wgg <= 0.0):
+        raise ValueError("the field map is zero in the mask: effective echo times are undefined")
+    return np.asarray(wpg / wgg, dtype=np.float64)
 
 
 def chi_summary(chi_ppm, mask) -> dict[str, float]:
@@ -523,11 +556,12 @@ def field_qc_metrics(
         out["low_quality_fraction"] = float(np.mean(q[qm] < np.float32(quality_threshold)))
         if fieldmap_hz is not None and te is not None and ph.shape[3] > 1:
             hz = as_float_volume(fieldmap_hz, "fieldmap_hz")
-            med, rel = b0_fit_residual(ph, hz, te, qm, mag)
+            fit = _echo_fit(ph, hz, te, qm, mag)  # one pass for the residual and the effective echo times
+            med, rel = _b0_fit_residual_of(fit)
             out["b0_fit_residual_rad"] = med
             out["b0_fit_relative_residual"] = rel
             if ph.shape[3] > 2 and np.any(hz[qm]):  # two echoes after MCPC-3D-S fit any echo times exactly
-                te_eff = effective_echo_times(ph, hz, qm, mag)
+                te_eff = _effective_echo_times_of(fit)
                 out["echo_times_effective_ms"] = _fmt(te_eff * 1e3)
                 out["echo_time_error"] = float(np.max(np.abs(te_eff / te - 1.0)))
 

@@ -187,7 +187,12 @@ def load_volume_affine(path: str | Path, dtype=np.float32) -> tuple[np.ndarray, 
     import nibabel as nib
     from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
-    img = nib.load(str(path))
+    if str(path).endswith(".gz"):  # ISA-L in one piece: 3x nibabel's gzip reader
+        from qsmprep.utils.gzip_nifti import load_gz_image
+
+        img = load_gz_image(path)
+    else:
+        img = nib.load(str(path))
     data = np.asanyarray(img.dataobj)
     if data.ndim > 3:
         data = data.reshape(data.shape[:3] + (-1,))[..., 0]

@@ -615,10 +615,17 @@ def sample(kind: str, rng: np.random.Generator, patch: int, **options) -> dict[s
 
 
 def make_batch(kind: str, rng: np.random.Generator, batch_size: int, patch: int, **options) -> dict[str, np.ndarray]:
-    """``batch_size`` samples stacked: volumes (B, 1, p, p, p) float32, ``b0_dir``/``voxel_size_mm`` (B, 3)."""
+    """``batch_size`` samples stacked: volumes (B, 1, p, p, p) float32, ``b0_dir``/``voxel_size_mm`` (B, 3).
+
+    The FFTs run in SciPy (:func:`qsmprep.qsm.fft.fft_backend_scope`): its results do not depend on the
+    number of threads (torch's MKL FFT's do, by float32 rounding), so a batch is the same whether a data
+    worker (one thread) or the training process made it, and the same as the shipped weights were trained on."""
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    samples = [sample(kind, rng, patch, **options) for _ in range(int(batch_size))]
+    from qsmprep.qsm.fft import fft_backend_scope
+
+    with fft_backend_scope("scipy"):
+        samples = [sample(kind, rng, patch, **options) for _ in range(int(batch_size))]
     out = {}
     for k in samples[0]:
         arr = np.stack([s[k] for s in samples])

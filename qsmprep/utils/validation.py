@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
-from isal import isal_zlib
 
 from qsmprep.qsm.phase import detect_phase_units
 from qsmprep.utils.bids import sidecar_path
 from qsmprep.utils.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, InputError
+from qsmprep.utils.gzip_nifti import load_gz_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from qsmprep.utils.bids import QsmRun
@@ -314,23 +314,14 @@ def check_run_headers(run: "QsmRun") -> None:
 
 
 def _read_data(path: Path) -> np.ndarray:
-    """The voxel data of a NIfTI file, read once and in full (a gzip stream is decompressed in one call
-    with ISA-L's inflate (python-isal, zlib's API at about twice its speed), which also verifies its CRC
-    and length: a truncated file raises ``EOFError``)."""
+    """The voxel data of a NIfTI file, read once and in full (a gzip stream with ISA-L,
+    :func:`qsmprep.utils.gzip_nifti.load_gz_image`, which verifies its CRC and length: a truncated file
+    raises ``EOFError``)."""
     import nibabel as nib
 
-    raw = Path(path).read_bytes()
     if path.name.endswith(".gz"):
-        parts = []
-        while True:  # concatenated gzip members are one stream
-            d = isal_zlib.decompressobj(31)
-            parts.append(d.decompress(raw))
-            if not d.eof:
-                raise EOFError("compressed file ended before the end-of-stream marker was reached")
-            raw = d.unused_data
-            if not raw.strip(b"\0"):
-                break
-        raw = b"".join(parts) if len(parts) > 1 else parts[0]
+        return np.asanyarray(load_gz_image(path).dataobj)
+    raw = Path(path).read_bytes()
     klass = nib.Nifti2Image if int.from_bytes(raw[:4], "little") in (540, 469893120) else nib.Nifti1Image
     return np.asanyarray(klass.from_bytes(raw).dataobj)
 

@@ -49,6 +49,7 @@ from qsmprep.interfaces.reports import (
     find_segmentation,
 )
 from qsmprep.outputs import IMAGES, output
+from qsmprep.qsm.masking import BET_PHASE_QUALITY_PARAMS
 from qsmprep.utils.derivatives import run_sources
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -179,22 +180,33 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         if getattr(run, "magnitude_files", ()):
             load.inputs.magnitude_files = [str(p) for p in run.magnitude_files]
 
+    masking = config.masking_for(run)
+    # BET + phase quality: the brain extraction needs only the magnitude, so it runs as a node of its own
+    # next to the phase-offset correction (one slot each; BET's surface evolution is one thread), and
+    # brain_mask adds the phase quality of the corrected phase
+    separate_bet = masking == "bet-phase"
+    offset_threads = max(1, nthreads - 1) if separate_bet else nthreads
     offset = pe.Node(
         PhaseOffsetCorrection(
             method="mcpc3ds" if n_e >= 2 else "none",
             method_params=params.for_stage("offset"),
-            num_threads=nthreads,
+            num_threads=offset_threads,
         ),
         name="phase_offset",
-        n_procs=nthreads,
+        n_procs=offset_threads,
         mem_gb=0.2 + 3 * vol4_gb + 12 * vol_gb,
     )
     mask = pe.Node(
-        Mask(method=config.masking_for(run), method_params=params.for_stage("masking"), num_threads=nthreads),
+        Mask(method=masking, method_params=params.for_stage("masking"), num_threads=nthreads),
         name="brain_mask",
         n_procs=nthreads,
         mem_gb=0.2 + 2 * vol4_gb + 12 * vol_gb,
     )
+    bet = None
+    if separate_bet:
+        bet_params = {k: v for k, v in params.for_stage("masking").items() if k not in BET_PHASE_QUALITY_PARAMS}
+        bet = pe.Node(Mask(method="bet", method_params=bet_params, num_threads=1), name="brain_extraction",
+                      mem_gb=0.2 + vol4_gb + 12 * vol_gb)
     unwrap = pe.Node(
         Unwrap(method=config.unwrapping, method_params=params.for_stage("unwrapping"), num_threads=nthreads),
         name="unwrap",
@@ -242,6 +254,10 @@ def init_qsm_wf(run: "QsmRun", config: "QsmprepConfig", name: str | None = None)
         mem_gb=0.3 + 12 * vol_gb,
     )
     segmentation = _segmentation(run, config)
+    if bet is not None:
+        wf.connect([(load, bet, [("phase", "phase"), ("magnitude", "magnitude"), ("echo_times", "echo_times"),
+                                 ("voxel_size", "voxel_size")]),
+                    (bet, mask, [("mask_file", "brain_extraction")])])
 
     # fmt: off
     wf.connect([
