@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 from isal import isal_zlib
 
-__all__ = ["inflate_gzip", "load_gz_image"]
+__all__ = ["image_from_bytes", "inflate_gzip", "load_gz_image"]
 
 
 def inflate_gzip(raw: bytes) -> bytes:
@@ -32,8 +32,13 @@ def inflate_gzip(raw: bytes) -> bytes:
     return b"".join(parts) if len(parts) > 1 else parts[0]
 
 
-def load_gz_image(path: str | os.PathLike) -> nib.Nifti1Image:
-    """A ``.nii.gz`` file as a NIfTI-1 (or NIfTI-2) image whose data are in memory."""
-    raw = inflate_gzip(Path(path).read_bytes())
+def image_from_bytes(raw: bytes) -> nib.Nifti1Image:
+    """The NIfTI-1 or NIfTI-2 image (told apart by the header size, 348 or 540, in either byte order) held
+    in ``raw``, an uncompressed file's bytes."""
     klass = nib.Nifti2Image if int.from_bytes(raw[:4], "little") in (540, 469893120) else nib.Nifti1Image
     return klass.from_bytes(raw)
+
+
+def load_gz_image(path: str | os.PathLike) -> nib.Nifti1Image:
+    """A ``.nii.gz`` file as a NIfTI-1 (or NIfTI-2) image whose data are in memory."""
+    return image_from_bytes(inflate_gzip(Path(path).read_bytes()))

@@ -41,7 +41,7 @@ from nipype.pipeline.plugins.slurm import SLURMPlugin
 DEFAULT_MP_CONTEXT = "forkserver"
 
 #: Modules the ``forkserver`` imports before it forks MultiProc's workers (:func:`start_worker_server`).
-WORKER_PRELOAD = ("qsmprep.interfaces.qsm", "qsmprep.interfaces.reports", "qsmprep.qsm.fft", "qsmprep.cli.run")
+WORKER_PRELOAD = ("qsmprep.interfaces.qsm", "qsmprep.interfaces.reports", "qsmprep.cli.run")
 
 
 def start_worker_server(mp_context: str | None = DEFAULT_MP_CONTEXT) -> bool:
@@ -58,9 +58,9 @@ def start_worker_server(mp_context: str | None = DEFAULT_MP_CONTEXT) -> bool:
 
     if getattr(forkserver._forkserver, "_forkserver_pid", None) is not None:
         return False
-    preload = list(WORKER_PRELOAD)
-    if os.environ.get("QSMPREP_FFT_BACKEND", "auto").strip().lower() != "scipy":
-        preload.append("torch")
+    from qsmprep.qsm.fft import FFT_BACKEND
+
+    preload = list(WORKER_PRELOAD) + (["torch"] if FFT_BACKEND != "scipy" else [])
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     mp.get_context("forkserver").set_forkserver_preload(preload)
     forkserver.ensure_running()

@@ -28,7 +28,7 @@ import numpy as np
 from qsmprep.qsm.phase import detect_phase_units
 from qsmprep.utils.bids import sidecar_path
 from qsmprep.utils.errors import EX_DATAERR, EX_NOINPUT, EX_USAGE, InputError
-from qsmprep.utils.gzip_nifti import load_gz_image
+from qsmprep.utils.gzip_nifti import image_from_bytes, load_gz_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from qsmprep.utils.bids import QsmRun
@@ -317,13 +317,8 @@ def _read_data(path: Path) -> np.ndarray:
     """The voxel data of a NIfTI file, read once and in full (a gzip stream with ISA-L,
     :func:`qsmprep.utils.gzip_nifti.load_gz_image`, which verifies its CRC and length: a truncated file
     raises ``EOFError``)."""
-    import nibabel as nib
-
-    if path.name.endswith(".gz"):
-        return np.asanyarray(load_gz_image(path).dataobj)
-    raw = Path(path).read_bytes()
-    klass = nib.Nifti2Image if int.from_bytes(raw[:4], "little") in (540, 469893120) else nib.Nifti1Image
-    return np.asanyarray(klass.from_bytes(raw).dataobj)
+    img = load_gz_image(path) if path.name.endswith(".gz") else image_from_bytes(Path(path).read_bytes())
+    return np.asanyarray(img.dataobj)
 
 
 def _load_checked(path: Path, kind: str) -> np.ndarray:
