@@ -357,3 +357,45 @@ def test_tv_magnitude_weighting(axial):
     assert medi < 12.0 and medi < 0.6 * plain
     with pytest.raises(ValueError, match="magnitude has shape"):
         INVERSION.get("medi-tv")(f, m, magnitude=mag[:-1])
+
+
+def test_weighted_target_majorizes():
+    # the refreshed target gives the gradient of the weighted data term (1/2)||V (D chi - f)||^2 at chi_n:
+    # D^2 X_n - D F G == F D^T V^2 (D chi_n - f), V^2 = 1 in the mask and w outside (f = 0 there)
+    rng = np.random.default_rng(7)
+    shape, w = (12, 10, 14), 0.1
+    inside = np.zeros(shape, bool)
+    inside[3:9, 2:8, 4:11] = True
+    f = np.where(inside, rng.standard_normal(shape), 0.0).astype(np.float32)
+    chi = rng.standard_normal(shape).astype(np.float32)
+    d = dipole_kernel(shape, (1.0, 1.0, 1.0), (0.0, 0.0, 1.0))
+    xk = qfft.rfftn(chi)
+    b_hat = inv._weighted_target(f, inside, d, w)(xk.copy())
+    dchi = qfft.irfftn(xk * d, shape)
+    v2 = np.where(inside, 1.0, w).astype(np.float32)
+    direct = qfft.rfftn(v2 * (dchi - f)) * d
+    np.testing.assert_allclose(d * d * xk - b_hat, direct, atol=2e-4 * np.abs(direct).max())
+
+
+def test_medi_tv_outside_weight(axial):
+    # a data term that stops at the mask's edge lets the field of the sources inside extend beyond it: on
+    # the axial phantom NRMSE 8.6 -> 3.2 %, largest nucleus mean bias 0.0024 -> 0.0008 ppm (measured)
+    chi, f, m = axial
+    mag = np.where(m, 0.8 - 2.0 * chi, 0.0).astype(np.float32)
+    g = centred_grid_mm(m.shape, (1.0, 1.0, 1.0))
+    nuclei = [ellipsoid(g, c, s) for c, s in [((-10, -8, -4), (5, 5, 5)), ((10, -8, -4), (4, 6, 4)),
+                                              ((0, 10, 3), (7, 4, 4)), ((-8, 8, 8), (3, 3, 3)),
+                                              ((8, 10, -8), (4, 4, 6)), ((0, -15, 8), (3, 3, 3))]]
+
+    def worst_bias(x):
+        xd, cd = x - x[m].mean(), chi - chi[m].mean()
+        return max(abs(float(xd[n].mean() - cd[n].mean())) for n in nuclei)
+
+    everywhere = INVERSION.get("medi-tv")(f, m, magnitude=mag, outside_weight=1.0)
+    weighted = INVERSION.get("medi-tv")(f, m, magnitude=mag)  # default 0.1
+    assert nrmse(weighted, chi, m) < 5.0 and nrmse(weighted, chi, m) < 0.5 * nrmse(everywhere, chi, m)
+    assert worst_bias(weighted) < 0.0015 and worst_bias(weighted) < 0.5 * worst_bias(everywhere)
+    assert np.all(weighted[~m] == 0)
+    for bad in (-0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match="outside_weight"):
+            INVERSION.get("medi-tv")(f, m, magnitude=mag, outside_weight=bad)

@@ -466,6 +466,8 @@ def _admm_tv(
     tau: float | None = None,
     gamma: float = 1.0,
     weights: np.ndarray | None = None,
+    refresh=None,
+    refresh_every: int = 2,
 ) -> tuple[np.ndarray, int]:
     """ADMM for ``min_x (1/2) <x, A x> - <b, x> + lam ||grad x||_1`` with ``A`` diagonal in k-space.
 
@@ -476,7 +478,10 @@ def _admm_tv(
     ``maxit`` x-updates. With ``tau`` set, ``rho`` is multiplied by ``gamma`` (and ``p`` divided by it)
     whenever the primal residual does not drop below ``tau`` times its previous value (Kames 2018).
     ``weights`` (float32, ``(3, *x0.shape)``): ``lam ||W grad x||_1`` instead, the shrinkage threshold
-    ``lam w / rho`` per voxel and direction (MEDI's morphology weighting). Returns the solution and the number of x-updates.
+    ``lam w / rho`` per voxel and direction (MEDI's morphology weighting). ``refresh(X) -> b_hat``: every
+    ``refresh_every`` x-updates the linear term is recomputed from the current spectrum ``X`` (majorize-minimize
+    of a data term that ``A`` only bounds, :func:`_weighted_target`); the stopping test then runs only right
+    after a refresh. Returns the solution and the number of x-updates.
     """
     shape = x0.shape
     ih = [np.float32(1.0 / h) for h in voxel_size]
@@ -490,6 +495,8 @@ def _admm_tv(
         ia *= np.float32(r)
         return ia, f_hat
 
+    if refresh is not None:
+        refresh_every = _check_positive("refresh_every", refresh_every, integer=True)
     rho_ia, f_hat = lhs_inv(rho)
     p = np.zeros((3,) + shape, dtype=np.float32)
     v = _gradient(x0, ih[0], ih[1], ih[2], np.empty((3,) + shape, dtype=np.float32))
@@ -501,11 +508,15 @@ def _admm_tv(
         _gradient_adjoint(v, ih[0], ih[1], ih[2], work)
         xk = _fft.rfftn(work)
         _scale_add_spectrum(xk, rho_ia, f_hat)  # X = rho ia F(grad^T v) + ia b_hat
+        refreshed = refresh is not None and it % refresh_every == 0
+        if refreshed:
+            b_hat = refresh(xk)
+            _scaled_product(f_hat, b_hat, rho_ia, np.float32(1.0 / rho))  # f_hat = b_hat ia, in place
         x_new = _fft.irfftn(xk, shape, overwrite=True)
         del xk
         dx2, nx2 = _change_sumsq(x_new, x)
         x = x_new
-        if (it > 1 and dx2 < tol * tol * nx2) or it == maxit:
+        if (it > 1 and (refresh is None or refreshed) and dx2 < tol * tol * nx2) or it == maxit:
             break
         res = _shrink_dual_update(x, p, v, np.float32(lam / rho), _NO_WEIGHTS if weights is None else weights,
                                   ih[0], ih[1], ih[2])
@@ -548,6 +559,56 @@ def _change_sumsq(x_new, x):
         pd[i] = ad
         pn[i] = an
     return pd.sum(), pn.sum()
+
+
+@numba.njit(cache=True, parallel=True)
+def _scaled_product(out, a, b, c):
+    """``out = a * b * c`` in place (complex ``a``, real ``b``, scalar ``c``), one pass."""
+    nx, ny, nz = out.shape
+    for i in numba.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                out[i, j, k] = a[i, j, k] * (b[i, j, k] * c)
+
+
+@numba.njit(cache=True, parallel=True)
+def _outside_target(target, field, inside, dchi, scale):
+    """``target = field`` inside the mask, ``scale * dchi`` outside it, in place (one pass)."""
+    nx, ny, nz = target.shape
+    for i in numba.prange(nx):
+        for j in range(ny):
+            for k in range(nz):
+                target[i, j, k] = field[i, j, k] if inside[i, j, k] else scale * dchi[i, j, k]
+
+
+#: x-updates between refreshes of the weighted data term's target (:func:`_weighted_target`)
+_REFRESH_EVERY = 3
+
+
+def _weighted_target(field_padded, inside, d, outside_weight):
+    """``refresh`` of :func:`_admm_tv` for the data term ``(1/2) ||W (F^-1 D F x - f)||^2`` with ``W^2 = 1`` in
+    the mask and ``outside_weight`` outside it (``f = 0`` there).
+
+    ``W^2 <= 1``, so ``(1/2) ||D X - G||^2`` with ``G = F(W^2 f + (1 - W^2) F^-1 D X_n)`` majorizes it at
+    ``X_n`` (same value and gradient): the diagonal ADMM of :func:`_admm_tv` then solves the weighted problem
+    when ``b = D G`` follows ``X_n`` (Hunter & Lange, Am Stat 2004;58:30). Two FFTs per refresh.
+    """
+    shape = field_padded.shape
+    scale = np.float32(1.0 - outside_weight)
+    target = np.empty(shape, dtype=np.float32)
+    dx_k = np.empty(d.shape, dtype=np.complex64)
+    one = np.float32(1.0)
+
+    def refresh(xk):
+        _scaled_product(dx_k, xk, d, one)
+        dchi = _fft.irfftn(dx_k, shape, overwrite=True)
+        _outside_target(target, field_padded, inside, dchi, scale)
+        del dchi
+        b_hat = _fft.rfftn(target)
+        _scaled_product(b_hat, b_hat, d, one)
+        return b_hat
+
+    return refresh
 
 
 @INVERSION.register(
@@ -641,9 +702,16 @@ def tv(
 
 
 def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_voxels, magnitude=None,
-        percentage=0.9) -> np.ndarray:
-    """:func:`tv`, with MEDI's gradient weighting of ``magnitude`` when given (:func:`medi_tv`)."""
+        percentage=0.9, outside_weight=1.0) -> np.ndarray:
+    """:func:`tv`, with MEDI's gradient weighting of ``magnitude`` when given and the data term weighted by
+    ``outside_weight`` outside the mask (:func:`medi_tv`)."""
     lam = _check_positive("lam", lam)
+    try:
+        outside_weight = float(outside_weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"outside_weight must be a number, got {outside_weight!r}") from None
+    if not 0.0 <= outside_weight <= 1.0:
+        raise ValueError(f"outside_weight must be in [0, 1], got {outside_weight!r}")
     rho = _check_positive("rho", 100.0 * lam if rho is None else rho)
     tol = _check_positive("tol", tol)
     maxit = _check_positive("maxit", maxit, integer=True)
@@ -651,7 +719,6 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
     d = dipole_kernel(grid.shape, grid.voxel_size, grid.b0_dir)
     b_hat = _fft.rfftn(fp)
     b_hat *= d
-    del fp
     e2 = _e2_kernel(grid.shape, grid.voxel_size)
     x0 = np.zeros(grid.shape, dtype=np.float32)
     w = None
@@ -663,7 +730,14 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
         mp, _ = _fft.pad_volume(np.ascontiguousarray(_echo_rms(mag[grid.bbox])), grid.shape)
         kp, _ = _fft.pad_volume(grid.mask[grid.bbox], grid.shape)
         w = gradient_mask(mp, kp, grid.voxel_size, percentage)
-    x, _ = _admm_tv(b_hat, d * d, e2, x0, grid.voxel_size, lam, rho, tol, maxit, weights=w)
+    refresh = None
+    if outside_weight < 1.0:
+        inside, _ = _fft.pad_volume(grid.mask[grid.bbox], grid.shape)
+        refresh = _weighted_target(fp, inside.astype(bool, copy=False), d, outside_weight)
+    else:
+        del fp
+    x, _ = _admm_tv(b_hat, d * d, e2, x0, grid.voxel_size, lam, rho, tol, maxit, weights=w, refresh=refresh,
+                    refresh_every=_REFRESH_EVERY)
     return _finish(x, grid)
 
 
@@ -675,7 +749,7 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
     aliases=("medi",),
     data_args=("magnitude",),
     ranges={"lam": "(0, inf)", "rho": "(0, inf)", "tol": "(0, inf)", "maxit": "[1, inf)", "pad_voxels": "[0, inf)",
-            "percentage": "(0, 3)"},
+            "percentage": "(0, 3)", "outside_weight": "[0, 1]"},
 )
 def medi_tv(
     local_field_ppm,
@@ -685,18 +759,32 @@ def medi_tv(
     magnitude=None,
     lam: float = 7e-4,
     rho: float | None = None,
-    tol: float = 1e-3,
+    tol: float = 2e-3,
     maxit: int = 250,
     percentage: float = 0.9,
+    outside_weight: float = 0.1,
     pad_voxels: int | Sequence[int] = DEFAULT_PAD_VOXELS,
 ) -> np.ndarray:
     """Morphology-enabled TV dipole inversion (MEDI's edge prior: Liu J, Liu T, de Rochefort L, et al.,
     NeuroImage 2012;59:2560; Liu T, Xu W, Spincemaille P, Avestimehr AS, Wang Y, IEEE TMI 2012;31:816).
 
-    ``min (1/2) ||F^-1 D F chi - f||^2 + lam ||W grad chi||_1`` by the ADMM of :func:`tv` (same defaults),
+    ``min (1/2) ||V (F^-1 D F chi - f)||^2 + lam ||W grad chi||_1`` by the ADMM of :func:`tv` (its defaults
+    except ``tol``, see below),
     with ``W`` = :func:`gradient_mask` of the magnitude (MEDI's binary weighting, ``percentage`` 0.9 as in
     the MEDI toolbox): gradient components at the strongest magnitude edges are not regularised, so edges
-    the magnitude shows are kept sharp. Unlike MEDI_L1 the data term is linear and unweighted. ``magnitude``
-    (pipeline data: 3D, or 4D with echoes last, combined by RMS); without it this is :func:`tv`.
+    the magnitude shows are kept sharp. The data term is linear (MEDI_L1's is nonlinear); its weight ``V^2``
+    is 1 in the mask and ``outside_weight`` outside it, where the local field is not measured: MEDI fits the
+    field in the mask only (``outside_weight = 0``), :func:`tv` everywhere in the padded box (1), which
+    forces the brain's own dipole field to vanish outside the brain and biases small, strong sources near
+    the mask's edge or deep in it (red nucleus, substantia nigra: -0.017 to -0.019 ppm on the deformed
+    Zubal head). 0.1, a weak prior that the field decays outside the brain, kept every deep grey-matter
+    nucleus within 0.014 ppm on 24 simulated heads of three anatomies, where 0 let PDF's errors in
+    the local field through (caudate +0.019 ppm on the Zubal head); docs/methods.md has the sweep. Solved by
+    majorize-minimize inside the ADMM (:func:`_weighted_target`, two FFTs every third iteration); the stopping
+    test runs after each refresh, at relative update ``tol`` 2e-3 (``tv``: 1e-3), which took a third fewer
+    iterations than 1e-3 for the same metrics (within 0.001 ppm per nucleus, 0.3 NRMSE points, 6 rows).
+    ``magnitude`` (pipeline data: 3D, or 4D with echoes last, combined by RMS); without it the edge weighting
+    is off (all ``W = 1``).
     """
-    return _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_voxels, magnitude, percentage)
+    return _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_voxels, magnitude, percentage,
+               outside_weight)
