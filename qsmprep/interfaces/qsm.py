@@ -576,7 +576,7 @@ class DipoleInversion(SimpleInterface):
         self._results["chi"] = save_like(chi, ref, _out("chi_ppm.nii"))
         used = jsonable(method.resolve_params(kw, {"voxel_size_mm": self.inputs.voxel_size}))
         self._results["params"] = {"Method": method.name, "Parameters": used, **_model_record(method, used)}
-        if "magnitude" in method.data_args:  # MEDI-TV without magnitude images is plain TV: say which ran
+        if "magnitude" in method.data_args:  # MEDI-TV without magnitude images has no edge weighting: say which ran
             self._results["params"]["MagnitudeWeighting"] = "magnitude" in data
         return runtime
 

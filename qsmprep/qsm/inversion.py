@@ -467,7 +467,7 @@ def _admm_tv(
     gamma: float = 1.0,
     weights: np.ndarray | None = None,
     refresh=None,
-    refresh_every: int = 2,
+    refresh_every: int = 3,
 ) -> tuple[np.ndarray, int]:
     """ADMM for ``min_x (1/2) <x, A x> - <b, x> + lam ||grad x||_1`` with ``A`` diagonal in k-space.
 
@@ -514,10 +514,15 @@ def _admm_tv(
             _scaled_product(f_hat, b_hat, rho_ia, np.float32(1.0 / rho))  # f_hat = b_hat ia, in place
         x_new = _fft.irfftn(xk, shape, overwrite=True)
         del xk
-        dx2, nx2 = _change_sumsq(x_new, x)
-        x = x_new
-        if (it > 1 and (refresh is None or refreshed) and dx2 < tol * tol * nx2) or it == maxit:
+        if it == maxit:
+            x = x_new
             break
+        if it > 1 and (refresh is None or refreshed):
+            dx2, nx2 = _change_sumsq(x_new, x)
+            if dx2 < tol * tol * nx2:
+                x = x_new
+                break
+        x = x_new
         res = _shrink_dual_update(x, p, v, np.float32(lam / rho), _NO_WEIGHTS if weights is None else weights,
                                   ih[0], ih[1], ih[2])
         if tau is not None:
@@ -581,17 +586,13 @@ def _outside_target(target, field, inside, dchi, scale):
                 target[i, j, k] = field[i, j, k] if inside[i, j, k] else scale * dchi[i, j, k]
 
 
-#: x-updates between refreshes of the weighted data term's target (:func:`_weighted_target`)
-_REFRESH_EVERY = 3
-
-
 def _weighted_target(field_padded, inside, d, outside_weight):
-    """``refresh`` of :func:`_admm_tv` for the data term ``(1/2) ||W (F^-1 D F x - f)||^2`` with ``W^2 = 1`` in
+    """``refresh`` of :func:`_admm_tv` for the data term ``(1/2) ||V (F^-1 D F x - f)||^2`` with ``V^2 = 1`` in
     the mask and ``outside_weight`` outside it (``f = 0`` there).
 
-    ``W^2 <= 1``, so ``(1/2) ||D X - G||^2`` with ``G = F(W^2 f + (1 - W^2) F^-1 D X_n)`` majorizes it at
-    ``X_n`` (same value and gradient): the diagonal ADMM of :func:`_admm_tv` then solves the weighted problem
-    when ``b = D G`` follows ``X_n`` (Hunter & Lange, Am Stat 2004;58:30). Two FFTs per refresh.
+    ``V^2 <= 1``, so ``(1/2) ||D X - G||^2`` with ``G = F(V^2 f + (1 - V^2) F^-1 D X_n)`` majorizes it at
+    ``X_n`` (same gradient, Hunter & Lange, Am Stat 2004;58:30): with ``b = D G`` following ``X_n``, a fixed
+    point of the diagonal ADMM of :func:`_admm_tv` solves the weighted problem. Two FFTs per refresh.
     """
     shape = field_padded.shape
     scale = np.float32(1.0 - outside_weight)
@@ -736,8 +737,7 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
         refresh = _weighted_target(fp, inside.astype(bool, copy=False), d, outside_weight)
     else:
         del fp
-    x, _ = _admm_tv(b_hat, d * d, e2, x0, grid.voxel_size, lam, rho, tol, maxit, weights=w, refresh=refresh,
-                    refresh_every=_REFRESH_EVERY)
+    x, _ = _admm_tv(b_hat, d * d, e2, x0, grid.voxel_size, lam, rho, tol, maxit, weights=w, refresh=refresh)
     return _finish(x, grid)
 
 
