@@ -74,10 +74,12 @@ def head_sim(request):
 
 def test_default_chain_beats_vsharp_rts(head_sim):
     """Default (PDF + MEDI-TV) vs V-SHARP + RTS from the same mask and B0 map. Measured at 2 mm (NRMSE / DGM
-    NRMSE %, worst per-nucleus |bias|; B0 fit with the per-voxel offset): MNI (textured, 3 T, axial; mask Dice
-    0.991) 67.2 / 25.5, 0.003 ppm (dentate) vs 82.0 / 38.6, 0.029 ppm (pallidum); Zubal (textured, lesions,
-    7 T, 20 deg oblique; Dice 0.966) 75.4 / 34.6, 0.005 ppm (thalamus) vs 80.2 / 60.2, 0.035 ppm (pallidum).
-    (PDF + plain TV, the default before: 66.3 / 27.1, 0.013 and 75.9 / 37.1, 0.006.)"""
+    NRMSE %, worst per-nucleus |bias|): MNI (textured, 3 T, axial; mask Dice 0.991) 64.5 / 25.1, 0.005 ppm (SN)
+    vs 82.0 / 38.6, 0.029 ppm (pallidum); Zubal (textured, lesions, 7 T, 20 deg oblique; Dice 0.966) 74.9 /
+    31.9, 0.006 ppm (thalamus) vs 80.2 / 60.2, 0.035 ppm (pallidum); deformed Zubal (textured, 3 T, axial;
+    Dice 0.974) 83.3 / 28.0, 0.010 ppm (SN) vs 90.6 / 44.7, 0.042 ppm (SN). (MEDI-TV with the unweighted
+    data term, the default before: 67.2 / 25.5, 0.003; 75.4 / 34.6, 0.005; red nucleus -0.017 on the
+    deformed head.)"""
     name, sim = head_sim
     cfg = QsmprepConfig()
     assert (cfg.bgremove, cfg.inversion) == ("pdf", "medi-tv")
