@@ -16,6 +16,17 @@ NOISE_PPM = 2e-3
 OBLIQUE_B0 = rotation_matrix([1.0, 0.3, 0.0], 20.0) @ np.array([0.0, 0.0, 1.0])
 
 
+#: the phantom's deep-grey-matter-like ellipsoids: (centre mm, semi-axes mm, chi ppm)
+NUCLEI = (
+    ((-10, -8, -4), (5, 5, 5), 0.15),
+    ((10, -8, -4), (4, 6, 4), 0.10),
+    ((0, 10, 3), (7, 4, 4), -0.08),
+    ((-8, 8, 8), (3, 3, 3), 0.20),
+    ((8, 10, -8), (4, 4, 6), -0.05),
+    ((0, -15, 8), (3, 3, 3), 0.12),
+)
+
+
 def make_phantom(shape=(N, N, N), voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0, 0, 1), noise=NOISE_PPM, seed=0):
     """Brain-like ellipsoid mask with a weakly diamagnetic 'white matter' core, deep-grey-matter-like
     ellipsoids (-0.08..+0.2 ppm) and three thin 'veins' (0.2 ppm); field = D*chi inside the mask + noise."""
@@ -27,14 +38,7 @@ def make_phantom(shape=(N, N, N), voxel_size_mm=(1.0, 1.0, 1.0), b0_dir=(0, 0, 1
     mask = ell((0, 0, 0), (26, 29, 23))
     chi = np.zeros(shape, np.float32)
     chi[ell((0, 0, 0), (23, 26, 20))] = -0.02
-    for c, s, v in [
-        ((-10, -8, -4), (5, 5, 5), 0.15),
-        ((10, -8, -4), (4, 6, 4), 0.10),
-        ((0, 10, 3), (7, 4, 4), -0.08),
-        ((-8, 8, 8), (3, 3, 3), 0.20),
-        ((8, 10, -8), (4, 4, 6), -0.05),
-        ((0, -15, 8), (3, 3, 3), 0.12),
-    ]:
+    for c, s, v in NUCLEI:
         chi[ell(c, s)] = v
     veins = [((-5, 0, 0), (0, 1, 0.3)), ((12, 5, 5), (0.2, 0.3, 1)), ((-14, -4, 10), (1, 0.2, 0))]
     for p0, direction in veins:
@@ -383,9 +387,7 @@ def test_medi_tv_outside_weight(axial):
     chi, f, m = axial
     mag = np.where(m, 0.8 - 2.0 * chi, 0.0).astype(np.float32)
     g = centred_grid_mm(m.shape, (1.0, 1.0, 1.0))
-    nuclei = [ellipsoid(g, c, s) for c, s in [((-10, -8, -4), (5, 5, 5)), ((10, -8, -4), (4, 6, 4)),
-                                              ((0, 10, 3), (7, 4, 4)), ((-8, 8, 8), (3, 3, 3)),
-                                              ((8, 10, -8), (4, 4, 6)), ((0, -15, 8), (3, 3, 3))]]
+    nuclei = [ellipsoid(g, c, s) for c, s, _ in NUCLEI]
 
     def worst_bias(x):
         xd, cd = x - x[m].mean(), chi - chi[m].mean()

@@ -183,6 +183,11 @@ def _setup(local_field_ppm, mask, voxel_size_mm, b0_dir, pad_voxels) -> tuple[np
     return fp, _Grid(f.shape, bbox, shape, crop, m, vs, b)
 
 
+def _padded_mask(grid: _Grid) -> np.ndarray:
+    """The mask on the padded grid (bool)."""
+    return _fft.pad_volume(grid.mask[grid.bbox], grid.shape)[0]
+
+
 def _finish(x_padded: np.ndarray, grid: _Grid) -> np.ndarray:
     """Undo padding and cropping; float32 chi on the full grid, 0 outside the mask."""
     out = np.zeros(grid.full_shape, dtype=np.float32)
@@ -192,11 +197,15 @@ def _finish(x_padded: np.ndarray, grid: _Grid) -> np.ndarray:
     return out
 
 
-def _check_positive(name: str, value, integer: bool = False) -> float:
+def _as_number(name: str, value) -> float:
     try:
-        v = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
+def _check_positive(name: str, value, integer: bool = False) -> float:
+    v = _as_number(name, value)
     if not np.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be positive and finite, got {value!r}")
     if integer and v != int(v):
@@ -205,10 +214,7 @@ def _check_positive(name: str, value, integer: bool = False) -> float:
 
 
 def _check_delta(delta) -> float:
-    try:
-        d = float(delta)
-    except (TypeError, ValueError):
-        raise ValueError(f"delta must be a number, got {delta!r}") from None
+    d = _as_number("delta", delta)
     if not np.isfinite(d) or not 0.0 < d < 2.0 / 3.0:
         raise ValueError(f"delta must be in (0, 2/3) (the range of |D|), got {delta!r}")
     return d
@@ -512,17 +518,15 @@ def _admm_tv(
         if refreshed:
             b_hat = refresh(xk)
             _scaled_product(f_hat, b_hat, rho_ia, np.float32(1.0 / rho))  # f_hat = b_hat ia, in place
-        x_new = _fft.irfftn(xk, shape, overwrite=True)
+        x_prev, x = x, _fft.irfftn(xk, shape, overwrite=True)
         del xk
         if it == maxit:
-            x = x_new
             break
         if it > 1 and (refresh is None or refreshed):
-            dx2, nx2 = _change_sumsq(x_new, x)
+            dx2, nx2 = _change_sumsq(x, x_prev)
             if dx2 < tol * tol * nx2:
-                x = x_new
                 break
-        x = x_new
+        del x_prev
         res = _shrink_dual_update(x, p, v, np.float32(lam / rho), _NO_WEIGHTS if weights is None else weights,
                                   ih[0], ih[1], ih[2])
         if tau is not None:
@@ -657,7 +661,7 @@ def rts(
     d = dipole_kernel(grid.shape, grid.voxel_size, grid.b0_dir)
     # step 1: well-conditioned region
     xk = _lsmr_diag(d, _fft.rfftn(fp), _rfft_weights(grid.shape), lstol)
-    mp, _ = _fft.pad_volume(grid.mask[grid.bbox], grid.shape)
+    mp = _padded_mask(grid)
     chi1 = _fft.irfftn(xk, grid.shape, overwrite=True)
     chi1 *= mp
     del xk, fp
@@ -707,10 +711,7 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
     """:func:`tv`, with MEDI's gradient weighting of ``magnitude`` when given and the data term weighted by
     ``outside_weight`` outside the mask (:func:`medi_tv`)."""
     lam = _check_positive("lam", lam)
-    try:
-        outside_weight = float(outside_weight)
-    except (TypeError, ValueError):
-        raise ValueError(f"outside_weight must be a number, got {outside_weight!r}") from None
+    outside_weight = _as_number("outside_weight", outside_weight)
     if not 0.0 <= outside_weight <= 1.0:
         raise ValueError(f"outside_weight must be in [0, 1], got {outside_weight!r}")
     rho = _check_positive("rho", 100.0 * lam if rho is None else rho)
@@ -722,6 +723,7 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
     b_hat *= d
     e2 = _e2_kernel(grid.shape, grid.voxel_size)
     x0 = np.zeros(grid.shape, dtype=np.float32)
+    inside = _padded_mask(grid)
     w = None
     if magnitude is not None:
         mag = np.asarray(magnitude)
@@ -729,14 +731,9 @@ def _tv(local_field_ppm, mask, voxel_size_mm, b0_dir, lam, rho, tol, maxit, pad_
             raise ValueError(f"magnitude has shape {mag.shape}, the field {grid.full_shape}")
         # echoes combined on the mask's bounding box only
         mp, _ = _fft.pad_volume(np.ascontiguousarray(_echo_rms(mag[grid.bbox])), grid.shape)
-        kp, _ = _fft.pad_volume(grid.mask[grid.bbox], grid.shape)
-        w = gradient_mask(mp, kp, grid.voxel_size, percentage)
-    refresh = None
-    if outside_weight < 1.0:
-        inside, _ = _fft.pad_volume(grid.mask[grid.bbox], grid.shape)
-        refresh = _weighted_target(fp, inside.astype(bool, copy=False), d, outside_weight)
-    else:
-        del fp
+        w = gradient_mask(mp, inside, grid.voxel_size, percentage)
+    refresh = _weighted_target(fp, inside, d, outside_weight) if outside_weight < 1.0 else None
+    del fp
     x, _ = _admm_tv(b_hat, d * d, e2, x0, grid.voxel_size, lam, rho, tol, maxit, weights=w, refresh=refresh)
     return _finish(x, grid)
 
